@@ -1,0 +1,6 @@
+//! qlorad: a QLoRA fine-tuning engine and service.
+//!
+//! The engine layers (`quant`, `model`) never depend on the service; see DESIGN.md for the map.
+
+pub mod model;
+pub mod quant;

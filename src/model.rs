@@ -1,0 +1,73 @@
+//! Hugging Face model directories: sharded safetensors in and out, and 4-bit quantization of a
+//! whole causal LM the way transformers + bitsandbytes do it.
+
+pub mod quantize;
+pub mod weights;
+pub mod writer;
+
+use std::path::PathBuf;
+
+use crate::quant::QuantError;
+
+pub use quantize::{quantize_model_dir, QuantizeOptions, QuantizeReport};
+pub use weights::WeightFiles;
+pub use writer::SafetensorsWriter;
+
+/// Errors of the model layer; each names the file or tensor it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not found")]
+    Missing { path: PathBuf },
+    #[error("{path}: invalid JSON at line {line}, column {column}: {source}", line = source.line(), column = source.column())]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: not a valid safetensors file: {source}")]
+    Safetensors {
+        path: PathBuf,
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    #[error("tensor {tensor}: {source}")]
+    Tensor {
+        tensor: String,
+        #[source]
+        source: QuantError,
+    },
+    #[error("tensor {tensor}: {message}")]
+    BadTensor { tensor: String, message: String },
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ModelError {
+    let path = path.into();
+    move |source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ModelError::Missing { path }
+        } else {
+            ModelError::Io { path, source }
+        }
+    }
+}
+
+/// Read and parse a JSON file; errors name the file, line and column.
+pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
+    let text = std::fs::read(path).map_err(io_err(path))?;
+    serde_json::from_slice(&text).map_err(|source| ModelError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}

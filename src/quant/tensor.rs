@@ -1,0 +1,276 @@
+//! `Nf4Tensor`: a weight held as packed 4-bit codes plus its quant state, on a candle device.
+
+use candle_core::{DType, Device, Shape, Tensor};
+use half::{bf16, f16};
+
+use super::blockwise::{self, num_blocks};
+use super::double::NestedAbsmax;
+use super::{FloatDType, FloatSlice, OutFloat, QuantConfig, QuantError, QuantType, Result};
+
+/// The per-block scales of a 4-bit weight.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Absmax {
+    /// One f32 per block.
+    Plain(Vec<f32>),
+    /// Double-quantized: one byte per block plus f32 per 256 blocks.
+    Nested(NestedAbsmax),
+}
+
+impl Absmax {
+    /// The f32 absmax per block, expanding double quantization.
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        match self {
+            Absmax::Plain(a) => Ok(a.clone()),
+            Absmax::Nested(n) => n.expand(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Absmax::Plain(a) => a.len(),
+            Absmax::Nested(n) => n.codes.len(),
+        }
+    }
+}
+
+/// A 4-bit (NF4 or FP4) weight: the packed codes live on `device` as a u8 tensor of
+/// `ceil(numel / 2)` bytes, element 2j in the high nibble; the quant state is small and stays on
+/// the host. Dequantization returns a dense tensor on the same device.
+#[derive(Debug, Clone)]
+pub struct Nf4Tensor {
+    packed: Tensor,
+    absmax: Absmax,
+    quant_type: QuantType,
+    block_size: usize,
+    shape: Shape,
+    dtype: FloatDType,
+}
+
+impl Nf4Tensor {
+    /// Quantize a dense f32/f16/bf16 tensor of any shape.
+    pub fn quantize(t: &Tensor, config: &QuantConfig) -> Result<Self> {
+        let dtype = FloatDType::from_candle(t.dtype())?;
+        let flat = t.flatten_all()?;
+        let (packed, absmax) = match dtype {
+            FloatDType::F32 => {
+                Self::quantize_host(FloatSlice::F32(&flat.to_vec1::<f32>()?), config)?
+            }
+            FloatDType::F16 => {
+                Self::quantize_host(FloatSlice::F16(&flat.to_vec1::<f16>()?), config)?
+            }
+            FloatDType::BF16 => {
+                Self::quantize_host(FloatSlice::BF16(&flat.to_vec1::<bf16>()?), config)?
+            }
+        };
+        let n = packed.len();
+        let packed = Tensor::from_vec(packed, n, t.device())?;
+        Ok(Nf4Tensor {
+            packed,
+            absmax,
+            quant_type: config.quant_type,
+            block_size: config.block_size,
+            shape: t.shape().clone(),
+            dtype,
+        })
+    }
+
+    /// Quantize host floats given their shape; the packed codes go to `device`.
+    pub fn quantize_slice(
+        data: FloatSlice<'_>,
+        shape: impl Into<Shape>,
+        config: &QuantConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let shape = shape.into();
+        if shape.elem_count() != data.len() {
+            return Err(QuantError::InvalidState(format!(
+                "shape {shape:?} holds {} elements, data has {}",
+                shape.elem_count(),
+                data.len()
+            )));
+        }
+        let (packed, absmax) = Self::quantize_host(data, config)?;
+        let n = packed.len();
+        Ok(Nf4Tensor {
+            packed: Tensor::from_vec(packed, n, device)?,
+            absmax,
+            quant_type: config.quant_type,
+            block_size: config.block_size,
+            shape,
+            dtype: data.dtype(),
+        })
+    }
+
+    fn quantize_host(data: FloatSlice<'_>, config: &QuantConfig) -> Result<(Vec<u8>, Absmax)> {
+        let (packed, absmax) =
+            blockwise::quantize_4bit(data, config.quant_type, config.block_size)?;
+        let absmax = if config.double_quant {
+            Absmax::Nested(NestedAbsmax::compress(&absmax))
+        } else {
+            Absmax::Plain(absmax)
+        };
+        Ok((packed, absmax))
+    }
+
+    /// Assemble from stored parts, checking that they agree with each other.
+    pub fn from_parts(
+        packed: Vec<u8>,
+        absmax: Absmax,
+        quant_type: QuantType,
+        block_size: usize,
+        shape: impl Into<Shape>,
+        dtype: FloatDType,
+        device: &Device,
+    ) -> Result<Self> {
+        super::check_block_size(block_size)?;
+        let shape = shape.into();
+        let n = shape.elem_count();
+        if packed.len() != n.div_ceil(2) {
+            return Err(QuantError::InvalidState(format!(
+                "{} packed bytes for shape {:?} (expected {})",
+                packed.len(),
+                shape.dims(),
+                n.div_ceil(2)
+            )));
+        }
+        if absmax.len() != num_blocks(n, block_size) {
+            return Err(QuantError::InvalidState(format!(
+                "{} absmax values for shape {:?} in blocks of {block_size} (expected {})",
+                absmax.len(),
+                shape.dims(),
+                num_blocks(n, block_size)
+            )));
+        }
+        if let Absmax::Nested(nested) = &absmax {
+            if nested.block_size == 0
+                || nested.scales.len() != nested.codes.len().div_ceil(nested.block_size)
+            {
+                return Err(QuantError::InvalidState(format!(
+                    "{} nested absmax values for {} absmax codes in blocks of {} (expected {})",
+                    nested.scales.len(),
+                    nested.codes.len(),
+                    nested.block_size,
+                    nested.codes.len().div_ceil(nested.block_size.max(1))
+                )));
+            }
+        }
+        let len = packed.len();
+        Ok(Nf4Tensor {
+            packed: Tensor::from_vec(packed, len, device)?,
+            absmax,
+            quant_type,
+            block_size,
+            shape,
+            dtype,
+        })
+    }
+
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    /// The dtype the weight had before quantization (`quant_state.dtype`).
+    pub fn dtype(&self) -> FloatDType {
+        self.dtype
+    }
+
+    pub fn quant_type(&self) -> QuantType {
+        self.quant_type
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn absmax(&self) -> &Absmax {
+        &self.absmax
+    }
+
+    pub fn device(&self) -> &Device {
+        self.packed.device()
+    }
+
+    /// The packed codes as a u8 tensor of `ceil(numel / 2)` bytes.
+    pub fn packed(&self) -> &Tensor {
+        &self.packed
+    }
+
+    pub fn packed_bytes(&self) -> Result<Vec<u8>> {
+        Ok(self.packed.to_vec1::<u8>()?)
+    }
+
+    /// Bytes held: packed codes plus the stored absmax.
+    pub fn storage_bytes(&self) -> usize {
+        let absmax = match &self.absmax {
+            Absmax::Plain(a) => a.len() * 4,
+            Absmax::Nested(n) => n.codes.len() + n.scales.len() * 4 + 256 * 4,
+        };
+        self.packed.elem_count() + absmax
+    }
+
+    /// Dequantize to a dense tensor of this weight's shape on its device.
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        let out = FloatDType::from_candle(dtype)?;
+        let packed = self.packed_bytes()?;
+        let absmax = self.absmax.to_f32()?;
+        let n = self.shape.elem_count();
+        let t = match out {
+            FloatDType::F32 => self.dequantize_host::<f32>(&packed, &absmax, n)?,
+            FloatDType::F16 => self.dequantize_host::<f16>(&packed, &absmax, n)?,
+            FloatDType::BF16 => self.dequantize_host::<bf16>(&packed, &absmax, n)?,
+        };
+        Ok(t.to_device(self.device())?)
+    }
+
+    fn dequantize_host<T: OutFloat + candle_core::WithDType>(
+        &self,
+        packed: &[u8],
+        absmax: &[f32],
+        n: usize,
+    ) -> Result<Tensor> {
+        let mut out = vec![T::default(); n];
+        blockwise::dequantize_4bit(packed, absmax, self.quant_type, self.block_size, &mut out)?;
+        Ok(Tensor::from_vec(out, self.shape.clone(), &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantize_and_dequantize_a_candle_tensor() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 40), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let q = Nf4Tensor::quantize(&w, &QuantConfig::default()).unwrap();
+        assert_eq!(q.shape().dims(), &[48, 40]);
+        assert_eq!(q.packed().dims(), &[960]);
+        assert_eq!(q.dtype(), FloatDType::BF16);
+        let d = q.dequantize(DType::F32).unwrap();
+        let err = (d - w.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap();
+        let max = err.max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(max < 0.7, "max error {max}");
+        assert!(q.storage_bytes() < 48 * 40);
+    }
+
+    #[test]
+    fn inconsistent_parts_are_rejected() {
+        let err = Nf4Tensor::from_parts(
+            vec![0; 10],
+            Absmax::Plain(vec![1.0]),
+            QuantType::Nf4,
+            64,
+            (4, 6),
+            FloatDType::F32,
+            &Device::Cpu,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("packed bytes"), "{err}");
+    }
+}
