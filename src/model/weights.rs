@@ -152,6 +152,19 @@ impl WeightFiles {
         })
     }
 
+    /// A single safetensors file, outside any model directory.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let shard = Shard::open(path)?;
+        let index = shard.names().into_iter().map(|n| (n, 0)).collect();
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Ok(WeightFiles {
+            dir,
+            shards: vec![shard],
+            index,
+            sharded: false,
+        })
+    }
+
     pub fn shards(&self) -> &[Shard] {
         &self.shards
     }

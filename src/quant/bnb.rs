@@ -125,7 +125,7 @@ pub fn to_bnb_tensors(name: &str, w: &Nf4Tensor) -> Result<Vec<BnbTensor>> {
             state.nested_offset = Some(n.offset as f64);
         }
     }
-    let json = serde_json::to_vec(&state).map_err(|e| QuantError::InvalidState(e.to_string()))?;
+    let json = python_json(&state);
     out.push(BnbTensor {
         name: format!("{name}{}", quant_state_suffix(w.quant_type())),
         dtype: Dtype::U8,
@@ -133,6 +133,73 @@ pub fn to_bnb_tensors(name: &str, w: &Nf4Tensor) -> Result<Vec<BnbTensor>> {
         data: json,
     });
     Ok(out)
+}
+
+/// JSON as Python's `json.dumps` writes it (`", "` and `": "` separators, floats as `repr`), so
+/// the quant-state bytes equal the ones bitsandbytes writes.
+fn python_json(v: &impl Serialize) -> Vec<u8> {
+    struct PyFormatter;
+    impl serde_json::ser::Formatter for PyFormatter {
+        fn begin_array_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_key<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+        ) -> std::io::Result<()> {
+            w.write_all(b": ")
+        }
+        fn write_f64<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            v: f64,
+        ) -> std::io::Result<()> {
+            w.write_all(python_repr(v).as_bytes())
+        }
+    }
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, PyFormatter);
+    v.serialize(&mut ser).expect("quant state serializes");
+    out
+}
+
+/// Python's `repr(float)`: shortest round-trip digits, exponent form outside [1e-4, 1e16).
+fn python_repr(v: f64) -> String {
+    if v == 0.0 || (1e-4..1e16).contains(&v.abs()) {
+        let s = format!("{v:?}");
+        return if s.contains('.') || s.contains('e') {
+            s
+        } else {
+            format!("{s}.0")
+        };
+    }
+    let s = format!("{v:e}"); // e.g. 1.5e-5
+    let (mantissa, exp) = s.split_once('e').expect("exponent form");
+    let exp: i32 = exp.parse().expect("integer exponent");
+    format!(
+        "{mantissa}e{}{:02}",
+        if exp < 0 { '-' } else { '+' },
+        exp.abs()
+    )
 }
 
 fn invalid(name: &str, msg: impl std::fmt::Display) -> QuantError {
@@ -314,6 +381,15 @@ mod tests {
             block_size: 128,
             double_quant: false,
         });
+    }
+
+    #[test]
+    fn python_float_repr() {
+        assert_eq!(python_repr(0.1289825439453125), "0.1289825439453125");
+        assert_eq!(python_repr(1.0), "1.0");
+        assert_eq!(python_repr(1.5e-5), "1.5e-05");
+        assert_eq!(python_repr(2e20), "2e+20");
+        assert_eq!(python_repr(0.0001), "0.0001");
     }
 
     #[test]

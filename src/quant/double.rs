@@ -161,9 +161,10 @@ fn multi_row_sum<T: Copy, const N: usize>(
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..N {
-                acc[j][k] = add(acc[j][k], acc[j - 1][k]);
-                acc[j - 1][k] = zero;
+            let (lower, upper) = acc.split_at_mut(j);
+            for (a, b) in upper[0].iter_mut().zip(lower[j - 1].iter_mut()) {
+                *a = add(*a, *b);
+                *b = zero;
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -175,9 +176,10 @@ fn multi_row_sum<T: Copy, const N: usize>(
             *a = add(*a, load(i, k));
         }
     }
-    for j in 1..LEVELS {
-        for k in 0..N {
-            acc[0][k] = add(acc[0][k], acc[j][k]);
+    let (first, rest) = acc.split_at_mut(1);
+    for level in rest {
+        for (a, b) in first[0].iter_mut().zip(level.iter()) {
+            *a = add(*a, *b);
         }
     }
     acc[0]
