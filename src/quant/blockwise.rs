@@ -178,8 +178,8 @@ mod tests {
         dequantize_4bit(&packed, &absmax, QuantType::Nf4, 64, &mut y).unwrap();
         for (b, (xs, ys)) in x.chunks(64).zip(y.chunks(64)).enumerate() {
             for (a, c) in xs.iter().zip(ys) {
-                // the widest NF4 gap is 1 - 0.7229..., so the error is at most ~0.139 * absmax
-                assert!((a - c).abs() <= 0.139 * absmax[b], "{a} vs {c}");
+                // the widest NF4 gap is -1 .. -0.6962, so the error is at most ~0.152 * absmax
+                assert!((a - c).abs() <= 0.152 * absmax[b], "{a} vs {c}");
             }
         }
     }
