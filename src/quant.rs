@@ -213,6 +213,13 @@ impl FloatSlice<'_> {
 /// An output element of dequantization; conversions round to nearest even, as bitsandbytes.
 pub trait OutFloat: Copy + Default + Send + Sync + 'static {
     fn from_f32(v: f32) -> Self;
+
+    /// Decode one block: `decode[code] * scale`, rounded to `Self`.
+    #[inline]
+    fn dequantize_block(out: &mut [Self], packed: &[u8], decode: &[f32; 16], scale: f32) {
+        let table: [Self; 16] = std::array::from_fn(|i| Self::from_f32(decode[i] * scale));
+        blockwise::lookup(out, packed, &table);
+    }
 }
 
 impl OutFloat for f32 {
@@ -222,16 +229,26 @@ impl OutFloat for f32 {
     }
 }
 
-impl OutFloat for f16 {
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
+/// 16-bit outputs share one byte-shuffle kernel over their bit patterns.
+macro_rules! half_out_float {
+    ($t:ty) => {
+        impl OutFloat for $t {
+            #[inline(always)]
+            fn from_f32(v: f32) -> Self {
+                <$t>::from_f32(v)
+            }
+
+            #[inline]
+            fn dequantize_block(out: &mut [Self], packed: &[u8], decode: &[f32; 16], scale: f32) {
+                let mut bits = [0u16; 16];
+                for (b, d) in bits.iter_mut().zip(decode) {
+                    *b = <$t>::from_f32(d * scale).to_bits();
+                }
+                blockwise::lookup16(bytemuck::cast_slice_mut(out), packed, &bits);
+            }
+        }
+    };
 }
 
-impl OutFloat for bf16 {
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
+half_out_float!(f16);
+half_out_float!(bf16);

@@ -76,12 +76,40 @@ fn quantize_block(
     bucketizer: &Bucketizer,
     out: &mut [u8],
 ) -> std::result::Result<f32, usize> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { quantize_block_avx2(x, ragged, bucketizer, out) };
+    }
+    quantize_block_impl(x, ragged, bucketizer, out)
+}
+
+/// The same code compiled for AVX2: the passes below vectorize eight lanes wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_block_avx2(
+    x: &mut [f32],
+    ragged: bool,
+    bucketizer: &Bucketizer,
+    out: &mut [u8],
+) -> std::result::Result<f32, usize> {
+    quantize_block_impl(x, ragged, bucketizer, out)
+}
+
+/// Written as separate straight passes so each one vectorizes.
+#[inline(always)]
+fn quantize_block_impl(
+    x: &mut [f32],
+    ragged: bool,
+    bucketizer: &Bucketizer,
+    out: &mut [u8],
+) -> std::result::Result<f32, usize> {
     let mut absmax = 0f32;
     let mut finite = true;
     for &v in x.iter() {
         let a = v.abs();
         finite &= a <= f32::MAX;
-        absmax = absmax.max(a);
+        absmax = if a > absmax { a } else { absmax };
     }
     if !finite {
         return Err(x.iter().position(|v| !v.is_finite()).unwrap_or(0));
@@ -97,13 +125,28 @@ fn quantize_block(
             *v = (*v * inv).clamp(-1.0, 1.0);
         }
     }
-    let mut pairs = x.chunks_exact(2);
+    // Rank of each value among the midpoints: torch.bucketize(x, bounds), as a branch-free count.
+    let mut idx = [0u8; 4096];
+    let idx = &mut idx[..x.len()];
+    for (o, &v) in idx.iter_mut().zip(x.iter()) {
+        let mut n = 0u32;
+        for &b in &bucketizer.bounds {
+            n += (b < v) as u32;
+        }
+        *o = n as u8;
+    }
+    if !bucketizer.is_identity() {
+        for o in idx.iter_mut() {
+            *o = bucketizer.order[*o as usize];
+        }
+    }
+    let mut pairs = idx.chunks_exact(2);
     for (o, p) in out.iter_mut().zip(&mut pairs) {
-        *o = (bucketizer.code_index(p[0]) << 4) | bucketizer.code_index(p[1]);
+        *o = (p[0] << 4) | p[1];
     }
     if let [last] = pairs.remainder() {
         // An odd element count: the pad nibble is the code of 0.0, as torch pads before bucketize.
-        out[x.len() / 2] = (bucketizer.code_index(*last) << 4) | bucketizer.code_index(0.0);
+        out[x.len() / 2] = (*last << 4) | bucketizer.code_index(0.0);
     }
     Ok(if ragged { clamped } else { absmax })
 }
@@ -152,8 +195,12 @@ pub fn dequantize_4bit<T: OutFloat>(
 
 #[inline]
 fn dequantize_block<T: OutFloat>(out: &mut [T], packed: &[u8], decode: &[f32; 16], scale: f32) {
-    // Sixteen products per block, then table lookups: the same f32 product bitsandbytes rounds.
-    let table: [T; 16] = std::array::from_fn(|i| T::from_f32(decode[i] * scale));
+    T::dequantize_block(out, packed, decode, scale)
+}
+
+/// Scalar nibble lookup: element 2j from the high nibble of byte j.
+#[inline(always)]
+pub(crate) fn lookup<T: Copy>(out: &mut [T], packed: &[u8], table: &[T; 16]) {
     let mut pairs = out.chunks_exact_mut(2);
     for (o, &b) in (&mut pairs).zip(packed) {
         o[0] = table[(b >> 4) as usize];
@@ -161,6 +208,61 @@ fn dequantize_block<T: OutFloat>(out: &mut [T], packed: &[u8], decode: &[f32; 16
     }
     if let [last] = pairs.into_remainder() {
         *last = table[(packed[packed.len() - 1] >> 4) as usize];
+    }
+}
+
+/// Nibble lookup into a table of 16-bit values (f16 or bf16 bits).
+#[inline]
+pub(crate) fn lookup16(out: &mut [u16], packed: &[u8], table: &[u16; 16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("ssse3") {
+        let mut lo = [0u8; 16];
+        let mut hi = [0u8; 16];
+        for i in 0..16 {
+            lo[i] = table[i] as u8;
+            hi[i] = (table[i] >> 8) as u8;
+        }
+        // SAFETY: the CPU has SSSE3 (checked above).
+        unsafe { lookup16_ssse3(out, packed, &lo, &hi) };
+        return;
+    }
+    lookup(out, packed, table)
+}
+
+/// 16-bit outputs through byte shuffles: the table's low and high bytes are two 16-entry byte
+/// tables, so `pshufb` looks up 16 nibbles at once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn lookup16_ssse3(out: &mut [u16], packed: &[u8], lo: &[u8; 16], hi: &[u8; 16]) {
+    use std::arch::x86_64::*;
+    let lo_t = _mm_loadu_si128(lo.as_ptr() as *const __m128i);
+    let hi_t = _mm_loadu_si128(hi.as_ptr() as *const __m128i);
+    let mask = _mm_set1_epi8(0x0f);
+    let full = (out.len() / 32).min(packed.len() / 16);
+    for i in 0..full {
+        let bytes = _mm_loadu_si128(packed.as_ptr().add(i * 16) as *const __m128i);
+        let hi_n = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
+        let lo_n = _mm_and_si128(bytes, mask);
+        // Element order: high nibble of byte j, then its low nibble.
+        let idx_a = _mm_unpacklo_epi8(hi_n, lo_n);
+        let idx_b = _mm_unpackhi_epi8(hi_n, lo_n);
+        let (la, ha) = (_mm_shuffle_epi8(lo_t, idx_a), _mm_shuffle_epi8(hi_t, idx_a));
+        let (lb, hb) = (_mm_shuffle_epi8(lo_t, idx_b), _mm_shuffle_epi8(hi_t, idx_b));
+        let dst = out.as_mut_ptr().add(i * 32) as *mut __m128i;
+        _mm_storeu_si128(dst, _mm_unpacklo_epi8(la, ha));
+        _mm_storeu_si128(dst.add(1), _mm_unpackhi_epi8(la, ha));
+        _mm_storeu_si128(dst.add(2), _mm_unpacklo_epi8(lb, hb));
+        _mm_storeu_si128(dst.add(3), _mm_unpackhi_epi8(lb, hb));
+    }
+    let (out, packed) = (&mut out[full * 32..], &packed[full * 16..]);
+    let mut pairs = out.chunks_exact_mut(2);
+    for (o, &b) in (&mut pairs).zip(packed) {
+        o[0] = u16::from(hi[(b >> 4) as usize]) << 8 | u16::from(lo[(b >> 4) as usize]);
+        o[1] = u16::from(hi[(b & 15) as usize]) << 8 | u16::from(lo[(b & 15) as usize]);
+    }
+    if let [last] = pairs.into_remainder() {
+        let b = packed[packed.len() - 1] >> 4;
+        *last = u16::from(hi[b as usize]) << 8 | u16::from(lo[b as usize]);
     }
 }
 

@@ -137,6 +137,11 @@ impl Bucketizer {
         Bucketizer { bounds, order }
     }
 
+    /// Whether sorted order is code order (NF4), so ranks need no remapping.
+    pub fn is_identity(&self) -> bool {
+        self.order.iter().enumerate().all(|(i, &o)| o as usize == i)
+    }
+
     /// Code index for a scaled value in [-1, 1]: `order[#{bounds < x}]`.
     #[inline(always)]
     pub fn code_index(&self, x: f32) -> u8 {
