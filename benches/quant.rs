@@ -29,7 +29,10 @@ fn bench(c: &mut Criterion) {
         let n = rows * cols;
         let w = weights(n);
         let mut group = c.benchmark_group(format!("bf16_{rows}x{cols}"));
-        group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(4));
         group.throughput(Throughput::Bytes((n * 2) as u64));
 
         let mut dst = vec![bf16::ZERO; n];
@@ -40,7 +43,11 @@ fn bench(c: &mut Criterion) {
             })
         });
 
-        for (qt, dq) in [(QuantType::Nf4, true), (QuantType::Nf4, false), (QuantType::Fp4, true)] {
+        for (qt, dq) in [
+            (QuantType::Nf4, true),
+            (QuantType::Nf4, false),
+            (QuantType::Fp4, true),
+        ] {
             let id = format!("{qt}_{}", if dq { "dq" } else { "plain" });
             group.bench_with_input(BenchmarkId::new("quantize", &id), &w, |b, w| {
                 b.iter(|| {
@@ -53,7 +60,11 @@ fn bench(c: &mut Criterion) {
             let nested = NestedAbsmax::compress(&absmax);
             group.bench_function(BenchmarkId::new("dequantize", &id), |b| {
                 b.iter(|| {
-                    let absmax = if dq { nested.expand().unwrap() } else { absmax.clone() };
+                    let absmax = if dq {
+                        nested.expand().unwrap()
+                    } else {
+                        absmax.clone()
+                    };
                     dequantize_4bit(&packed, &absmax, qt, 64, &mut dst).unwrap();
                     black_box(&dst);
                 })

@@ -104,16 +104,16 @@ fn quantize_block_impl(
     bucketizer: &Bucketizer,
     out: &mut [u8],
 ) -> std::result::Result<f32, usize> {
-    let mut absmax = 0f32;
-    let mut finite = true;
+    // max |x| on the bit patterns: for finite floats the order of |x| is the order of their
+    // sign-cleared bits, and NaN or infinity shows as bits >= 0x7f80_0000.
+    let mut max_bits = 0u32;
     for &v in x.iter() {
-        let a = v.abs();
-        finite &= a <= f32::MAX;
-        absmax = if a > absmax { a } else { absmax };
+        max_bits = max_bits.max(v.to_bits() & 0x7fff_ffff);
     }
-    if !finite {
+    if max_bits >= 0x7f80_0000 {
         return Err(x.iter().position(|v| !v.is_finite()).unwrap_or(0));
     }
+    let absmax = f32::from_bits(max_bits);
     let clamped = absmax.max(MIN_ABSMAX);
     if ragged {
         for v in x.iter_mut() {
@@ -125,28 +125,30 @@ fn quantize_block_impl(
             *v = (*v * inv).clamp(-1.0, 1.0);
         }
     }
-    // Rank of each value among the midpoints: torch.bucketize(x, bounds), as a branch-free count.
-    let mut idx = [0u8; 4096];
-    let idx = &mut idx[..x.len()];
-    for (o, &v) in idx.iter_mut().zip(x.iter()) {
+    // Rank of each value among the midpoints (torch.bucketize) as a branch-free count, written
+    // over the scaled value's slot, two ranks per u16 so packing stays vectorizable.
+    let ranks: &mut [u32] = bytemuck::cast_slice_mut(x);
+    let bounds = bucketizer.bounds;
+    for r in ranks.iter_mut() {
+        let v = f32::from_bits(*r);
         let mut n = 0u32;
-        for &b in &bucketizer.bounds {
+        for &b in &bounds {
             n += (b < v) as u32;
         }
-        *o = n as u8;
+        *r = n;
     }
-    if !bucketizer.is_identity() {
-        for o in idx.iter_mut() {
-            *o = bucketizer.order[*o as usize];
-        }
-    }
-    let mut pairs = idx.chunks_exact(2);
+    let mut pairs = ranks.chunks_exact(2);
     for (o, p) in out.iter_mut().zip(&mut pairs) {
-        *o = (p[0] << 4) | p[1];
+        *o = ((p[0] << 4) | p[1]) as u8;
     }
     if let [last] = pairs.remainder() {
-        // An odd element count: the pad nibble is the code of 0.0, as torch pads before bucketize.
-        out[x.len() / 2] = (*last << 4) | bucketizer.code_index(0.0);
+        // An odd element count: torch pads with 0.0 before bucketizing.
+        out[ranks.len() / 2] = ((*last << 4) | bucketizer.rank(0.0)) as u8;
+    }
+    if let Some(remap) = bucketizer.pair_remap() {
+        for o in out.iter_mut() {
+            *o = remap[*o as usize];
+        }
     }
     Ok(if ragged { clamped } else { absmax })
 }

@@ -120,6 +120,8 @@ pub struct Bucketizer {
     pub bounds: [f32; 15],
     /// Code index of the i-th smallest code.
     pub order: [u8; 16],
+    /// Packed byte of two ranks -> packed byte of their codes, when the order is not identity.
+    remap: Option<Box<[u8; 256]>>,
 }
 
 impl Bucketizer {
@@ -134,22 +136,34 @@ impl Bucketizer {
         // total_cmp orders -0 before +0; bitsandbytes' codes only hold +0, so this equals torch's sort.
         let bounds =
             std::array::from_fn(|i| (code[order[i] as usize] + code[order[i + 1] as usize]) / 2.0);
-        Bucketizer { bounds, order }
+        let identity = order.iter().enumerate().all(|(i, &o)| o as usize == i);
+        let remap = (!identity).then(|| {
+            Box::new(std::array::from_fn(|b| {
+                (order[b >> 4] << 4) | order[b & 15]
+            }))
+        });
+        Bucketizer {
+            bounds,
+            order,
+            remap,
+        }
     }
 
-    /// Whether sorted order is code order (NF4), so ranks need no remapping.
-    pub fn is_identity(&self) -> bool {
-        self.order.iter().enumerate().all(|(i, &o)| o as usize == i)
+    /// Rank of a scaled value among the sorted codes: `#{bounds < x}`.
+    #[inline(always)]
+    pub fn rank(&self, x: f32) -> u32 {
+        self.bounds.iter().map(|&b| (b < x) as u32).sum()
+    }
+
+    /// The table turning a byte of packed ranks into a byte of packed codes (None for NF4).
+    pub fn pair_remap(&self) -> Option<&[u8; 256]> {
+        self.remap.as_deref()
     }
 
     /// Code index for a scaled value in [-1, 1]: `order[#{bounds < x}]`.
     #[inline(always)]
     pub fn code_index(&self, x: f32) -> u8 {
-        let mut n = 0u8;
-        for b in self.bounds {
-            n += (b < x) as u8;
-        }
-        self.order[n as usize]
+        self.order[self.rank(x) as usize]
     }
 }
 
