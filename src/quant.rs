@@ -7,6 +7,7 @@ pub mod blockwise;
 pub mod bnb;
 pub mod codebook;
 pub mod double;
+pub mod linear;
 pub mod tensor;
 
 use std::fmt;

@@ -1,0 +1,191 @@
+//! The frozen 4-bit linear as a custom autograd op: `y = x · Wᵀ` where W stays packed.
+//!
+//! The op's only input is `x`, so the graph keeps the packed weight and nothing dense: forward
+//! dequantizes W into a temporary, and backward dequantizes it again for `dx = dy · W`. No
+//! gradient flows to W (it is frozen); LoRA adapters beside it carry the trainable parameters.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+
+use super::Nf4Tensor;
+
+/// `x · Wᵀ` for a 4-bit W of shape `[out, in]`; x is `[..., in]`.
+pub fn linear_4bit(x: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Linear4bit { w: w.clone() })
+}
+
+struct Linear4bit {
+    w: Arc<Nf4Tensor>,
+}
+
+fn quant_err(e: super::QuantError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl Linear4bit {
+    /// `x · Wᵀ` with W dequantized to x's dtype for the duration of the call.
+    fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.w.dequantize(x.dtype()).map_err(quant_err)?; // [out, in]
+        x.broadcast_matmul(&w.t()?)
+    }
+}
+
+impl CustomOp1 for Linear4bit {
+    fn name(&self) -> &'static str {
+        "linear-4bit"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_tensor(storage, layout)?;
+        let y = self.matmul_t(&x)?.contiguous()?;
+        let shape = y.shape().clone();
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) if layout.start_offset() == 0 => Ok((s.clone(), shape)),
+            _ => candle_core::bail!("linear-4bit: unexpected output storage"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let w = self.w.dequantize(grad_res.dtype()).map_err(quant_err)?; // [out, in]
+        Ok(Some(grad_res.broadcast_matmul(&w)?))
+    }
+}
+
+/// A detached CPU tensor holding a copy of the op's input.
+fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
+    // `linear_4bit` hands the op a contiguous input.
+    fn gather<T: candle_core::WithDType>(
+        data: &[T],
+        layout: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok(data[start..end].to_vec()),
+            None => candle_core::bail!("linear-4bit: non-contiguous input"),
+        }
+    }
+    let dev = candle_core::Device::Cpu;
+    let shape = layout.shape().clone();
+    match storage {
+        CpuStorage::F32(d) => Tensor::from_vec(gather(d, layout)?, shape, &dev),
+        CpuStorage::BF16(d) => Tensor::from_vec(gather(d, layout)?, shape, &dev),
+        CpuStorage::F16(d) => Tensor::from_vec(gather(d, layout)?, shape, &dev),
+        _ => candle_core::bail!("linear-4bit: inputs must be f32, bf16 or f16"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::QuantConfig;
+    use candle_core::{DType, Device, Var};
+
+    fn setup() -> (Tensor, Arc<Nf4Tensor>, Tensor) {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.5, (24, 64), &dev).unwrap();
+        let q = Arc::new(Nf4Tensor::quantize(&w, &QuantConfig::default()).unwrap());
+        let wd = q.dequantize(DType::F32).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
+        (x, q, wd)
+    }
+
+    #[test]
+    fn forward_equals_dense_matmul_on_the_dequantized_weight() {
+        let (x, q, wd) = setup();
+        let y = linear_4bit(&x, &q).unwrap();
+        let want = x.broadcast_matmul(&wd.t().unwrap()).unwrap();
+        let diff = (y - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
+    }
+
+    #[test]
+    fn gradient_matches_the_dense_graph_and_finite_differences() {
+        let (x, q, wd) = setup();
+        let xv = Var::from_tensor(&x).unwrap();
+        // loss = sum(y * c) for a fixed c, so dL/dx = c · W
+        let c = Tensor::randn(0f32, 1.0, (2, 3, 24), &Device::Cpu).unwrap();
+        let loss = (linear_4bit(xv.as_tensor(), &q).unwrap() * &c)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let gx = g.get(xv.as_tensor()).expect("x has a gradient");
+        let dense = (xv.as_tensor().broadcast_matmul(&wd.t().unwrap()).unwrap() * &c)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let gd = dense.backward().unwrap();
+        let want = gd.get(xv.as_tensor()).unwrap();
+        let diff = (gx - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+
+        // central finite difference on one coordinate
+        let eps = 1e-2f32;
+        let mut xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let f = |xs: &[f32]| -> f32 {
+            let t = Tensor::from_slice(xs, (2, 3, 64), &Device::Cpu).unwrap();
+            (linear_4bit(&t, &q).unwrap() * &c)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let i = 77;
+        xs[i] += eps;
+        let up = f(&xs);
+        xs[i] -= 2.0 * eps;
+        let down = f(&xs);
+        let fd = (up - down) / (2.0 * eps);
+        let analytic = gx.flatten_all().unwrap().to_vec1::<f32>().unwrap()[i];
+        assert!(
+            (fd - analytic).abs() < 1e-2 * analytic.abs().max(1.0),
+            "{fd} vs {analytic}"
+        );
+    }
+
+    #[test]
+    fn works_on_non_contiguous_input() {
+        let (x, q, wd) = setup();
+        let xt = x.transpose(0, 1).unwrap(); // [3, 2, 64], strided
+        let y = linear_4bit(&xt, &q).unwrap();
+        let want = xt
+            .contiguous()
+            .unwrap()
+            .broadcast_matmul(&wd.t().unwrap())
+            .unwrap();
+        let diff = (y - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
+    }
+}
