@@ -1,6 +1,8 @@
 //! Hugging Face model directories: sharded safetensors in and out, and 4-bit quantization of a
 //! whole causal LM the way transformers + bitsandbytes do it.
 
+pub mod config;
+pub mod llama;
 pub mod quantize;
 pub mod weights;
 pub mod writer;
@@ -46,6 +48,16 @@ pub enum ModelError {
     },
     #[error("tensor {tensor}: {message}")]
     BadTensor { tensor: String, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Lora(#[from] crate::lora::LoraError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Quant(#[from] QuantError),
 }

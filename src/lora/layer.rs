@@ -1,0 +1,218 @@
+//! A frozen linear layer (dense or 4-bit) with an optional trainable LoRA adapter beside it.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::quant::linear::linear_4bit;
+use crate::quant::Nf4Tensor;
+use crate::rng::Rng;
+
+/// A base weight `[out, in]` that never trains.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quant(Arc<Nf4Tensor>),
+}
+
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    pub weight: FrozenWeight,
+    /// `[out]`, in the compute dtype.
+    pub bias: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let d = match &self.weight {
+            FrozenWeight::Dense(w) => w.dims(),
+            FrozenWeight::Quant(q) => q.shape().dims(),
+        };
+        (d[0], d[1])
+    }
+
+    /// `x · Wᵀ + b` for x `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            FrozenWeight::Dense(w) => x.broadcast_matmul(&w.t()?)?,
+            FrozenWeight::Quant(q) => linear_4bit(x, q)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The weight as a dense tensor (dequantized if 4-bit).
+    pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
+        match &self.weight {
+            FrozenWeight::Dense(w) => w.to_dtype(dtype),
+            FrozenWeight::Quant(q) => q
+                .dequantize(dtype)
+                .map_err(|e| candle_core::Error::Msg(e.to_string())),
+        }
+    }
+}
+
+/// The trainable low-rank update `B · A`, kept in f32.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// `[r, in]`, Kaiming-uniform as PEFT initialises it.
+    pub a: Var,
+    /// `[out, r]`, zeros.
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl LoraAdapter {
+    /// PEFT's initialisation: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform_ with a=sqrt(5)),
+    /// B = 0, so the adapted layer starts equal to the base.
+    pub fn new(
+        (out, inp): (usize, usize),
+        r: usize,
+        scale: f64,
+        dropout: f64,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a: Vec<f32> = (0..r * inp).map(|_| rng.uniform(-bound, bound)).collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (r, inp), device)?)?;
+        let b = Var::zeros((out, r), DType::F32, device)?;
+        Ok(LoraAdapter {
+            a,
+            b,
+            scale,
+            dropout,
+        })
+    }
+
+    pub fn from_weights(a: &Tensor, b: &Tensor, scale: f64, dropout: f64) -> Result<Self> {
+        Ok(LoraAdapter {
+            a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
+            b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+            scale,
+            dropout,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// `dropout(x) · Aᵀ · Bᵀ · scale`, in x's dtype.
+    pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let x = match rng {
+            Some(rng) if self.dropout > 0.0 => dropout(x, self.dropout, rng)?,
+            _ => x.clone(),
+        };
+        let a = self.a.as_tensor().to_dtype(x.dtype())?;
+        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        x.broadcast_matmul(&a.t()?)?
+            .broadcast_matmul(&b.t()?)?
+            .affine(self.scale, 0.0)
+    }
+
+    /// The dense update `scale · B · A` `[out, in]` in f32.
+    pub fn delta(&self) -> Result<Tensor> {
+        self.b
+            .as_tensor()
+            .matmul(self.a.as_tensor())?
+            .affine(self.scale, 0.0)
+    }
+}
+
+/// Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if (rng.next_f32() as f64) < p {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
+}
+
+/// A frozen linear and, if this module is targeted, its adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    pub base: FrozenLinear,
+    pub adapter: Option<LoraAdapter>,
+}
+
+impl LoraLinear {
+    /// `base(x) + adapter(x)`; `rng` is given in training, for dropout.
+    pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.adapter {
+            Some(a) => y + a.forward(x, rng)?,
+            None => Ok(y),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_equal_to_the_base_and_trains_only_a_and_b() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.3, (8, 16), &dev).unwrap();
+        let base = FrozenLinear {
+            weight: FrozenWeight::Dense(w.clone()),
+            bias: None,
+        };
+        let mut rng = Rng::new(3);
+        let adapter = LoraAdapter::new((8, 16), 4, 2.0, 0.0, &mut rng, &dev).unwrap();
+        let a_max = adapter
+            .a
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(a_max > 0.0 && a_max <= 0.25, "A within 1/sqrt(16): {a_max}");
+        let layer = LoraLinear {
+            base,
+            adapter: Some(adapter.clone()),
+        };
+        let x = Tensor::randn(0f32, 1.0, (3, 16), &dev).unwrap();
+        let y = layer.forward(&x, None).unwrap();
+        let y0 = x.matmul(&w.t().unwrap()).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), y0.to_vec2::<f32>().unwrap());
+
+        let loss = y.sqr().unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        // dL/dB = scale * dyᵀ (x Aᵀ) is non-zero; dL/dA is zero while B = 0.
+        let gb = grads.get(adapter.b.as_tensor()).unwrap();
+        assert!(
+            gb.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+        assert!(grads.get(adapter.a.as_tensor()).is_some());
+        assert!(grads.get(&w).is_none(), "the base weight gets no gradient");
+    }
+
+    #[test]
+    fn dropout_keeps_the_expectation() {
+        let x = Tensor::ones((100, 100), DType::F32, &Device::Cpu).unwrap();
+        let y = dropout(&x, 0.25, &mut Rng::new(9)).unwrap();
+        let mean = y.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((mean - 1.0).abs() < 0.05, "{mean}");
+    }
+}

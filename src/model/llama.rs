@@ -1,0 +1,818 @@
+//! The trainable Llama-family graph (llama, mistral, qwen2) over frozen, optionally 4-bit bases.
+//!
+//! Every op on the gradient path has a backward: RMSNorm, RoPE, softmax and cross-entropy are
+//! composed from candle's differentiable primitives (its fused kernels record no backward), and
+//! the 4-bit linears are the custom op in `quant::linear`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+use super::config::ModelConfig;
+use super::weights::WeightFiles;
+use super::{ModelError, Result};
+use crate::lora::{peft, FrozenLinear, FrozenWeight, LoraAdapter, LoraConfig, LoraLinear};
+use crate::quant::bnb::{from_bnb_tensors, parse_quantization_config};
+use crate::quant::{FloatSlice, Nf4Tensor, QuantConfig};
+use crate::rng::Rng;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Quantize linear weights as they load (None keeps them dense). Ignored for checkpoints that
+    /// are already bitsandbytes 4-bit, which load as stored.
+    pub quant: Option<QuantConfig>,
+    /// Compute dtype of activations, embeddings, norms and dense weights: F32 or BF16.
+    pub dtype: DType,
+    pub device: Device,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            quant: Some(QuantConfig::default()),
+            dtype: DType::F32,
+            device: Device::Cpu,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+/// The seven linear layers of a decoder block, in PEFT's names.
+pub const LINEARS: [(&str, &str); 7] = [
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+];
+
+#[derive(Clone)]
+pub(crate) struct DecoderLayer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    /// In `LINEARS` order.
+    linears: Vec<LoraLinear>,
+}
+
+/// A causal language model ready to train LoRA adapters.
+pub struct CausalLm {
+    pub config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    /// None when tied to the embedding.
+    lm_head: Option<Tensor>,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    device: Device,
+    gradient_checkpointing: bool,
+    /// Adapter gradients computed while replaying checkpointed layers.
+    sink: GradSink,
+}
+
+/// What every decoder layer of one forward pass shares.
+pub(crate) struct LayerCtx {
+    head_dim: usize,
+    heads: usize,
+    kv_heads: usize,
+    eps: f64,
+    dtype: DType,
+    /// `[seq, head_dim]` each.
+    cos: Tensor,
+    sin: Tensor,
+    /// `[batch, 1, seq, seq]` additive.
+    mask: Tensor,
+}
+
+fn bad(tensor: &str, message: impl Into<String>) -> ModelError {
+    ModelError::BadTensor {
+        tensor: tensor.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A dense tensor from a safetensors view, checked against the expected shape.
+fn load_dense(
+    w: &WeightFiles,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let v = w
+        .get(name)
+        .ok_or_else(|| bad(name, "missing from the checkpoint"))?;
+    if v.shape() != shape {
+        return Err(bad(
+            name,
+            format!("has shape {:?}, expected {shape:?}", v.shape()),
+        ));
+    }
+    Ok(view_to_tensor(name, &v, dev)?.to_dtype(dtype)?)
+}
+
+fn view_to_tensor(name: &str, v: &TensorView<'_>, dev: &Device) -> Result<Tensor> {
+    let shape = v.shape().to_vec();
+    let d = v.data();
+    let t = match v.dtype() {
+        Dtype::F32 => Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f32>(d), shape, dev)?,
+        Dtype::BF16 => Tensor::from_vec(
+            bytemuck::pod_collect_to_vec::<u8, half::bf16>(d),
+            shape,
+            dev,
+        )?,
+        Dtype::F16 => {
+            Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, half::f16>(d), shape, dev)?
+        }
+        other => return Err(bad(name, format!("dtype {other:?} is not a float type"))),
+    };
+    Ok(t)
+}
+
+fn quantize_view(
+    name: &str,
+    v: &TensorView<'_>,
+    cfg: &QuantConfig,
+    dev: &Device,
+) -> Result<Nf4Tensor> {
+    let d = v.data();
+    let r = match v.dtype() {
+        Dtype::F32 => Nf4Tensor::quantize_slice(
+            FloatSlice::F32(&bytemuck::pod_collect_to_vec(d)),
+            v.shape(),
+            cfg,
+            dev,
+        ),
+        Dtype::BF16 => Nf4Tensor::quantize_slice(
+            FloatSlice::BF16(&bytemuck::pod_collect_to_vec(d)),
+            v.shape(),
+            cfg,
+            dev,
+        ),
+        Dtype::F16 => Nf4Tensor::quantize_slice(
+            FloatSlice::F16(&bytemuck::pod_collect_to_vec(d)),
+            v.shape(),
+            cfg,
+            dev,
+        ),
+        other => return Err(bad(name, format!("dtype {other:?} is not a float type"))),
+    };
+    r.map_err(|source| ModelError::Tensor {
+        tensor: name.to_string(),
+        source,
+    })
+}
+
+impl CausalLm {
+    /// Load a Hugging Face model directory (dense or bitsandbytes 4-bit).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let config = ModelConfig::load(dir)?;
+        if !matches!(opts.dtype, DType::F32 | DType::BF16) {
+            return Err(ModelError::Invalid {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "compute dtype {:?} is not supported (f32, bf16)",
+                    opts.dtype
+                ),
+            });
+        }
+        let weights = WeightFiles::open(dir)?;
+        let prequantized = config
+            .raw
+            .get("quantization_config")
+            .and_then(parse_quantization_config)
+            .is_some();
+        let (dt, dev) = (opts.dtype, &opts.device);
+        let c = &config;
+        let embed = load_dense(
+            &weights,
+            "model.embed_tokens.weight",
+            &[c.vocab_size, c.hidden_size],
+            dt,
+            dev,
+        )?;
+        let norm = load_dense(&weights, "model.norm.weight", &[c.hidden_size], dt, dev)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(load_dense(
+                &weights,
+                "lm_head.weight",
+                &[c.vocab_size, c.hidden_size],
+                dt,
+                dev,
+            )?)
+        };
+        let q_out = c.num_attention_heads * c.head_dim;
+        let kv_out = c.num_key_value_heads * c.head_dim;
+        let shapes = [
+            (q_out, c.hidden_size, c.qkv_bias),
+            (kv_out, c.hidden_size, c.qkv_bias),
+            (kv_out, c.hidden_size, c.qkv_bias),
+            (c.hidden_size, q_out, c.o_bias),
+            (c.intermediate_size, c.hidden_size, c.mlp_bias),
+            (c.intermediate_size, c.hidden_size, c.mlp_bias),
+            (c.hidden_size, c.intermediate_size, c.mlp_bias),
+        ];
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut linears = Vec::with_capacity(7);
+            for (&(group, name), &(out, inp, has_bias)) in LINEARS.iter().zip(&shapes) {
+                let wname = format!("{p}.{group}.{name}.weight");
+                let weight = if prequantized {
+                    let q =
+                        from_bnb_tensors(&wname, |k| weights.get(k), dev).map_err(|source| {
+                            ModelError::Tensor {
+                                tensor: wname.clone(),
+                                source,
+                            }
+                        })?;
+                    if q.shape().dims() != [out, inp] {
+                        return Err(bad(
+                            &wname,
+                            format!("has shape {:?}, expected [{out}, {inp}]", q.shape().dims()),
+                        ));
+                    }
+                    FrozenWeight::Quant(Arc::new(q))
+                } else {
+                    let v = weights
+                        .get(&wname)
+                        .ok_or_else(|| bad(&wname, "missing from the checkpoint"))?;
+                    if v.shape() != [out, inp] {
+                        return Err(bad(
+                            &wname,
+                            format!("has shape {:?}, expected [{out}, {inp}]", v.shape()),
+                        ));
+                    }
+                    match &opts.quant {
+                        Some(q) => {
+                            FrozenWeight::Quant(Arc::new(quantize_view(&wname, &v, q, dev)?))
+                        }
+                        None => FrozenWeight::Dense(view_to_tensor(&wname, &v, dev)?.to_dtype(dt)?),
+                    }
+                };
+                let bias = if has_bias {
+                    Some(load_dense(
+                        &weights,
+                        &format!("{p}.{group}.{name}.bias"),
+                        &[out],
+                        dt,
+                        dev,
+                    )?)
+                } else {
+                    None
+                };
+                linears.push(LoraLinear {
+                    base: FrozenLinear { weight, bias },
+                    adapter: None,
+                });
+            }
+            layers.push(DecoderLayer {
+                input_norm: load_dense(
+                    &weights,
+                    &format!("{p}.input_layernorm.weight"),
+                    &[c.hidden_size],
+                    dt,
+                    dev,
+                )?,
+                post_norm: load_dense(
+                    &weights,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[c.hidden_size],
+                    dt,
+                    dev,
+                )?,
+                linears,
+            });
+        }
+        Ok(CausalLm {
+            inv_freq: config.inv_freq(),
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            dtype: dt,
+            device: dev.clone(),
+            gradient_checkpointing: opts.gradient_checkpointing,
+            sink: GradSink::default(),
+        })
+    }
+
+    /// Gradients of `loss` for every tensor, including adapter gradients computed while
+    /// replaying checkpointed layers. Use this instead of `loss.backward()`.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        let mut grads = loss.backward()?;
+        self.sink.drain_into(&mut grads)?;
+        Ok(grads)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
+    /// `(module path, layer)` for every linear of the decoder blocks.
+    pub fn linears(&self) -> impl Iterator<Item = (String, &LoraLinear)> {
+        self.layers.iter().enumerate().flat_map(|(i, l)| {
+            LINEARS
+                .iter()
+                .zip(&l.linears)
+                .map(move |(&(g, n), lin)| (format!("model.layers.{i}.{g}.{n}"), lin))
+        })
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = (String, &mut LoraLinear)> {
+        self.layers.iter_mut().enumerate().flat_map(|(i, l)| {
+            LINEARS
+                .iter()
+                .zip(l.linears.iter_mut())
+                .map(move |(&(g, n), lin)| (format!("model.layers.{i}.{g}.{n}"), lin))
+        })
+    }
+
+    /// Attach fresh adapters (A Kaiming-uniform, B zero) to the targeted linears.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        cfg.validate()?;
+        let mut rng = Rng::new(seed);
+        let dev = self.device.clone();
+        for (path, lin) in self.linears_mut() {
+            if cfg.target_modules.matches(&path) {
+                let dims = lin.base.dims();
+                lin.adapter = Some(LoraAdapter::new(
+                    dims,
+                    cfg.r,
+                    cfg.scale(),
+                    cfg.dropout,
+                    &mut rng,
+                    &dev,
+                )?);
+            }
+        }
+        if self.adapters().is_empty() {
+            return Err(crate::lora::LoraError::Config {
+                field: "target_modules",
+                message: "matches no linear layer of the model".into(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Load a PEFT adapter; every tensor must fit a linear of this model.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig> {
+        let adapter = peft::load(dir, &self.device)?;
+        let cfg = adapter.config.clone();
+        let mut weights = adapter.weights;
+        for (path, lin) in self.linears_mut() {
+            if let Some((a, b)) = weights.remove(&path) {
+                let (out, inp) = lin.base.dims();
+                if a.dims() != [cfg.r, inp] || b.dims() != [out, cfg.r] {
+                    return Err(bad(
+                        &format!("{path}.lora_A/lora_B"),
+                        format!(
+                            "shapes {:?}/{:?} do not fit a [{out}, {inp}] layer",
+                            a.dims(),
+                            b.dims()
+                        ),
+                    ));
+                }
+                lin.adapter = Some(LoraAdapter::from_weights(&a, &b, cfg.scale(), cfg.dropout)?);
+            }
+        }
+        if let Some(path) = weights.keys().next() {
+            return Err(bad(
+                path,
+                "the adapter names a module this model does not have",
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// Save the adapters in PEFT format.
+    pub fn save_adapter(
+        &self,
+        dir: &Path,
+        cfg: &LoraConfig,
+        base_model: Option<&str>,
+    ) -> Result<()> {
+        let adapters = self.adapters();
+        Ok(peft::save(dir, cfg, &adapters, base_model)?)
+    }
+
+    pub fn adapters(&self) -> Vec<(String, &LoraAdapter)> {
+        self.linears()
+            .filter_map(|(p, l)| l.adapter.as_ref().map(|a| (p, a)))
+            .collect()
+    }
+
+    /// The trainable parameters, with their PEFT tensor names.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.adapters()
+            .into_iter()
+            .flat_map(|(p, a)| {
+                [
+                    (format!("base_model.model.{p}.lora_A.weight"), a.a.clone()),
+                    (format!("base_model.model.{p}.lora_B.weight"), a.b.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u32). `attention_mask` is
+    /// `[batch, seq]` with 1 for real tokens and 0 for padding. `rng` enables dropout (training).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let c = &self.config;
+        let mut x = self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, s, c.hidden_size))?;
+        let (cos, sin) = self.rope_tables(s)?;
+        let ctx = Arc::new(LayerCtx {
+            head_dim: c.head_dim,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            eps: c.rms_norm_eps,
+            dtype: self.dtype,
+            cos,
+            sin,
+            mask: self.attention_bias(b, s, attention_mask)?,
+        });
+        for layer in &self.layers {
+            x = if self.gradient_checkpointing {
+                checkpoint(
+                    layer.clone(),
+                    ctx.clone(),
+                    &x,
+                    rng.as_deref_mut(),
+                    &self.sink,
+                )?
+            } else {
+                decoder_layer(layer, &ctx, &x, rng.as_deref_mut())?
+            };
+        }
+        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(x.broadcast_matmul(&head.t()?)?)
+    }
+
+    /// cos and sin `[seq, head_dim]` for positions 0..seq, computed in f32 as transformers does.
+    fn rope_tables(&self, s: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut freqs = Vec::with_capacity(s * half * 2);
+        for p in 0..s {
+            let row: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
+            freqs.extend_from_slice(&row);
+            freqs.extend_from_slice(&row);
+        }
+        let freqs = Tensor::from_vec(freqs, (s, half * 2), &self.device)?;
+        Ok((
+            freqs.cos()?.to_dtype(self.dtype)?,
+            freqs.sin()?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    /// Additive mask `[batch, 1, seq, seq]`: 0 where query i may see key j (j <= i and j is not
+    /// padding), the most negative float elsewhere. One value per cell, so a fully masked row
+    /// softmaxes to uniform instead of NaN.
+    fn attention_bias(
+        &self,
+        b: usize,
+        s: usize,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let keep: Vec<f32> = match attention_mask {
+            Some(m) => m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            None => vec![1.0; b * s],
+        };
+        if keep.len() != b * s {
+            return Err(ModelError::Invalid {
+                path: "attention_mask".into(),
+                message: format!("has {} values for a [{b}, {s}] batch", keep.len()),
+            });
+        }
+        let mut bias = vec![0f32; b * s * s];
+        for bi in 0..b {
+            for i in 0..s {
+                for j in 0..s {
+                    if j > i || keep[bi * s + j] == 0.0 {
+                        bias[(bi * s + i) * s + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(bias, (b, 1, s, s), &self.device)?)
+    }
+
+    /// Mean cross-entropy of next-token prediction: logits `[b, s, V]`, labels `[b, s]` (i64, -100
+    /// ignored), shifted by one as transformers' causal-LM loss.
+    pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        causal_lm_loss(logits, labels)
+    }
+}
+
+/// One pre-norm decoder block: attention then SwiGLU MLP, each with a residual.
+pub(crate) fn decoder_layer(
+    layer: &DecoderLayer,
+    ctx: &LayerCtx,
+    x: &Tensor,
+    mut rng: Option<&mut Rng>,
+) -> candle_core::Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    let (hd, nh, nkv) = (ctx.head_dim, ctx.heads, ctx.kv_heads);
+    let l = &layer.linears;
+    let h = rms_norm(x, &layer.input_norm, ctx.eps)?;
+    let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+        t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous() // [b, n, s, hd]
+    };
+    let q = heads(l[0].forward(&h, rng.as_deref_mut())?, nh)?;
+    let k = heads(l[1].forward(&h, rng.as_deref_mut())?, nkv)?;
+    let v = heads(l[2].forward(&h, rng.as_deref_mut())?, nkv)?;
+    let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
+    let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
+    let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?; // [b, nh, s, s]
+    let scores = scores.to_dtype(DType::F32)?.broadcast_add(&ctx.mask)?;
+    let probs = softmax_last_dim(&scores)?.to_dtype(ctx.dtype)?;
+    let attn = probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, s, nh * hd))?; // [b, s, nh*hd]
+    let x = (x + l[3].forward(&attn, rng.as_deref_mut())?)?;
+    let h = rms_norm(&x, &layer.post_norm, ctx.eps)?;
+    let gate = l[4].forward(&h, rng.as_deref_mut())?;
+    let up = l[5].forward(&h, rng.as_deref_mut())?;
+    let mlp = l[6].forward(&(gate.silu()? * up)?, rng)?;
+    x + mlp
+}
+
+/// Adapter gradients produced inside checkpointed layers' backward, merged after the outer pass.
+#[derive(Clone, Default)]
+pub(crate) struct GradSink(Arc<std::sync::Mutex<Vec<(Tensor, Tensor)>>>);
+
+impl GradSink {
+    fn push(&self, var: Tensor, grad: Tensor) {
+        self.0.lock().expect("grad sink lock").push((var, grad));
+    }
+
+    fn drain_into(&self, grads: &mut candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        let pending = std::mem::take(&mut *self.0.lock().expect("grad sink lock"));
+        for (var, g) in pending {
+            let total = match grads.get(&var) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            grads.insert(&var, total);
+        }
+        Ok(())
+    }
+}
+
+/// Gradient checkpointing for one decoder layer: the forward result is kept, the layer's
+/// activations are not; backward replays the layer (with the same dropout masks) to get the
+/// gradient of its input and, into `sink`, of its adapters.
+fn checkpoint(
+    layer: DecoderLayer,
+    ctx: Arc<LayerCtx>,
+    x: &Tensor,
+    rng: Option<&mut Rng>,
+    sink: &GradSink,
+) -> candle_core::Result<Tensor> {
+    let start = rng.as_ref().map(|r| **r);
+    let mut fwd_rng = start;
+    let y = decoder_layer(&layer, &ctx, &x.detach(), fwd_rng.as_mut())?.detach();
+    if let (Some(outer), Some(after)) = (rng, fwd_rng) {
+        *outer = after;
+    }
+    // candle records an op only if an input is tracked. The first layer's input (embeddings) is
+    // not, so the op also takes one of the layer's adapter weights as an anchor input.
+    let anchor = layer
+        .linears
+        .iter()
+        .find_map(|l| l.adapter.as_ref().map(|a| a.a.as_tensor().clone()));
+    let op = Checkpoint {
+        layer,
+        ctx,
+        rng: start,
+        out: y,
+        sink: sink.clone(),
+    };
+    match anchor {
+        Some(anchor) => x.contiguous()?.apply_op2(&anchor, op),
+        // No adapter here: nothing of this layer trains, and an untracked x needs no gradient.
+        None => x.contiguous()?.apply_op1(op),
+    }
+}
+
+struct Checkpoint {
+    layer: DecoderLayer,
+    ctx: Arc<LayerCtx>,
+    rng: Option<Rng>,
+    /// The layer's output, computed once in forward.
+    out: Tensor,
+    sink: GradSink,
+}
+
+impl Checkpoint {
+    /// The stored output as CPU storage.
+    fn output(&self) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let out = self.out.contiguous()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => {
+                let (start, end) = layout.contiguous_offsets().expect("contiguous");
+                let s = match s {
+                    candle_core::CpuStorage::F32(v) => {
+                        candle_core::CpuStorage::F32(v[start..end].to_vec())
+                    }
+                    candle_core::CpuStorage::BF16(v) => {
+                        candle_core::CpuStorage::BF16(v[start..end].to_vec())
+                    }
+                    candle_core::CpuStorage::F16(v) => {
+                        candle_core::CpuStorage::F16(v[start..end].to_vec())
+                    }
+                    _ => candle_core::bail!("checkpoint: unsupported dtype"),
+                };
+                Ok((s, out.shape().clone()))
+            }
+            _ => candle_core::bail!("checkpoint: output is not on the CPU"),
+        }
+    }
+
+    /// Replay the layer on `arg`; adapter gradients go to the sink, the input's is returned.
+    fn replay(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let x = Var::from_tensor(&arg.detach())?;
+        let mut rng = self.rng;
+        let y = decoder_layer(&self.layer, &self.ctx, x.as_tensor(), rng.as_mut())?;
+        let proxy = (y * grad_res.detach())?.sum_all()?;
+        let grads = proxy.backward()?;
+        for lin in &self.layer.linears {
+            if let Some(a) = &lin.adapter {
+                for v in [&a.a, &a.b] {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        self.sink.push(v.as_tensor().clone(), g.clone());
+                    }
+                }
+            }
+        }
+        Ok(grads.get(x.as_tensor()).cloned())
+    }
+}
+
+impl candle_core::CustomOp1 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpointed-decoder-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s: &candle_core::CpuStorage,
+        _l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.output()
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.replay(arg, grad_res)
+    }
+}
+
+impl candle_core::CustomOp2 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpointed-decoder-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &candle_core::CpuStorage,
+        _l1: &candle_core::Layout,
+        _s2: &candle_core::CpuStorage,
+        _l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.output()
+    }
+
+    fn bwd(
+        &self,
+        arg1: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // The anchor's real gradient arrives through the sink with the layer's other adapters.
+        Ok((self.replay(arg1, grad_res)?, None))
+    }
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(w)
+}
+
+fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// x `[b, h, s, d]`, cos/sin `[s, d]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+}
+
+fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, s, d))?
+        .contiguous()?
+        .reshape((b, kv * n, s, d))
+}
+
+/// Softmax over the last dimension from differentiable primitives (the max shift is a constant).
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// log-softmax over the last dimension, in f32.
+pub fn log_softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// Mean cross-entropy over positions whose (shifted) label is not -100.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, s, v) = logits.dims3()?;
+    let labels: Vec<i64> = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+    if labels.len() != b * s {
+        return Err(ModelError::Invalid {
+            path: "labels".into(),
+            message: format!("has {} values for a [{b}, {s}] batch", labels.len()),
+        });
+    }
+    let mut targets = Vec::with_capacity(b * (s - 1));
+    let mut weights = Vec::with_capacity(b * (s - 1));
+    for bi in 0..b {
+        for i in 1..s {
+            let t = labels[bi * s + i];
+            if t == -100 {
+                targets.push(0u32);
+                weights.push(0f32);
+            } else if t < 0 || t as usize >= v {
+                return Err(ModelError::Invalid {
+                    path: "labels".into(),
+                    message: format!("label {t} at [{bi}, {i}] is outside the vocabulary of {v}"),
+                });
+            } else {
+                targets.push(t as u32);
+                weights.push(1.0);
+            }
+        }
+    }
+    let count: f32 = weights.iter().sum();
+    let dev = logits.device();
+    let n = b * (s - 1);
+    let logp = log_softmax_last_dim(&logits.narrow(1, 0, s - 1)?.reshape((n, v))?)?;
+    let targets = Tensor::from_vec(targets, (n, 1), dev)?;
+    let picked = logp.gather(&targets, 1)?.squeeze(1)?; // [n]
+    let weights = Tensor::from_vec(weights, n, dev)?;
+    Ok(((picked * weights)?.sum_all()? * (-1.0 / count.max(1.0) as f64))?)
+}
