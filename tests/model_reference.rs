@@ -340,3 +340,31 @@ fn bad_models_give_errors_naming_the_field_or_tensor() {
         "{msg}"
     );
 }
+
+#[test]
+fn bnb_4bit_checkpoints_load_and_equal_quantizing_at_load() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let pre = CausalLm::load(&models.join("llama-bnb-nf4"), &dense()).unwrap();
+    let at_load = CausalLm::load(&models.join("llama"), &LoadOptions::default()).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 14, 200, 3]], &Device::Cpu).unwrap();
+    let a = pre.forward(&ids, None, None).unwrap();
+    let b = at_load.forward(&ids, None, None).unwrap();
+    assert_eq!(rel(&a, &b), 0.0, "the same NF4 weights either way");
+}
+
+#[test]
+fn mistral_configs_load_as_llama_without_biases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("m");
+    copy_model(&dir("llama-gqa"), &d);
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+    c["model_type"] = "mistral".into();
+    std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+    let e = Expected::load("llama-gqa");
+    let m = CausalLm::load(&d, &dense()).unwrap();
+    let logits = m
+        .forward(&e.ids(), Some(&e.i64("attention_mask")), None)
+        .unwrap();
+    assert!(rel(&logits, &e.f32("logits")) <= 1e-5);
+}

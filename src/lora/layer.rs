@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use crate::quant::linear::linear_4bit;
+use crate::quant::linear::{linear_4bit, linear_frozen, matmul_t};
 use crate::quant::Nf4Tensor;
 use crate::rng::Rng;
 
@@ -35,7 +35,7 @@ impl FrozenLinear {
     /// `x · Wᵀ + b` for x `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            FrozenWeight::Dense(w) => x.broadcast_matmul(&w.t()?)?,
+            FrozenWeight::Dense(w) => linear_frozen(x, w)?,
             FrozenWeight::Quant(q) => linear_4bit(x, q)?,
         };
         match &self.bias {
@@ -110,9 +110,7 @@ impl LoraAdapter {
         };
         let a = self.a.as_tensor().to_dtype(x.dtype())?;
         let b = self.b.as_tensor().to_dtype(x.dtype())?;
-        x.broadcast_matmul(&a.t()?)?
-            .broadcast_matmul(&b.t()?)?
-            .affine(self.scale, 0.0)
+        matmul_t(&matmul_t(&x, &a)?, &b)?.affine(self.scale, 0.0)
     }
 
     /// The dense update `scale · B · A` `[out, in]` in f32.

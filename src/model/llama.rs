@@ -475,7 +475,7 @@ impl CausalLm {
         }
         let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(x.broadcast_matmul(&head.t()?)?)
+        Ok(crate::quant::linear::linear_frozen(&x, head)?)
     }
 
     /// cos and sin `[seq, head_dim]` for positions 0..seq, computed in f32 as transformers does.

@@ -1,8 +1,9 @@
-//! The frozen 4-bit linear as a custom autograd op: `y = x · Wᵀ` where W stays packed.
+//! Frozen linears as custom autograd ops: `y = x · Wᵀ` with a gradient for x only.
 //!
-//! The op's only input is `x`, so the graph keeps the packed weight and nothing dense: forward
-//! dequantizes W into a temporary, and backward dequantizes it again for `dx = dy · W`. No
-//! gradient flows to W (it is frozen); LoRA adapters beside it carry the trainable parameters.
+//! The op's only input is `x`. For a 4-bit W the graph keeps the packed weight and nothing
+//! dense: forward dequantizes W into a temporary, backward dequantizes it again for `dx = dy · W`.
+//! For a dense W the op spares what candle's matmul backward would do unasked: compute and store
+//! a full-size gradient for the frozen weight. LoRA adapters beside it carry what trains.
 
 use std::sync::Arc;
 
@@ -10,30 +11,63 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
 use super::Nf4Tensor;
 
-/// `x · Wᵀ` for a 4-bit W of shape `[out, in]`; x is `[..., in]`.
-pub fn linear_4bit(x: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(Linear4bit { w: w.clone() })
+/// `x · Wᵀ` for x `[..., in]` and W `[out, in]`, as one 2-D matmul over the flattened leading
+/// dimensions: a transposed 2-D operand needs no copy, a broadcast one does (and autograd would
+/// keep that copy alive until backward).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let inner = dims[dims.len() - 1];
+    let rows = x.elem_count() / inner;
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
+    y.reshape(out)
 }
 
-struct Linear4bit {
-    w: Arc<Nf4Tensor>,
+/// `x · Wᵀ` for a 4-bit W of shape `[out, in]`; x is `[..., in]`.
+pub fn linear_4bit(x: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenMatmul {
+        w: Frozen::Packed(w.clone()),
+    })
+}
+
+/// `x · Wᵀ` for a dense frozen W `[out, in]`, with no gradient computed for W.
+pub fn linear_frozen(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenMatmul {
+        w: Frozen::Dense(w.detach()),
+    })
+}
+
+enum Frozen {
+    Packed(Arc<Nf4Tensor>),
+    Dense(Tensor),
+}
+
+struct FrozenMatmul {
+    w: Frozen,
 }
 
 fn quant_err(e: super::QuantError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-impl Linear4bit {
-    /// `x · Wᵀ` with W dequantized to x's dtype for the duration of the call.
+impl FrozenMatmul {
+    /// W `[out, in]` in `dtype`: a temporary dequantization for a packed weight.
+    fn weight(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+        match &self.w {
+            Frozen::Packed(q) => q.dequantize(dtype).map_err(quant_err),
+            Frozen::Dense(w) => w.to_dtype(dtype),
+        }
+    }
+
     fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.w.dequantize(x.dtype()).map_err(quant_err)?; // [out, in]
-        x.broadcast_matmul(&w.t()?)
+        matmul_t(x, &self.weight(x.dtype())?)
     }
 }
 
-impl CustomOp1 for Linear4bit {
+impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
-        "linear-4bit"
+        "frozen-linear"
     }
 
     fn cpu_fwd(
@@ -47,7 +81,7 @@ impl CustomOp1 for Linear4bit {
         let (storage, layout) = y.storage_and_layout();
         match &*storage {
             Storage::Cpu(s) if layout.start_offset() == 0 => Ok((s.clone(), shape)),
-            _ => candle_core::bail!("linear-4bit: unexpected output storage"),
+            _ => candle_core::bail!("frozen-linear: unexpected output storage"),
         }
     }
 
@@ -57,8 +91,8 @@ impl CustomOp1 for Linear4bit {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let w = self.w.dequantize(grad_res.dtype()).map_err(quant_err)?; // [out, in]
-        Ok(Some(grad_res.broadcast_matmul(&w)?))
+        let w = self.weight(grad_res.dtype())?; // [out, in]
+        Ok(Some(matmul_t(grad_res, &w.t()?)?))
     }
 }
 
@@ -71,7 +105,7 @@ fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tens
     ) -> candle_core::Result<Vec<T>> {
         match layout.contiguous_offsets() {
             Some((start, end)) => Ok(data[start..end].to_vec()),
-            None => candle_core::bail!("linear-4bit: non-contiguous input"),
+            None => candle_core::bail!("frozen-linear: non-contiguous input"),
         }
     }
     let dev = candle_core::Device::Cpu;
@@ -80,7 +114,7 @@ fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tens
         CpuStorage::F32(d) => Tensor::from_vec(gather(d, layout)?, shape, &dev),
         CpuStorage::BF16(d) => Tensor::from_vec(gather(d, layout)?, shape, &dev),
         CpuStorage::F16(d) => Tensor::from_vec(gather(d, layout)?, shape, &dev),
-        _ => candle_core::bail!("linear-4bit: inputs must be f32, bf16 or f16"),
+        _ => candle_core::bail!("frozen-linear: inputs must be f32, bf16 or f16"),
     }
 }
 
