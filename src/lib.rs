@@ -7,3 +7,4 @@ pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod rng;
+pub mod train;

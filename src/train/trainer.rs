@@ -1,0 +1,466 @@
+//! The training loop. Runs on the caller's thread (the service gives it a dedicated one),
+//! reports `TrainEvent`s through a callback and checks a cancel flag between optimizer steps.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Var, D};
+use serde::Serialize;
+
+use super::checkpoint::{self, TrainState};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::spec::Hyperparameters;
+use super::{io_err, Result, TrainError};
+use crate::data::batch::collate;
+use crate::data::encode::IGNORE;
+use crate::data::{Batcher, Example};
+use crate::lora::{peft, LoraConfig};
+use crate::model::llama::CausalLm;
+use crate::rng::Rng;
+
+#[derive(Debug, Clone)]
+pub struct TrainerOptions {
+    pub hyper: Hyperparameters,
+    /// The adapters' config, written with every saved adapter.
+    pub lora: LoraConfig,
+    pub shuffle: bool,
+    pub group_by_length: bool,
+    pub eval_every: Option<usize>,
+    pub checkpoint_every: Option<usize>,
+    pub keep_checkpoints: usize,
+    /// Where checkpoints and the final adapter go; None keeps everything in memory.
+    pub out_dir: Option<PathBuf>,
+    /// Recorded as `base_model_name_or_path` in saved adapters.
+    pub base_model: Option<String>,
+}
+
+/// What happened, for progress displays, logs and the service's event stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TrainEvent {
+    Started {
+        total_steps: usize,
+        start_step: usize,
+        examples: usize,
+    },
+    Step {
+        step: usize,
+        total_steps: usize,
+        loss: f32,
+        learning_rate: f64,
+        grad_norm: f32,
+        tokens: usize,
+        tokens_per_second: f64,
+        eta_seconds: f64,
+        epoch: f64,
+    },
+    Eval {
+        step: usize,
+        eval_loss: f32,
+        eval_accuracy: f32,
+        eval_tokens: usize,
+    },
+    Checkpoint {
+        step: usize,
+        path: PathBuf,
+    },
+    Finished {
+        step: usize,
+        loss: Option<f32>,
+    },
+    Cancelled {
+        step: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainOutcome {
+    Finished { step: usize },
+    Cancelled { step: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EvalResult {
+    pub loss: f32,
+    pub accuracy: f32,
+    pub tokens: usize,
+}
+
+pub struct Trainer<'a> {
+    model: &'a CausalLm,
+    train: &'a [Example],
+    eval: Option<&'a [Example]>,
+    pad_id: u32,
+    opts: TrainerOptions,
+    batcher: Batcher,
+    names: Vec<String>,
+    params: Vec<Var>,
+    optimizer: AdamW,
+    pub state: TrainState,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(
+        model: &'a CausalLm,
+        train: &'a [Example],
+        eval: Option<&'a [Example]>,
+        pad_id: u32,
+        opts: TrainerOptions,
+    ) -> Result<Self> {
+        let h = &opts.hyper;
+        if train.is_empty() {
+            return Err(TrainError::Spec {
+                field: "training_file".into(),
+                message: "has no examples".into(),
+            });
+        }
+        let (names, params): (Vec<String>, Vec<Var>) = model.trainable().into_iter().unzip();
+        if params.is_empty() {
+            return Err(TrainError::Spec {
+                field: "lora.target_modules".into(),
+                message: "no adapter to train".into(),
+            });
+        }
+        let sizes: Vec<usize> = params.iter().map(|p| p.elem_count()).collect();
+        let adam = AdamWConfig {
+            weight_decay: h.weight_decay,
+            ..AdamWConfig::default()
+        };
+        let batcher = Batcher {
+            batch_size: h.batch_size,
+            shuffle: opts.shuffle,
+            group_by_length: opts.group_by_length,
+            seed: h.seed,
+        };
+        let per_epoch = batcher.batches_per_epoch(train.len());
+        let total_steps = match h.max_steps {
+            Some(n) => n,
+            None => (per_epoch * h.n_epochs).div_ceil(h.gradient_accumulation_steps),
+        };
+        let state = TrainState {
+            step: 0,
+            total_steps,
+            epoch: 0,
+            batch_in_epoch: 0,
+            rng_state: Rng::new(h.seed).fork(0xd20f).state,
+            tokens_seen: 0,
+            examples: train.len(),
+            batch_size: h.batch_size,
+            gradient_accumulation_steps: h.gradient_accumulation_steps,
+            seed: h.seed,
+            last_loss: None,
+        };
+        Ok(Trainer {
+            model,
+            train,
+            eval,
+            pad_id,
+            batcher,
+            names,
+            optimizer: AdamW::new(adam, &sizes),
+            params,
+            opts,
+            state,
+        })
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.state.total_steps
+    }
+
+    fn warmup_steps(&self) -> usize {
+        let h = &self.opts.hyper;
+        h.warmup_steps
+            .unwrap_or_else(|| (self.state.total_steps as f64 * h.warmup_ratio).ceil() as usize)
+    }
+
+    /// Learning rate of optimizer step `step` (0-based).
+    pub fn learning_rate(&self, step: usize) -> f64 {
+        let h = &self.opts.hyper;
+        h.learning_rate
+            * h.lr_scheduler
+                .factor(step, self.warmup_steps(), self.state.total_steps)
+    }
+
+    /// Continue from a checkpoint directory: adapter weights, moments, step, data position, RNG.
+    pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
+        let state = checkpoint::read_state(dir, &self.names, &mut self.optimizer)?;
+        let mismatch = |what: &str, was: String, now: String| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: format!("cannot resume: {what} was {was}, is now {now}"),
+        };
+        if state.examples != self.train.len() {
+            return Err(mismatch(
+                "the number of training examples",
+                state.examples.to_string(),
+                self.train.len().to_string(),
+            ));
+        }
+        let h = &self.opts.hyper;
+        if state.batch_size != h.batch_size
+            || state.gradient_accumulation_steps != h.gradient_accumulation_steps
+        {
+            return Err(mismatch(
+                "batch_size x gradient_accumulation_steps",
+                format!(
+                    "{} x {}",
+                    state.batch_size, state.gradient_accumulation_steps
+                ),
+                format!("{} x {}", h.batch_size, h.gradient_accumulation_steps),
+            ));
+        }
+        if state.seed != h.seed {
+            return Err(mismatch("seed", state.seed.to_string(), h.seed.to_string()));
+        }
+        let adapter = peft::load(dir, self.model.device())?;
+        for (name, var) in self.names.iter().zip(&self.params) {
+            let stem = name.strip_prefix("base_model.model.").unwrap_or(name);
+            let (module, which) = match stem.strip_suffix(".lora_A.weight") {
+                Some(m) => (m, 0),
+                None => (stem.strip_suffix(".lora_B.weight").unwrap_or(stem), 1),
+            };
+            let (a, b) = adapter
+                .weights
+                .get(module)
+                .ok_or_else(|| TrainError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    message: format!("the checkpoint has no adapter for {module}"),
+                })?;
+            let t = if which == 0 { a } else { b };
+            if t.dims() != var.dims() {
+                return Err(TrainError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    message: format!("{name}: shape differs"),
+                });
+            }
+            var.set(t)?;
+        }
+        self.state = TrainState {
+            total_steps: self.state.total_steps,
+            ..state
+        };
+        Ok(())
+    }
+
+    /// Write `checkpoint-<step>` under the output directory, atomically, then prune old ones.
+    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>> {
+        let Some(out) = &self.opts.out_dir else {
+            return Ok(None);
+        };
+        let dir = checkpoint::checkpoint_dir(out, self.state.step);
+        let partial = out.join(format!(".checkpoint-{}.partial", self.state.step));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+        self.model
+            .save_adapter(&partial, &self.opts.lora, self.opts.base_model.as_deref())?;
+        checkpoint::write_state(&partial, &self.state, &self.names, &self.optimizer)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        std::fs::rename(&partial, &dir).map_err(io_err(&dir))?;
+        checkpoint::prune(out, self.opts.keep_checkpoints)?;
+        Ok(Some(dir))
+    }
+
+    /// Train until the last step or until `cancel` is set (then checkpoint and stop).
+    pub fn run(
+        &mut self,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(&TrainEvent),
+    ) -> Result<TrainOutcome> {
+        let total = self.state.total_steps;
+        let per_epoch = self.batcher.batches_per_epoch(self.train.len());
+        let accum = self.opts.hyper.gradient_accumulation_steps;
+        on_event(&TrainEvent::Started {
+            total_steps: total,
+            start_step: self.state.step,
+            examples: self.train.len(),
+        });
+        let started = Instant::now();
+        let start_step = self.state.step;
+        let mut run_tokens = 0usize;
+        let mut epoch_batches: Option<(usize, Vec<Vec<usize>>)> = None;
+        let dropout = self.opts.lora.dropout > 0.0;
+        while self.state.step < total {
+            if cancel.load(Ordering::Relaxed) {
+                if let Some(path) = self.save_checkpoint()? {
+                    on_event(&TrainEvent::Checkpoint {
+                        step: self.state.step,
+                        path,
+                    });
+                }
+                on_event(&TrainEvent::Cancelled {
+                    step: self.state.step,
+                });
+                return Ok(TrainOutcome::Cancelled {
+                    step: self.state.step,
+                });
+            }
+            let mut grads: Vec<Vec<f32>> = self
+                .params
+                .iter()
+                .map(|p| vec![0f32; p.elem_count()])
+                .collect();
+            let mut loss_sum = 0f32;
+            let mut step_tokens = 0;
+            for _ in 0..accum {
+                if self.state.batch_in_epoch == per_epoch {
+                    self.state.epoch += 1;
+                    self.state.batch_in_epoch = 0;
+                }
+                if epoch_batches.as_ref().map(|(e, _)| *e) != Some(self.state.epoch) {
+                    epoch_batches = Some((
+                        self.state.epoch,
+                        self.batcher.epoch_batches(self.train, self.state.epoch),
+                    ));
+                }
+                let idx = &epoch_batches.as_ref().expect("set above").1[self.state.batch_in_epoch];
+                let examples: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
+                let batch = collate(&examples, self.pad_id, self.model.device())?;
+                let mut rng = Rng {
+                    state: self.state.rng_state,
+                };
+                let logits = self.model.forward(
+                    &batch.input_ids,
+                    Some(&batch.attention_mask),
+                    if dropout { Some(&mut rng) } else { None },
+                )?;
+                self.state.rng_state = rng.state;
+                let loss = self.model.loss(&logits, &batch.labels)?;
+                drop(logits);
+                let scaled = (&loss / accum as f64)?;
+                let g = self.model.backward(&scaled)?;
+                for (acc, p) in grads.iter_mut().zip(&self.params) {
+                    if let Some(gp) = g.get(p.as_tensor()) {
+                        let v = gp.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        for (a, x) in acc.iter_mut().zip(v) {
+                            *a += x;
+                        }
+                    }
+                }
+                loss_sum += loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                step_tokens += batch.tokens;
+                self.state.batch_in_epoch += 1;
+            }
+            let loss = loss_sum / accum as f32;
+            if !loss.is_finite() {
+                return Err(TrainError::Diverged(loss));
+            }
+            let grad_norm = clip_grad_norm(&mut grads, self.opts.hyper.max_grad_norm);
+            let lr = self.learning_rate(self.state.step);
+            self.optimizer.step(&self.params, &grads, lr)?;
+            self.state.step += 1;
+            self.state.tokens_seen += step_tokens;
+            self.state.last_loss = Some(loss);
+            run_tokens += step_tokens;
+            let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+            let done = self.state.step - start_step;
+            on_event(&TrainEvent::Step {
+                step: self.state.step,
+                total_steps: total,
+                loss,
+                learning_rate: lr,
+                grad_norm,
+                tokens: step_tokens,
+                tokens_per_second: run_tokens as f64 / elapsed,
+                eta_seconds: elapsed / done as f64 * (total - self.state.step) as f64,
+                epoch: self.state.epoch as f64
+                    + self.state.batch_in_epoch as f64 / per_epoch as f64,
+            });
+            let last = self.state.step == total;
+            if let Some(eval) = self.eval {
+                if last
+                    || self
+                        .opts
+                        .eval_every
+                        .is_some_and(|n| self.state.step.is_multiple_of(n))
+                {
+                    let r = evaluate(self.model, eval, self.opts.hyper.batch_size, self.pad_id)?;
+                    on_event(&TrainEvent::Eval {
+                        step: self.state.step,
+                        eval_loss: r.loss,
+                        eval_accuracy: r.accuracy,
+                        eval_tokens: r.tokens,
+                    });
+                }
+            }
+            if last
+                || self
+                    .opts
+                    .checkpoint_every
+                    .is_some_and(|n| self.state.step.is_multiple_of(n))
+            {
+                if let Some(path) = self.save_checkpoint()? {
+                    on_event(&TrainEvent::Checkpoint {
+                        step: self.state.step,
+                        path,
+                    });
+                }
+            }
+        }
+        if let Some(out) = &self.opts.out_dir {
+            self.model.save_adapter(
+                &out.join("adapter"),
+                &self.opts.lora,
+                self.opts.base_model.as_deref(),
+            )?;
+        }
+        on_event(&TrainEvent::Finished {
+            step: self.state.step,
+            loss: self.state.last_loss,
+        });
+        Ok(TrainOutcome::Finished {
+            step: self.state.step,
+        })
+    }
+}
+
+/// Token-weighted mean loss and next-token accuracy over `examples`, masked as in training.
+pub fn evaluate(
+    model: &CausalLm,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<EvalResult> {
+    let mut loss_sum = 0f64;
+    let mut tokens = 0usize;
+    let mut correct = 0usize;
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = collate(&refs, pad_id, model.device())?;
+        if batch.target_tokens == 0 {
+            continue;
+        }
+        let logits = model
+            .forward(&batch.input_ids, Some(&batch.attention_mask), None)?
+            .detach();
+        let loss = model
+            .loss(&logits, &batch.labels)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        loss_sum += loss as f64 * batch.target_tokens as f64;
+        tokens += batch.target_tokens;
+        let pred: Vec<Vec<u32>> = logits.argmax(D::Minus1)?.to_vec2()?;
+        let labels: Vec<Vec<i64>> = batch.labels.to_vec2()?;
+        for (p, l) in pred.iter().zip(&labels) {
+            for i in 1..l.len() {
+                if l[i] != IGNORE && p[i - 1] as i64 == l[i] {
+                    correct += 1;
+                }
+            }
+        }
+    }
+    if tokens == 0 {
+        return Ok(EvalResult {
+            loss: f32::NAN,
+            accuracy: 0.0,
+            tokens: 0,
+        });
+    }
+    Ok(EvalResult {
+        loss: (loss_sum / tokens as f64) as f32,
+        accuracy: correct as f32 / tokens as f32,
+        tokens,
+    })
+}

@@ -1,0 +1,399 @@
+//! Training: loss parity with PEFT + torch over 20 steps, exact resume, and a model that learns.
+//! Fixture: `scripts/gen_train_fixture.py` (torch 2.15.0, transformers 5.24.0, peft 0.21.2).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{Device, Tensor};
+use qlorad::data::{encode_dataset, EncodeOptions, Example, TextTokenizer};
+use qlorad::lora::{LoraConfig, TargetModules};
+use qlorad::model::llama::{CausalLm, LoadOptions};
+use qlorad::model::{SafetensorsWriter, WeightFiles};
+use qlorad::rng::Rng;
+use qlorad::train::{Hyperparameters, Schedule, TrainEvent, Trainer, TrainerOptions};
+use serde_json::Value;
+
+fn lm(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/lm")
+        .join(name)
+}
+
+fn parity_examples() -> Vec<Example> {
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(lm("train-parity/examples.json")).unwrap()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| Example {
+            input_ids: e["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect(),
+            labels: e["labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect(),
+        })
+        .collect()
+}
+
+fn parity_hyper() -> Hyperparameters {
+    Hyperparameters {
+        max_steps: Some(20),
+        batch_size: 2,
+        gradient_accumulation_steps: 2,
+        learning_rate: 1e-3,
+        lr_scheduler: Schedule::Linear,
+        warmup_steps: Some(2),
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        ..Hyperparameters::default()
+    }
+}
+
+fn options(hyper: Hyperparameters, lora: LoraConfig, out: Option<PathBuf>) -> TrainerOptions {
+    TrainerOptions {
+        hyper,
+        lora,
+        shuffle: false,
+        group_by_length: false,
+        eval_every: None,
+        checkpoint_every: None,
+        keep_checkpoints: 3,
+        out_dir: out,
+        base_model: None,
+    }
+}
+
+fn step_losses(events: &[TrainEvent]) -> Vec<(usize, f32, f64, f32)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Step {
+                step,
+                loss,
+                learning_rate,
+                grad_norm,
+                ..
+            } => Some((*step, *loss, *learning_rate, *grad_norm)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn twenty_steps_match_peft_and_torch() {
+    let mut model = CausalLm::load(
+        &lm("llama-gqa"),
+        &LoadOptions {
+            quant: None,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let lora = model
+        .load_adapter(&lm("train-parity/initial-adapter"))
+        .unwrap();
+    let examples = parity_examples();
+    let mut trainer = Trainer::new(
+        &model,
+        &examples,
+        None,
+        0,
+        options(parity_hyper(), lora, None),
+    )
+    .unwrap();
+    let mut events = Vec::new();
+    trainer
+        .run(&AtomicBool::new(false), &mut |e| events.push(e.clone()))
+        .unwrap();
+    let ours = step_losses(&events);
+    let want: Value =
+        serde_json::from_slice(&std::fs::read(lm("train-parity/steps.json")).unwrap()).unwrap();
+    let want = want["steps"].as_array().unwrap();
+    assert_eq!(ours.len(), 20);
+    for ((step, loss, lr, norm), w) in ours.iter().zip(want) {
+        let wl = w["loss"].as_f64().unwrap() as f32;
+        assert!(
+            (loss - wl).abs() <= 1e-4 * wl,
+            "step {step}: loss {loss} vs {wl}"
+        );
+        let wlr = w["learning_rate"].as_f64().unwrap();
+        assert!(
+            (lr - wlr).abs() <= 1e-12 + 1e-9 * wlr,
+            "step {step}: lr {lr} vs {wlr}"
+        );
+        let wn = w["grad_norm"].as_f64().unwrap() as f32;
+        assert!(
+            (norm - wn).abs() <= 1e-3 * wn,
+            "step {step}: grad norm {norm} vs {wn}"
+        );
+    }
+    let fin = WeightFiles::open_file(&lm("train-parity/final-adapter/adapter_model.safetensors"))
+        .unwrap();
+    for (name, var) in model.trainable() {
+        let v = fin.tensor(&name).unwrap();
+        let want = Tensor::from_vec(
+            bytemuck::pod_collect_to_vec::<u8, f32>(v.data()),
+            v.shape(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let r = rel(var.as_tensor(), &want);
+        assert!(r <= 1e-3, "{name}: final adapter relative error {r}");
+    }
+}
+
+#[test]
+fn resuming_from_step_10_reproduces_steps_11_to_20_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let examples = parity_examples();
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        target_modules: TargetModules::all_linear(),
+        use_rslora: false,
+    };
+    let hyper = Hyperparameters {
+        lr_scheduler: Schedule::Cosine,
+        ..parity_hyper()
+    };
+    let load = || {
+        let mut m = CausalLm::load(&lm("llama-gqa"), &LoadOptions::default()).unwrap();
+        m.add_lora(&lora, 9).unwrap();
+        m
+    };
+    let opts = |out: &Path| TrainerOptions {
+        shuffle: true,
+        checkpoint_every: Some(10),
+        ..options(hyper.clone(), lora.clone(), Some(out.to_path_buf()))
+    };
+
+    let full_dir = tmp.path().join("full");
+    let model = load();
+    let mut t = Trainer::new(&model, &examples, None, 0, opts(&full_dir)).unwrap();
+    let mut events = Vec::new();
+    t.run(&AtomicBool::new(false), &mut |e| events.push(e.clone()))
+        .unwrap();
+    let full = step_losses(&events);
+    assert!(full_dir.join("checkpoint-10/trainer_state.json").exists());
+    assert!(full_dir.join("adapter/adapter_model.safetensors").exists());
+
+    let model = load(); // fresh adapters: everything must come from the checkpoint
+    let mut t = Trainer::new(
+        &model,
+        &examples,
+        None,
+        0,
+        opts(&tmp.path().join("resumed")),
+    )
+    .unwrap();
+    t.resume_from(&full_dir.join("checkpoint-10")).unwrap();
+    let mut events = Vec::new();
+    t.run(&AtomicBool::new(false), &mut |e| events.push(e.clone()))
+        .unwrap();
+    let resumed = step_losses(&events);
+    assert_eq!(resumed.len(), 10);
+    for (a, b) in resumed.iter().zip(&full[10..]) {
+        assert_eq!(a.0, b.0);
+        assert_eq!(
+            a.1.to_bits(),
+            b.1.to_bits(),
+            "step {}: {} vs {}",
+            a.0,
+            a.1,
+            b.1
+        );
+        assert_eq!(a.3.to_bits(), b.3.to_bits(), "step {}: grad norm", a.0);
+    }
+}
+
+#[test]
+fn cancel_checkpoints_and_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let examples = parity_examples();
+    let mut model = CausalLm::load(&lm("llama-gqa"), &LoadOptions::default()).unwrap();
+    let lora = LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: TargetModules::all_linear(),
+        use_rslora: false,
+    };
+    model.add_lora(&lora, 1).unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut t = Trainer::new(
+        &model,
+        &examples,
+        None,
+        0,
+        options(parity_hyper(), lora, Some(tmp.path().into())),
+    )
+    .unwrap();
+    let outcome = t
+        .run(&cancel, &mut |e| {
+            if matches!(e, TrainEvent::Step { step: 3, .. }) {
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .unwrap();
+    assert_eq!(outcome, qlorad::train::TrainOutcome::Cancelled { step: 3 });
+    assert!(tmp
+        .path()
+        .join("checkpoint-3/adapter_model.safetensors")
+        .exists());
+}
+
+/// A random-weight Llama whose vocabulary fits the fixture tokenizer.
+fn tiny_model(dir: &Path, vocab: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (h, inter, layers) = (64usize, 128usize, 2usize);
+    let cfg = serde_json::json!({"model_type": "llama", "vocab_size": vocab, "hidden_size": h,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "tie_word_embeddings": true});
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut w =
+        SafetensorsWriter::create(&dir.join("model.safetensors"), &[("format", "pt")]).unwrap();
+    let mut rng = Rng::new(4);
+    let mut add = |name: String, shape: &[usize], scale: f32, ones: bool| {
+        let n: usize = shape.iter().product();
+        let v: Vec<u8> = (0..n)
+            .flat_map(|_| {
+                (if ones {
+                    1.0
+                } else {
+                    rng.uniform(-scale, scale)
+                })
+                .to_le_bytes()
+            })
+            .collect();
+        w.add(&name, safetensors::Dtype::F32, shape, &v).unwrap();
+    };
+    add("model.embed_tokens.weight".into(), &[vocab, h], 0.5, false);
+    add("model.norm.weight".into(), &[h], 0.0, true);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), &[h], 0.0, true);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[h],
+            0.0,
+            true,
+        );
+        for (n, o, inp) in [
+            ("self_attn.q_proj", h, h),
+            ("self_attn.k_proj", 32, h),
+            ("self_attn.v_proj", 32, h),
+            ("self_attn.o_proj", h, h),
+            ("mlp.gate_proj", inter, h),
+            ("mlp.up_proj", inter, h),
+            ("mlp.down_proj", h, inter),
+        ] {
+            add(format!("{p}.{n}.weight"), &[o, inp], 0.15, false);
+        }
+    }
+    w.finish().unwrap();
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tok-chatml");
+    for f in std::fs::read_dir(&tok).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_tiny_model_learns_a_fixed_mapping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    tiny_model(&dir, 512);
+    let data = tmp.path().join("facts.jsonl");
+    let facts = [
+        ("Capital of France?", " Paris."),
+        ("Boil time of the Zephyr 9?", " Ninety seconds."),
+        ("Say hello.", " Hello!"),
+    ];
+    let lines: Vec<String> = facts
+        .iter()
+        .map(|(q, a)| serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a.trim()}]}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let tok = TextTokenizer::load(&dir).unwrap();
+    let (examples, _) = encode_dataset(&data, &tok, &EncodeOptions::default()).unwrap();
+    let mut model = CausalLm::load(&dir, &LoadOptions::default()).unwrap();
+    let lora = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        target_modules: TargetModules::all_linear(),
+        use_rslora: false,
+    };
+    model.add_lora(&lora, 2).unwrap();
+    let hyper = Hyperparameters {
+        max_steps: Some(60),
+        batch_size: 3,
+        learning_rate: 1e-2,
+        lr_scheduler: Schedule::Constant,
+        warmup_ratio: 0.0,
+        max_grad_norm: 1.0,
+        ..Hyperparameters::default()
+    };
+    let mut t = Trainer::new(
+        &model,
+        &examples,
+        None,
+        tok.pad_id,
+        options(hyper, lora, None),
+    )
+    .unwrap();
+    let mut events = Vec::new();
+    t.run(&AtomicBool::new(false), &mut |e| events.push(e.clone()))
+        .unwrap();
+    let losses = step_losses(&events);
+    let (first, last) = (losses[0].1, losses.last().unwrap().1);
+    assert!(last < 0.1 * first, "loss {first} -> {last}");
+    let template = tok.template.as_ref().unwrap();
+    let eos = tok.eos.as_ref().unwrap().1;
+    for (q, a) in facts {
+        let prompt = template
+            .render(
+                &[qlorad::data::Message {
+                    role: "user".into(),
+                    content: q.into(),
+                }],
+                true,
+            )
+            .unwrap();
+        let (ids, _) = tok.encode(&prompt).unwrap();
+        let out = model
+            .generate(&ids, 12, 0.0, &[eos], &mut Rng::new(0))
+            .unwrap();
+        assert_eq!(tok.decode(&out).unwrap(), a.trim(), "completion of {q:?}");
+    }
+}
