@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use candle_core::{DType, Device, Tensor};
 use qlorad::lora::LoraConfig;
 use qlorad::model::llama::{CausalLm, LoadOptions};
-use qlorad::model::SafetensorsWriter;
+use qlorad::model::random::RandomLlama;
 use qlorad::quant::QuantConfig;
-use qlorad::rng::Rng;
 
 struct Counting;
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
@@ -38,63 +37,21 @@ static ALLOC: Counting = Counting;
 
 const HIDDEN: usize = 1024;
 const INTER: usize = 2816;
-const HEADS: usize = 16;
-const KV: usize = 4;
 const VOCAB: usize = 8192;
 
 fn write_model(dir: &std::path::Path, layers: usize) -> anyhow::Result<()> {
-    let config = serde_json::json!({
-        "model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": INTER,
-        "num_hidden_layers": layers, "num_attention_heads": HEADS, "num_key_value_heads": KV,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false
-    });
-    std::fs::write(dir.join("config.json"), config.to_string())?;
-    let mut w = SafetensorsWriter::create(&dir.join("model.safetensors"), &[("format", "pt")])?;
-    let mut rng = Rng::new(1);
-    let mut add = |name: String, shape: &[usize], scale: f32| -> anyhow::Result<()> {
-        let n: usize = shape.iter().product();
-        let bytes: Vec<u8> = (0..n)
-            .flat_map(|_| half::bf16::from_f32(rng.uniform(-scale, scale)).to_le_bytes())
-            .collect();
-        Ok(w.add(&name, safetensors::Dtype::BF16, shape, &bytes)?)
-    };
-    let hd = HIDDEN / HEADS;
-    add("model.embed_tokens.weight".into(), &[VOCAB, HIDDEN], 0.05)?;
-    add("lm_head.weight".into(), &[VOCAB, HIDDEN], 0.05)?;
-    add("model.norm.weight".into(), &[HIDDEN], 1.0)?;
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        add(format!("{p}.input_layernorm.weight"), &[HIDDEN], 1.0)?;
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[HIDDEN],
-            1.0,
-        )?;
-        add(
-            format!("{p}.self_attn.q_proj.weight"),
-            &[HEADS * hd, HIDDEN],
-            0.03,
-        )?;
-        add(
-            format!("{p}.self_attn.k_proj.weight"),
-            &[KV * hd, HIDDEN],
-            0.03,
-        )?;
-        add(
-            format!("{p}.self_attn.v_proj.weight"),
-            &[KV * hd, HIDDEN],
-            0.03,
-        )?;
-        add(
-            format!("{p}.self_attn.o_proj.weight"),
-            &[HIDDEN, HEADS * hd],
-            0.03,
-        )?;
-        add(format!("{p}.mlp.gate_proj.weight"), &[INTER, HIDDEN], 0.03)?;
-        add(format!("{p}.mlp.up_proj.weight"), &[INTER, HIDDEN], 0.03)?;
-        add(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, INTER], 0.02)?;
+    RandomLlama {
+        vocab_size: VOCAB,
+        hidden_size: HIDDEN,
+        intermediate_size: INTER,
+        num_hidden_layers: layers,
+        num_attention_heads: 16,
+        num_key_value_heads: 4,
+        tie_word_embeddings: false,
+        dtype: safetensors::Dtype::BF16,
+        seed: 1,
     }
-    w.finish()?;
+    .write(dir)?;
     Ok(())
 }
 

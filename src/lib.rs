@@ -2,6 +2,7 @@
 //!
 //! The engine layers (`quant`, `model`) never depend on the service; see DESIGN.md for the map.
 
+pub mod commands;
 pub mod data;
 pub mod lora;
 pub mod model;

@@ -3,8 +3,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use qlorad::commands::{self, BenchArgs, GenerateArgs, TrainArgs};
 use qlorad::model::{quantize_model_dir, QuantizeOptions};
 use qlorad::quant::{QuantConfig, QuantType};
+use qlorad::train::{JobSpec, TrainOutcome};
 
 /// qlorad: QLoRA fine-tuning with bitsandbytes-exact 4-bit bases.
 #[derive(Parser)]
@@ -33,6 +35,111 @@ enum Command {
         /// Quantize the absmax values to 8 bits as well.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         double_quant: bool,
+    },
+    /// Train a LoRA adapter on a dataset.
+    Train {
+        /// The base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Training data: JSONL or a JSON array (alpaca, chat, sharegpt, completion or text).
+        #[arg(long)]
+        data: PathBuf,
+        /// Validation data, evaluated every `eval_every` steps and at the end.
+        #[arg(long)]
+        validation: Option<PathBuf>,
+        /// Output directory: checkpoint-<step>/, adapter/, metrics.jsonl, spec.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue from the newest checkpoint in --out.
+        #[arg(long)]
+        resume: bool,
+        /// Start from an existing PEFT adapter instead of a fresh one.
+        #[arg(long)]
+        init_adapter: Option<PathBuf>,
+        #[command(flatten)]
+        spec: SpecArg,
+    },
+    /// Mean loss, tokens and token accuracy of a model (and adapter) on a dataset, as JSON.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        #[command(flatten)]
+        spec: SpecArg,
+    },
+    /// Complete a prompt with a model and optional adapter.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        spec: SpecArg,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct SpecArg {
+    /// A job spec (JSON, the same object as `POST /jobs`); defaults fill what it leaves out.
+    #[arg(long)]
+    spec: Option<PathBuf>,
+    /// Device: cpu or cuda:N (overrides the spec's).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl SpecArg {
+    fn load(&self) -> anyhow::Result<JobSpec> {
+        let mut spec = match &self.spec {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                JobSpec::from_json(&text).with_context(|| format!("in {}", p.display()))?
+            }
+            None => JobSpec::default(),
+        };
+        if let Some(d) = &self.device {
+            spec.device = d.clone();
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Training throughput on random tokens: tokens/s, step time, approximate TFLOP/s.
+    Train {
+        /// A model directory; a random 4-layer Llama (hidden 512) when absent.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[command(flatten)]
+        spec: SpecArg,
     },
 }
 
@@ -81,6 +188,77 @@ fn main() -> anyhow::Result<()> {
                 report.bytes_in as f64 / 1e6,
                 report.bytes_out as f64 / 1e6,
                 out.display()
+            );
+        }
+        Command::Train {
+            model,
+            data,
+            validation,
+            out,
+            resume,
+            init_adapter,
+            spec,
+        } => {
+            let spec = spec.load()?;
+            let args = TrainArgs {
+                model,
+                data,
+                validation,
+                out,
+                resume,
+                init_adapter,
+            };
+            if let TrainOutcome::Cancelled { .. } = commands::train(&args, &spec)? {
+                std::process::exit(130);
+            }
+        }
+        Command::Eval {
+            model,
+            adapter,
+            data,
+            spec,
+        } => {
+            let r = commands::eval(&model, adapter.as_deref(), &data, &spec.load()?)?;
+            println!("{r}");
+        }
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            chat,
+            max_tokens,
+            temperature,
+            seed,
+            spec,
+        } => {
+            let args = GenerateArgs {
+                model,
+                adapter,
+                prompt,
+                chat,
+                max_tokens,
+                temperature,
+                seed,
+            };
+            println!("{}", commands::generate(&args, &spec.load()?)?);
+        }
+        Command::Bench(BenchCommand::Train {
+            model,
+            seq_len,
+            batch_size,
+            steps,
+            spec,
+        }) => {
+            let args = BenchArgs {
+                model,
+                seq_len,
+                batch_size,
+                steps: steps.max(1),
+                spec: spec.load()?,
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&commands::bench_train(&args)?)?
             );
         }
     }

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod llama;
 pub mod quantize;
+pub mod random;
 pub mod weights;
 pub mod writer;
 

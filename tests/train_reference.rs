@@ -8,7 +8,8 @@ use candle_core::{Device, Tensor};
 use qlorad::data::{encode_dataset, EncodeOptions, Example, TextTokenizer};
 use qlorad::lora::{LoraConfig, TargetModules};
 use qlorad::model::llama::{CausalLm, LoadOptions};
-use qlorad::model::{SafetensorsWriter, WeightFiles};
+use qlorad::model::random::RandomLlama;
+use qlorad::model::WeightFiles;
 use qlorad::rng::Rng;
 use qlorad::train::{Hyperparameters, Schedule, TrainEvent, Trainer, TrainerOptions};
 use serde_json::Value;
@@ -274,53 +275,19 @@ fn cancel_checkpoints_and_stops() {
 
 /// A random-weight Llama whose vocabulary fits the fixture tokenizer.
 fn tiny_model(dir: &Path, vocab: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    let (h, inter, layers) = (64usize, 128usize, 2usize);
-    let cfg = serde_json::json!({"model_type": "llama", "vocab_size": vocab, "hidden_size": h,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "tie_word_embeddings": true});
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let mut w =
-        SafetensorsWriter::create(&dir.join("model.safetensors"), &[("format", "pt")]).unwrap();
-    let mut rng = Rng::new(4);
-    let mut add = |name: String, shape: &[usize], scale: f32, ones: bool| {
-        let n: usize = shape.iter().product();
-        let v: Vec<u8> = (0..n)
-            .flat_map(|_| {
-                (if ones {
-                    1.0
-                } else {
-                    rng.uniform(-scale, scale)
-                })
-                .to_le_bytes()
-            })
-            .collect();
-        w.add(&name, safetensors::Dtype::F32, shape, &v).unwrap();
-    };
-    add("model.embed_tokens.weight".into(), &[vocab, h], 0.5, false);
-    add("model.norm.weight".into(), &[h], 0.0, true);
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        add(format!("{p}.input_layernorm.weight"), &[h], 0.0, true);
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[h],
-            0.0,
-            true,
-        );
-        for (n, o, inp) in [
-            ("self_attn.q_proj", h, h),
-            ("self_attn.k_proj", 32, h),
-            ("self_attn.v_proj", 32, h),
-            ("self_attn.o_proj", h, h),
-            ("mlp.gate_proj", inter, h),
-            ("mlp.up_proj", inter, h),
-            ("mlp.down_proj", h, inter),
-        ] {
-            add(format!("{p}.{n}.weight"), &[o, inp], 0.15, false);
-        }
+    RandomLlama {
+        vocab_size: vocab,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        tie_word_embeddings: true,
+        dtype: safetensors::Dtype::F32,
+        seed: 4,
     }
-    w.finish().unwrap();
+    .write(dir)
+    .unwrap();
     let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tok-chatml");
     for f in std::fs::read_dir(&tok).unwrap() {
         let f = f.unwrap();

@@ -29,6 +29,8 @@ pub struct Hyperparameters {
     pub max_grad_norm: f64,
     pub max_seq_len: usize,
     pub seed: u64,
+    /// Recompute each decoder layer in backward: less memory, about a third more compute.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for Hyperparameters {
@@ -48,6 +50,7 @@ impl Default for Hyperparameters {
             max_grad_norm: 0.3,
             max_seq_len: 2048,
             seed: 42,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -282,7 +285,10 @@ impl JobSpec {
         if self.keep_checkpoints == 0 {
             return Err(spec_err("keep_checkpoints", "must be at least 1"));
         }
-        let cuda_ordinal = self.device.strip_prefix("cuda:").map(|n| n.parse::<usize>().is_ok());
+        let cuda_ordinal = self
+            .device
+            .strip_prefix("cuda:")
+            .map(|n| n.parse::<usize>().is_ok());
         if self.device != "cpu" && cuda_ordinal != Some(true) {
             return Err(spec_err(
                 "device",
