@@ -4,6 +4,7 @@
 
 pub mod commands;
 pub mod data;
+pub mod export;
 pub mod lora;
 pub mod model;
 pub mod quant;

@@ -12,7 +12,7 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 use super::config::ModelConfig;
-use super::weights::WeightFiles;
+use super::weights::{view_to_tensor, WeightFiles};
 use super::{ModelError, Result};
 use crate::lora::{peft, FrozenLinear, FrozenWeight, LoraAdapter, LoraConfig, LoraLinear};
 use crate::quant::bnb::{from_bnb_tensors, parse_quantization_config};
@@ -117,24 +117,6 @@ fn load_dense(
         ));
     }
     Ok(view_to_tensor(name, &v, dev)?.to_dtype(dtype)?)
-}
-
-fn view_to_tensor(name: &str, v: &TensorView<'_>, dev: &Device) -> Result<Tensor> {
-    let shape = v.shape().to_vec();
-    let d = v.data();
-    let t = match v.dtype() {
-        Dtype::F32 => Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f32>(d), shape, dev)?,
-        Dtype::BF16 => Tensor::from_vec(
-            bytemuck::pod_collect_to_vec::<u8, half::bf16>(d),
-            shape,
-            dev,
-        )?,
-        Dtype::F16 => {
-            Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, half::f16>(d), shape, dev)?
-        }
-        other => return Err(bad(name, format!("dtype {other:?} is not a float type"))),
-    };
-    Ok(t)
 }
 
 fn quantize_view(

@@ -10,6 +10,35 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::{io_err, read_json, ModelError, Result};
 
+/// A dense tensor on `dev` from a safetensors view of f32, f16 or bf16 data.
+pub fn view_to_tensor(
+    name: &str,
+    v: &TensorView<'_>,
+    dev: &candle_core::Device,
+) -> Result<candle_core::Tensor> {
+    use candle_core::Tensor;
+    let shape = v.shape().to_vec();
+    let d = v.data();
+    let t = match v.dtype() {
+        Dtype::F32 => Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f32>(d), shape, dev)?,
+        Dtype::BF16 => Tensor::from_vec(
+            bytemuck::pod_collect_to_vec::<u8, half::bf16>(d),
+            shape,
+            dev,
+        )?,
+        Dtype::F16 => {
+            Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, half::f16>(d), shape, dev)?
+        }
+        other => {
+            return Err(ModelError::BadTensor {
+                tensor: name.to_string(),
+                message: format!("dtype {other:?} is not a float type"),
+            })
+        }
+    };
+    Ok(t)
+}
+
 /// Name of the single-file checkpoint and of the shard index transformers writes.
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";

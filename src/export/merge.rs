@@ -1,0 +1,694 @@
+//! Merging adapters into base weights, tensor by tensor, and the writers that consume them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use safetensors::Dtype;
+
+use super::gguf::{GgufWriter, TensorDecl, Value};
+use super::{ExportError, Result};
+use crate::lora::{peft, LoraConfig};
+use crate::model::config::{Arch, ModelConfig};
+use crate::model::weights::{view_to_tensor, WeightFiles};
+use crate::model::SafetensorsWriter;
+use crate::quant::bnb::{from_bnb_tensors, is_aux_key, parse_quantization_config};
+use crate::quant::{FloatSlice, Nf4Tensor, QuantConfig};
+
+/// What the adapter is merged into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeBase {
+    /// The model's own 16-bit (or 32-bit) weights.
+    Original,
+    /// The weights the adapter was trained against: quantized with this config, dequantized.
+    Quantized(QuantConfig),
+}
+
+/// A base model and an optional adapter, producing merged tensors in Hugging Face names.
+pub struct MergeSource {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    weights: WeightFiles,
+    prequantized: bool,
+    /// module path -> (A `[r, in]`, B `[out, r]`) in f32.
+    adapter: BTreeMap<String, (Tensor, Tensor)>,
+    pub lora: Option<LoraConfig>,
+    base: MergeBase,
+}
+
+fn st_dtype(t: Dtype) -> Result<DType> {
+    match t {
+        Dtype::F32 => Ok(DType::F32),
+        Dtype::F16 => Ok(DType::F16),
+        Dtype::BF16 => Ok(DType::BF16),
+        other => Err(ExportError::Invalid(format!(
+            "unsupported tensor dtype {other:?}"
+        ))),
+    }
+}
+
+impl MergeSource {
+    pub fn open(dir: &Path, adapter: Option<&Path>, base: MergeBase) -> Result<Self> {
+        let config = ModelConfig::load(dir)?;
+        let weights = WeightFiles::open(dir)?;
+        let prequantized = config
+            .raw
+            .get("quantization_config")
+            .and_then(parse_quantization_config)
+            .is_some();
+        let mut source = MergeSource {
+            dir: dir.to_path_buf(),
+            config,
+            weights,
+            prequantized,
+            adapter: BTreeMap::new(),
+            lora: None,
+            base,
+        };
+        if let Some(a) = adapter {
+            let loaded = peft::load(a, &Device::Cpu)?;
+            for (module, (am, bm)) in &loaded.weights {
+                let wname = format!("{module}.weight");
+                let shape = source.weight_shape(&wname).ok_or_else(|| ExportError::Adapter {
+                    path: a.to_path_buf(),
+                    message: format!("{module}: the base model has no such linear (an adapter for another model?)"),
+                })?;
+                let (out, inp) = (shape[0], shape[1]);
+                if am.dims() != [loaded.config.r, inp] || bm.dims() != [out, loaded.config.r] {
+                    return Err(ExportError::Adapter {
+                        path: a.to_path_buf(),
+                        message: format!(
+                            "{module}: lora_A {:?} / lora_B {:?} do not fit the base weight [{out}, {inp}]",
+                            am.dims(),
+                            bm.dims()
+                        ),
+                    });
+                }
+            }
+            source.adapter = loaded.weights;
+            source.lora = Some(loaded.config);
+        }
+        Ok(source)
+    }
+
+    fn weight_shape(&self, name: &str) -> Option<Vec<usize>> {
+        let quantized = ["nf4", "fp4"].iter().any(|q| {
+            self.weights
+                .contains(&format!("{name}.quant_state.bitsandbytes__{q}"))
+        });
+        if self.prequantized && quantized {
+            if let Ok(q) = from_bnb_tensors(name, |k| self.weights.get(k), &Device::Cpu) {
+                return Some(q.shape().dims().to_vec());
+            }
+        }
+        self.weights.get(name).map(|v| v.shape().to_vec())
+    }
+
+    /// Hugging Face tensor names in file order, auxiliary 4-bit tensors folded into their weight.
+    pub fn names(&self) -> Vec<String> {
+        self.weights
+            .names()
+            .filter(|n| !is_aux_key(n))
+            .map(String::from)
+            .collect()
+    }
+
+    /// The stored dtype of a tensor (for 4-bit weights, the dtype they were quantized from).
+    pub fn dtype(&self, name: &str) -> Result<DType> {
+        let v = self.weights.tensor(name)?;
+        if v.dtype() == Dtype::U8 {
+            let q = from_bnb_tensors(name, |k| self.weights.get(k), &Device::Cpu)
+                .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?;
+            return Ok(q.dtype().to_candle());
+        }
+        st_dtype(v.dtype())
+    }
+
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.weight_shape(name)
+            .ok_or_else(|| ExportError::Invalid(format!("{name}: not in the model")))
+    }
+
+    /// The tensor in f32 with the adapter merged if it has one.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let v = self.weights.tensor(name)?;
+        let mut t = if v.dtype() == Dtype::U8 {
+            let q = from_bnb_tensors(name, |k| self.weights.get(k), &Device::Cpu)
+                .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?;
+            q.dequantize(DType::F32)
+                .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?
+        } else {
+            view_to_tensor(name, &v, &Device::Cpu)?.to_dtype(DType::F32)?
+        };
+        let module = name.strip_suffix(".weight");
+        if let Some((a, b)) = module.and_then(|m| self.adapter.get(m)) {
+            if let (MergeBase::Quantized(cfg), false) = (self.base, self.prequantized) {
+                let data = t.flatten_all()?.to_vec1::<f32>()?;
+                let q = Nf4Tensor::quantize_slice(
+                    FloatSlice::F32(&data),
+                    t.shape().clone(),
+                    &cfg,
+                    &Device::Cpu,
+                )
+                .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?;
+                t = q
+                    .dequantize(DType::F32)
+                    .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?;
+            }
+            let scale = self.lora.as_ref().expect("adapter has a config").scale();
+            t = (t + (b.matmul(a)? * scale)?)?;
+        }
+        Ok(t)
+    }
+}
+
+/// Merged model as a Hugging Face directory: config without quantization, tokenizer files,
+/// safetensors in the base's dtype (shards of at most `max_shard_bytes`, indexed).
+pub fn export_safetensors(
+    src: &MergeSource,
+    out: &Path,
+    max_shard_bytes: usize,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<()> {
+    let staging = out.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| ExportError::Io {
+        path: staging.clone(),
+        source: e,
+    })?;
+    let result = (|| -> Result<()> {
+        let names = src.names();
+        // Plan shards by size, as transformers' save_pretrained does.
+        let mut shards: Vec<Vec<(String, DType)>> = vec![vec![]];
+        let mut size = 0;
+        for n in &names {
+            let dtype = src.dtype(n)?;
+            let bytes = src.shape(n)?.iter().product::<usize>() * dtype.size_in_bytes();
+            if size > 0 && size + bytes > max_shard_bytes {
+                shards.push(vec![]);
+                size = 0;
+            }
+            size += bytes;
+            shards
+                .last_mut()
+                .expect("non-empty")
+                .push((n.clone(), dtype));
+        }
+        let count = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        let mut total = 0usize;
+        let mut done = 0;
+        for (i, shard) in shards.iter().enumerate() {
+            let file = if count == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+            };
+            let mut w = SafetensorsWriter::create(&staging.join(&file), &[("format", "pt")])?;
+            for (name, dtype) in shard {
+                let t = src.tensor(name)?.to_dtype(*dtype)?;
+                let bytes = tensor_bytes(&t)?;
+                let st = match dtype {
+                    DType::F16 => Dtype::F16,
+                    DType::BF16 => Dtype::BF16,
+                    _ => Dtype::F32,
+                };
+                w.add(name, st, t.dims(), &bytes)?;
+                total += bytes.len();
+                weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+                done += 1;
+                progress(done, names.len(), name);
+            }
+            w.finish()?;
+        }
+        if count > 1 {
+            let index =
+                serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            let p = staging.join("model.safetensors.index.json");
+            std::fs::write(&p, serde_json::to_string_pretty(&index).expect("json"))
+                .map_err(|e| ExportError::Io { path: p, source: e })?;
+        }
+        let mut config = src.config.raw.clone();
+        if let Some(o) = config.as_object_mut() {
+            o.remove("quantization_config");
+        }
+        let p = staging.join("config.json");
+        std::fs::write(
+            &p,
+            serde_json::to_string_pretty(&config).expect("json") + "\n",
+        )
+        .map_err(|e| ExportError::Io { path: p, source: e })?;
+        for entry in std::fs::read_dir(&src.dir)
+            .map_err(|e| ExportError::Io {
+                path: src.dir.clone(),
+                source: e,
+            })?
+            .flatten()
+        {
+            let n = entry.file_name().to_string_lossy().into_owned();
+            let is_side = n.starts_with("tokenizer")
+                || n.ends_with(".jinja")
+                || n == "generation_config.json"
+                || n == "special_tokens_map.json";
+            if is_side && entry.path().is_file() {
+                std::fs::copy(entry.path(), staging.join(&n)).map_err(|e| ExportError::Io {
+                    path: entry.path(),
+                    source: e,
+                })?;
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            if out.exists() {
+                std::fs::remove_dir_all(out).map_err(|e| ExportError::Io {
+                    path: out.to_path_buf(),
+                    source: e,
+                })?;
+            }
+            std::fs::rename(&staging, out).map_err(|e| ExportError::Io {
+                path: out.to_path_buf(),
+                source: e,
+            })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        other => {
+            return Err(ExportError::Invalid(format!(
+                "cannot write dtype {other:?}"
+            )))
+        }
+    })
+}
+
+/// GGUF file types qlorad writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufType {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4KM,
+}
+
+impl FromStr for GgufType {
+    type Err = ExportError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => GgufType::F32,
+            "f16" => GgufType::F16,
+            "bf16" => GgufType::Bf16,
+            "q8_0" => GgufType::Q8_0,
+            "q4_0" => GgufType::Q4_0,
+            "q4_k_m" => GgufType::Q4KM,
+            other => {
+                return Err(ExportError::Invalid(format!(
+                    "unknown GGUF type {other:?} (f32, f16, bf16, q8_0, q4_0, q4_k_m)"
+                )))
+            }
+        })
+    }
+}
+
+impl GgufType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GgufType::F32 => "f32",
+            GgufType::F16 => "f16",
+            GgufType::Bf16 => "bf16",
+            GgufType::Q8_0 => "q8_0",
+            GgufType::Q4_0 => "q4_0",
+            GgufType::Q4KM => "q4_k_m",
+        }
+    }
+
+    /// `general.file_type` (llama_ftype).
+    fn file_type(self) -> u32 {
+        match self {
+            GgufType::F32 => 0,
+            GgufType::F16 => 1,
+            GgufType::Q4_0 => 2,
+            GgufType::Q8_0 => 7,
+            GgufType::Q4KM => 15,
+            GgufType::Bf16 => 32,
+        }
+    }
+
+    /// The type of one tensor, as llama.cpp's converter and `llama-quantize` choose it.
+    fn tensor_type(
+        self,
+        gguf_name: &str,
+        shape: &[usize],
+        layer: Option<usize>,
+        n_layers: usize,
+    ) -> GgmlDType {
+        if shape.len() == 1 {
+            return GgmlDType::F32;
+        }
+        let ne0 = shape[shape.len() - 1];
+        let fits = |t: GgmlDType| ne0.is_multiple_of(t.block_size());
+        let fallback = |t: GgmlDType| {
+            if fits(t) {
+                t
+            } else if t.block_size() == 256 && fits(GgmlDType::Q8_0) {
+                if t == GgmlDType::Q6K {
+                    GgmlDType::Q8_0
+                } else {
+                    GgmlDType::Q5_0
+                }
+            } else {
+                GgmlDType::F16
+            }
+        };
+        match self {
+            GgufType::F32 => GgmlDType::F32,
+            GgufType::F16 => GgmlDType::F16,
+            GgufType::Bf16 => GgmlDType::BF16,
+            GgufType::Q8_0 => fallback(GgmlDType::Q8_0),
+            GgufType::Q4_0 => fallback(GgmlDType::Q4_0),
+            GgufType::Q4KM => {
+                let more_bits = |i: usize| {
+                    i < n_layers / 8 || i >= 7 * n_layers / 8 || (i - n_layers / 8) % 3 == 2
+                };
+                let more_bits_layer = (gguf_name.ends_with("attn_v.weight")
+                    || gguf_name.ends_with("ffn_down.weight"))
+                    && layer.is_some_and(more_bits);
+                let t = if gguf_name == "output.weight" || more_bits_layer {
+                    GgmlDType::Q6K
+                } else {
+                    GgmlDType::Q4K
+                };
+                fallback(t)
+            }
+        }
+    }
+}
+
+/// Hugging Face name -> (GGUF name, layer).
+fn gguf_name(hf: &str) -> Option<(String, Option<usize>)> {
+    match hf {
+        "model.embed_tokens.weight" => return Some(("token_embd.weight".into(), None)),
+        "model.norm.weight" => return Some(("output_norm.weight".into(), None)),
+        "lm_head.weight" => return Some(("output.weight".into(), None)),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (n, rest) = rest.split_once('.')?;
+    let layer: usize = n.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some((format!("blk.{layer}.{g}.{kind}"), Some(layer)))
+}
+
+/// llama.cpp's converter reorders Q and K rows for llama-architecture models (interleaved
+/// rotary halves): `w.reshape(heads, 2, rows/heads/2, ...).swapaxes(1, 2)`.
+fn permute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let mut shape = vec![heads, 2, rows / heads / 2];
+    shape.extend_from_slice(&dims[1..]);
+    t.reshape(shape)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+fn arch_name(a: Arch) -> &'static str {
+    match a {
+        Arch::Llama | Arch::Mistral => "llama",
+        Arch::Qwen2 => "qwen2",
+    }
+}
+
+fn model_metadata(src: &MergeSource, ty: GgufType, name: &str) -> Result<Vec<(String, Value)>> {
+    let c = &src.config;
+    let a = arch_name(c.arch);
+    let mut m: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        ("general.type".into(), Value::String("model".into())),
+        ("general.name".into(), Value::String(name.into())),
+        (
+            format!("{a}.block_count"),
+            Value::U32(c.num_hidden_layers as u32),
+        ),
+        (
+            format!("{a}.context_length"),
+            Value::U32(c.max_position_embeddings as u32),
+        ),
+        (
+            format!("{a}.embedding_length"),
+            Value::U32(c.hidden_size as u32),
+        ),
+        (
+            format!("{a}.feed_forward_length"),
+            Value::U32(c.intermediate_size as u32),
+        ),
+        (
+            format!("{a}.attention.head_count"),
+            Value::U32(c.num_attention_heads as u32),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            Value::U32(c.num_key_value_heads as u32),
+        ),
+        (
+            format!("{a}.rope.freq_base"),
+            Value::F32(c.rope_theta as f32),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(c.rms_norm_eps as f32),
+        ),
+    ];
+    if c.raw.get("head_dim").is_some_and(|h| !h.is_null()) {
+        m.push((
+            format!("{a}.attention.key_length"),
+            Value::U32(c.head_dim as u32),
+        ));
+        m.push((
+            format!("{a}.attention.value_length"),
+            Value::U32(c.head_dim as u32),
+        ));
+    }
+    m.push(("general.file_type".into(), Value::U32(ty.file_type())));
+    if a == "llama" {
+        m.push((format!("{a}.vocab_size"), Value::U32(c.vocab_size as u32)));
+        m.push((
+            format!("{a}.rope.dimension_count"),
+            Value::U32(c.head_dim as u32),
+        ));
+    }
+    m.push(("general.quantization_version".into(), Value::U32(2)));
+    m.extend(super::vocab::tokenizer_metadata(&src.dir, c.vocab_size)?);
+    Ok(m)
+}
+
+/// llama3 RoPE scaling travels as a `rope_freqs.weight` tensor of per-frequency divisors.
+fn rope_freqs(c: &ModelConfig) -> Option<Vec<f32>> {
+    let s = c.rope_scaling?;
+    let dim = c.head_dim;
+    let (factor, lo, hi, old) = (
+        s.factor,
+        s.low_freq_factor,
+        s.high_freq_factor,
+        s.original_max_position_embeddings,
+    );
+    let (low_wl, high_wl) = (old / lo, old / hi);
+    Some(
+        (0..dim)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0 / (c.rope_theta as f32).powf(i as f32 / dim as f32) as f64;
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                if wavelen < high_wl {
+                    1.0
+                } else if wavelen > low_wl {
+                    factor as f32
+                } else {
+                    let smooth = (old / wavelen - lo) / (hi - lo);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect(),
+    )
+}
+
+fn ggml_bytes(t: &Tensor, ty: GgmlDType) -> Result<Vec<u8>> {
+    Ok(match ty {
+        GgmlDType::F32 => tensor_bytes(&t.to_dtype(DType::F32)?)?,
+        GgmlDType::F16 => tensor_bytes(&t.to_dtype(DType::F16)?)?,
+        GgmlDType::BF16 => tensor_bytes(&t.to_dtype(DType::BF16)?)?,
+        q => QTensor::quantize(&t.to_dtype(DType::F32)?, q)?
+            .data()?
+            .into_owned(),
+    })
+}
+
+/// The merged model as one GGUF file, written tensor by tensor.
+pub fn export_gguf(
+    src: &MergeSource,
+    out: &Path,
+    ty: GgufType,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<()> {
+    let c = &src.config;
+    let name = src
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let metadata = model_metadata(src, ty, &name)?;
+    let mut plan: Vec<(Option<String>, TensorDecl)> = Vec::new();
+    if let Some(f) = rope_freqs(c) {
+        plan.push((
+            None,
+            TensorDecl {
+                name: "rope_freqs.weight".into(),
+                dtype: GgmlDType::F32,
+                shape: vec![f.len()],
+            },
+        ));
+    }
+    for hf in src.names() {
+        let (g, layer) = gguf_name(&hf)
+            .ok_or_else(|| ExportError::Invalid(format!("{hf}: no GGUF name for this tensor")))?;
+        let shape = src.shape(&hf)?;
+        let dtype = ty.tensor_type(&g, &shape, layer, c.num_hidden_layers);
+        plan.push((
+            Some(hf),
+            TensorDecl {
+                name: g,
+                dtype,
+                shape,
+            },
+        ));
+    }
+    let total = plan.len();
+    let mut w = GgufWriter::create(
+        out,
+        &metadata,
+        plan.iter().map(|(_, d)| d.clone()).collect(),
+    )?;
+    for (i, (hf, decl)) in plan.iter().enumerate() {
+        let bytes = match hf {
+            None => rope_freqs(c)
+                .expect("planned")
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            Some(hf) => {
+                let mut t = src.tensor(hf)?;
+                if arch_name(c.arch) == "llama" {
+                    if hf.ends_with("self_attn.q_proj.weight") {
+                        t = permute_rows(&t, c.num_attention_heads)?;
+                    } else if hf.ends_with("self_attn.k_proj.weight") {
+                        t = permute_rows(&t, c.num_key_value_heads)?;
+                    }
+                }
+                ggml_bytes(&t, decl.dtype)?
+            }
+        };
+        w.write_tensor(&bytes)?;
+        progress(i + 1, total, &decl.name);
+    }
+    w.finish()
+}
+
+/// The adapter alone as a GGUF LoRA for llama.cpp's `--lora` (rsLoRA folded into alpha).
+pub fn export_gguf_lora(src: &MergeSource, out: &Path) -> Result<()> {
+    let c = &src.config;
+    let lora = src
+        .lora
+        .as_ref()
+        .ok_or_else(|| ExportError::Invalid("no adapter to export".into()))?;
+    let a = arch_name(c.arch);
+    // llama.cpp scales by alpha / r; rsLoRA's alpha / sqrt(r) becomes alpha * sqrt(r) / r.
+    let alpha = if lora.use_rslora {
+        lora.alpha * (lora.r as f64).sqrt()
+    } else {
+        lora.alpha
+    };
+    let metadata = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        ("general.type".into(), Value::String("adapter".into())),
+        ("adapter.type".into(), Value::String("lora".into())),
+        ("adapter.lora.alpha".into(), Value::F32(alpha as f32)),
+        ("general.quantization_version".into(), Value::U32(2)),
+    ];
+    let mut plan = Vec::new();
+    for (module, (am, bm)) in &src.adapter {
+        let (g, _) = gguf_name(&format!("{module}.weight"))
+            .ok_or_else(|| ExportError::Invalid(format!("{module}: no GGUF name")))?;
+        let mut b = bm.clone();
+        if a == "llama" {
+            if module.ends_with("self_attn.q_proj") {
+                b = permute_rows(&b, c.num_attention_heads)?;
+            } else if module.ends_with("self_attn.k_proj") {
+                b = permute_rows(&b, c.num_key_value_heads)?;
+            }
+        }
+        plan.push((
+            TensorDecl {
+                name: format!("{g}.lora_a"),
+                dtype: GgmlDType::F32,
+                shape: am.dims().to_vec(),
+            },
+            am.clone(),
+        ));
+        plan.push((
+            TensorDecl {
+                name: format!("{g}.lora_b"),
+                dtype: GgmlDType::F32,
+                shape: b.dims().to_vec(),
+            },
+            b,
+        ));
+    }
+    let mut w = GgufWriter::create(
+        out,
+        &metadata,
+        plan.iter().map(|(d, _)| d.clone()).collect(),
+    )?;
+    for (_, t) in &plan {
+        w.write_tensor(&tensor_bytes(&t.to_dtype(DType::F32)?)?)?;
+    }
+    w.finish()
+}
