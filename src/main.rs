@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use qlorad::commands::{self, BenchArgs, GenerateArgs, TrainArgs};
+use qlorad::export::{GgufType, MergeBase};
 use qlorad::model::{quantize_model_dir, QuantizeOptions};
 use qlorad::quant::{QuantConfig, QuantType};
 use qlorad::train::{JobSpec, TrainOutcome};
@@ -90,6 +91,35 @@ enum Command {
         seed: u64,
         #[command(flatten)]
         spec: SpecArg,
+    },
+    /// Merge an adapter into its base: a safetensors directory, GGUF files, a GGUF LoRA.
+    Merge {
+        /// The base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter directory (e.g. runs/first/adapter).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// GGUF types to write, comma-separated: f32, f16, bf16, q8_0, q4_0, q4_k_m.
+        #[arg(long, value_delimiter = ',')]
+        gguf: Vec<String>,
+        /// Also write the adapter alone as a GGUF LoRA (llama.cpp --lora).
+        #[arg(long)]
+        gguf_lora: bool,
+        /// Write the merged model as a Hugging Face safetensors directory (OUT/merged).
+        #[arg(long)]
+        safetensors: bool,
+        /// Merge into the original weights, or into the 4-bit weights the adapter trained against.
+        #[arg(long, default_value = "original", value_parser = ["original", "quantized"])]
+        merge_base: String,
+        /// 4-bit type of --merge-base quantized.
+        #[arg(long, default_value = "nf4", value_parser = parse_quant_type)]
+        quant: QuantType,
+        #[arg(long, default_value_t = 64)]
+        block_size: usize,
     },
     /// Benchmarks.
     #[command(subcommand)]
@@ -241,6 +271,43 @@ fn main() -> anyhow::Result<()> {
                 seed,
             };
             println!("{}", commands::generate(&args, &spec.load()?)?);
+        }
+        Command::Merge {
+            model,
+            adapter,
+            out,
+            gguf,
+            gguf_lora,
+            safetensors,
+            merge_base,
+            quant,
+            block_size,
+        } => {
+            let gguf = gguf
+                .iter()
+                .map(|t| t.parse())
+                .collect::<Result<Vec<GgufType>, _>>()?;
+            let merge_base = if merge_base == "quantized" {
+                MergeBase::Quantized(QuantConfig {
+                    quant_type: quant,
+                    block_size,
+                    double_quant: true,
+                })
+            } else {
+                MergeBase::Original
+            };
+            let args = commands::MergeArgs {
+                model,
+                adapter,
+                out,
+                gguf,
+                gguf_lora,
+                safetensors,
+                merge_base,
+            };
+            for path in commands::merge(&args)? {
+                println!("{}", path.display());
+            }
         }
         Command::Bench(BenchCommand::Train {
             model,
