@@ -415,54 +415,26 @@ pub struct MergeArgs {
 
 /// Merge an adapter into its base and write the requested files under `out`; returns their paths.
 pub fn merge(args: &MergeArgs) -> std::result::Result<Vec<PathBuf>, crate::export::ExportError> {
-    use crate::export::{
-        export_gguf, export_gguf_lora, export_safetensors, ExportError, MergeSource,
-    };
-    if args.gguf.is_empty() && !args.gguf_lora && !args.safetensors {
-        return Err(ExportError::Invalid(
-            "nothing to write: pass --safetensors, --gguf TYPES and/or --gguf-lora".into(),
-        ));
-    }
-    if args.gguf_lora && args.adapter.is_none() {
-        return Err(ExportError::Invalid("--gguf-lora needs --adapter".into()));
-    }
-    let src = MergeSource::open(&args.model, args.adapter.as_deref(), args.merge_base)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| ExportError::Io {
-        path: args.out.clone(),
-        source: e,
-    })?;
-    let name = args
-        .model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{prefix:>14} {bar:30} {pos}/{len} {msg}")
-            .expect("static template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("static template"),
     );
-    let mut tick = |done: usize, total: usize, what: &str| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        bar.set_message(what.to_string());
+    let outputs = crate::export::Outputs {
+        gguf: args.gguf.clone(),
+        gguf_lora: args.gguf_lora,
+        safetensors: args.safetensors,
+        merge_base: args.merge_base,
     };
-    let mut written = Vec::new();
-    if args.safetensors {
-        bar.set_prefix("safetensors");
-        let dir = args.out.join("merged");
-        export_safetensors(&src, &dir, 5_000_000_000, &mut tick)?;
-        written.push(dir);
-    }
-    for ty in &args.gguf {
-        bar.set_prefix(ty.as_str());
-        let path = args.out.join(format!("{name}-{}.gguf", ty.as_str()));
-        export_gguf(&src, &path, *ty, &mut tick)?;
-        written.push(path);
-    }
-    if args.gguf_lora {
-        let path = args.out.join(format!("{name}-lora.gguf"));
-        export_gguf_lora(&src, &path)?;
-        written.push(path);
-    }
+    let written = crate::export::export_all(
+        &args.model,
+        args.adapter.as_deref(),
+        &args.out,
+        &outputs,
+        &mut |done, total, what| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(what.to_string());
+        },
+    )?;
     bar.finish_and_clear();
     Ok(written)
 }

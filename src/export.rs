@@ -36,3 +36,57 @@ pub enum ExportError {
 }
 
 pub type Result<T> = std::result::Result<T, ExportError>;
+
+/// What to write from a model and adapter.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    pub gguf: Vec<GgufType>,
+    pub gguf_lora: bool,
+    pub safetensors: bool,
+    pub merge_base: MergeBase,
+}
+
+/// Write the requested outputs under `out`: `merged/` (safetensors), `<model>-<type>.gguf`,
+/// `<model>-lora.gguf`. Returns the paths written.
+pub fn export_all(
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    out: &std::path::Path,
+    outputs: &Outputs,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Vec<PathBuf>> {
+    if outputs.gguf.is_empty() && !outputs.gguf_lora && !outputs.safetensors {
+        return Err(ExportError::Invalid(
+            "nothing to write: pass --safetensors, --gguf TYPES and/or --gguf-lora".into(),
+        ));
+    }
+    if outputs.gguf_lora && adapter.is_none() {
+        return Err(ExportError::Invalid("a GGUF LoRA needs an adapter".into()));
+    }
+    let src = MergeSource::open(model, adapter, outputs.merge_base)?;
+    std::fs::create_dir_all(out).map_err(|e| ExportError::Io {
+        path: out.to_path_buf(),
+        source: e,
+    })?;
+    let name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let mut written = Vec::new();
+    if outputs.safetensors {
+        let dir = out.join("merged");
+        export_safetensors(&src, &dir, 5_000_000_000, progress)?;
+        written.push(dir);
+    }
+    for ty in &outputs.gguf {
+        let path = out.join(format!("{name}-{}.gguf", ty.as_str()));
+        export_gguf(&src, &path, *ty, progress)?;
+        written.push(path);
+    }
+    if outputs.gguf_lora {
+        let path = out.join(format!("{name}-lora.gguf"));
+        export_gguf_lora(&src, &path)?;
+        written.push(path);
+    }
+    Ok(written)
+}

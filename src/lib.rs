@@ -2,11 +2,15 @@
 //!
 //! The engine layers (`quant`, `model`) never depend on the service; see DESIGN.md for the map.
 
+pub mod api;
 pub mod commands;
+pub mod config;
 pub mod data;
 pub mod export;
+pub mod jobs;
 pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod rng;
+pub mod server;
 pub mod train;

@@ -121,6 +121,24 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         block_size: usize,
     },
+    /// Run the fine-tuning service: HTTP API, SQLite queue, workers.
+    Serve {
+        /// A TOML file layered over the embedded defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (e.g. 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Database, files, checkpoints and artifacts.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// A directory of base models (repeatable).
+        #[arg(long)]
+        model_root: Vec<PathBuf>,
+        /// Workers, one per device: cpu,cuda:0,...
+        #[arg(long, value_delimiter = ',')]
+        workers: Option<Vec<String>>,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -308,6 +326,27 @@ fn main() -> anyhow::Result<()> {
             for path in commands::merge(&args)? {
                 println!("{}", path.display());
             }
+        }
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            model_root,
+            workers,
+        } => {
+            let overrides = qlorad::config::Overrides {
+                listen,
+                data_dir,
+                model_roots: model_root,
+                workers,
+            };
+            let cfg =
+                qlorad::config::Config::load(config.as_deref(), std::env::vars(), &overrides)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let token = qlorad::server::signal_token();
+                qlorad::server::serve(cfg, token).await
+            })?;
         }
         Command::Bench(BenchCommand::Train {
             model,

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 pub use optim::AdamW;
 pub use schedule::Schedule;
-pub use spec::{Hyperparameters, JobSpec};
+pub use spec::{ExportSpec, Hyperparameters, JobSpec};
 pub use trainer::{evaluate, EvalResult, TrainEvent, TrainOutcome, Trainer, TrainerOptions};
 
 #[derive(Debug, thiserror::Error)]

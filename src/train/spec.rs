@@ -159,6 +159,18 @@ pub struct DataSpec {
     pub group_by_length: bool,
 }
 
+/// Files made from the trained adapter when a job finishes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportSpec {
+    /// Merged GGUF files of these types: f32, f16, bf16, q8_0, q4_0, q4_k_m.
+    pub gguf: Vec<String>,
+    /// A merged Hugging Face safetensors directory.
+    pub merged_safetensors: bool,
+    /// The adapter alone as a GGUF LoRA.
+    pub gguf_lora: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JobSpec {
@@ -175,6 +187,7 @@ pub struct JobSpec {
     pub keep_checkpoints: usize,
     /// Evaluate on the validation file every N steps (and at the end).
     pub eval_every: Option<usize>,
+    pub export: ExportSpec,
     /// `cpu` or `cuda:N`.
     pub device: String,
     /// Higher runs first in the service's queue.
@@ -194,6 +207,7 @@ impl Default for JobSpec {
             checkpoint_every: None,
             keep_checkpoints: 3,
             eval_every: None,
+            export: ExportSpec::default(),
             device: "cpu".into(),
             priority: 0,
         }
@@ -284,6 +298,10 @@ impl JobSpec {
         }
         if self.keep_checkpoints == 0 {
             return Err(spec_err("keep_checkpoints", "must be at least 1"));
+        }
+        for t in &self.export.gguf {
+            t.parse::<crate::export::GgufType>()
+                .map_err(|e| spec_err("export.gguf", e.to_string()))?;
         }
         let cuda_ordinal = self
             .device

@@ -1,0 +1,192 @@
+//! Service configuration: the embedded `config/default.toml`, then `--config FILE`, then
+//! `QLORAD_*` environment variables (`__` between levels), then command-line flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub models: ModelsConfig,
+    pub workers: WorkersConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest JSON request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest dataset upload, in bytes.
+    pub max_upload_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Database, files, checkpoints and artifacts.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Directories whose subdirectories are base models.
+    pub roots: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// One worker per device: `cpu`, `cuda:0`, ...
+    pub devices: Vec<String>,
+    /// Seconds a job's lease lasts without renewal.
+    pub lease_seconds: u64,
+    /// Seconds between lease renewals and cancellation checks.
+    pub heartbeat_seconds: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{source_name}: {message}")]
+    Parse {
+        source_name: String,
+        message: String,
+    },
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// Overrides given on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub model_roots: Vec<PathBuf>,
+    pub workers: Option<Vec<String>>,
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+fn parse(text: &str, source_name: &str) -> Result<toml::Value, ConfigError> {
+    text.parse::<toml::Table>()
+        .map(toml::Value::Table)
+        .map_err(|e| ConfigError::Parse {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })
+}
+
+impl Config {
+    /// Layer the sources; `env` is the process environment (passed in so tests control it).
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut value = parse(DEFAULTS, "config/default.toml")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Io(path.to_path_buf(), e))?;
+            merge(&mut value, parse(&text, &path.display().to_string())?);
+        }
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("QLORAD_") else {
+                continue;
+            };
+            let keys: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            // The value as a TOML literal if it is one (numbers, arrays, booleans), else a string.
+            let literal = format!("x = {v}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("x"))
+                .unwrap_or(toml::Value::String(v.clone()));
+            let mut nested = literal;
+            for key in keys.iter().rev() {
+                let mut t = toml::Table::new();
+                t.insert(key.clone(), nested);
+                nested = toml::Value::Table(t);
+            }
+            merge(&mut value, nested);
+        }
+        let mut cfg: Config =
+            value
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    source_name: "configuration".into(),
+                    message: e.to_string(),
+                })?;
+        if let Some(l) = &overrides.listen {
+            cfg.server.listen = l.parse().map_err(|e| ConfigError::Parse {
+                source_name: "--listen".into(),
+                message: format!("{l:?}: {e}"),
+            })?;
+        }
+        if let Some(d) = &overrides.data_dir {
+            cfg.storage.data_dir = d.clone();
+        }
+        if !overrides.model_roots.is_empty() {
+            cfg.models.roots = overrides.model_roots.clone();
+        }
+        if let Some(w) = &overrides.workers {
+            cfg.workers.devices = w.clone();
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        let env = vec![
+            (
+                "QLORAD_SERVER__MAX_BODY_BYTES".to_string(),
+                "2048".to_string(),
+            ),
+            ("QLORAD_STORAGE__DATA_DIR".to_string(), "/tmp/q".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let o = Overrides {
+            listen: Some("127.0.0.1:9000".into()),
+            ..Default::default()
+        };
+        let c = Config::load(None, env, &o).unwrap();
+        assert_eq!(c.server.max_body_bytes, 2048);
+        assert_eq!(c.storage.data_dir, PathBuf::from("/tmp/q"));
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.workers.devices, vec!["cpu"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let env = vec![("QLORAD_SERVER__LISTN".to_string(), "x".to_string())];
+        let e = Config::load(None, env, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listn"), "{e}");
+    }
+}

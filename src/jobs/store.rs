@@ -1,0 +1,461 @@
+//! SQLite through sqlx. Every state change is one statement naming the state it expects.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Row, SqlitePool};
+
+use super::{now, Event, JobsError, Result, Status};
+
+#[derive(Clone)]
+pub struct Store {
+    pub pool: SqlitePool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FileRow {
+    pub id: String,
+    pub filename: String,
+    pub bytes: i64,
+    pub format: String,
+    pub examples: i64,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Progress {
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub last_loss: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+    pub eta_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub status: Status,
+    pub spec: serde_json::Value,
+    pub priority: i64,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub error: Option<String>,
+    pub attempts: i64,
+    pub progress: Progress,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CheckpointRow {
+    pub step: i64,
+    pub name: String,
+    pub created_at: i64,
+    pub loss: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ArtifactRow {
+    pub name: String,
+    pub bytes: i64,
+    pub sha256: String,
+    pub created_at: i64,
+}
+
+const JOB_COLUMNS: &str = "id, spec, status, priority, created_at, started_at, finished_at, error, attempts, step, total_steps, last_loss, tokens_per_second, eta_seconds";
+
+fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
+    let status: String = r.try_get("status")?;
+    let spec: String = r.try_get("spec")?;
+    Ok(JobRow {
+        id: r.try_get("id")?,
+        status: Status::parse(&status)
+            .ok_or_else(|| JobsError::Conflict(format!("bad status {status}")))?,
+        spec: serde_json::from_str(&spec).unwrap_or(serde_json::Value::Null),
+        priority: r.try_get("priority")?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        error: r.try_get("error")?,
+        attempts: r.try_get("attempts")?,
+        progress: Progress {
+            step: r.try_get("step")?,
+            total_steps: r.try_get("total_steps")?,
+            last_loss: r.try_get("last_loss")?,
+            tokens_per_second: r.try_get("tokens_per_second")?,
+            eta_seconds: r.try_get("eta_seconds")?,
+        },
+    })
+}
+
+impl Store {
+    /// Open (creating) `data_dir/qlorad.db` in WAL mode and run the migrations.
+    pub async fn open(data_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let url = format!("sqlite://{}", data_dir.join("qlorad.db").display());
+        let opts = SqliteConnectOptions::from_str(&url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    pub async fn insert_file(&self, f: &FileRow) -> Result<()> {
+        sqlx::query("INSERT INTO files (id, filename, bytes, format, examples, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(&f.id)
+            .bind(&f.filename)
+            .bind(f.bytes)
+            .bind(&f.format)
+            .bind(f.examples)
+            .bind(f.created_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn files(&self) -> Result<Vec<FileRow>> {
+        let rows = sqlx::query("SELECT id, filename, bytes, format, examples, created_at FROM files ORDER BY created_at DESC, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(FileRow {
+                    id: r.try_get("id")?,
+                    filename: r.try_get("filename")?,
+                    bytes: r.try_get("bytes")?,
+                    format: r.try_get("format")?,
+                    examples: r.try_get("examples")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn file(&self, id: &str) -> Result<FileRow> {
+        self.files()
+            .await?
+            .into_iter()
+            .find(|f| f.id == id)
+            .ok_or_else(|| JobsError::NotFound(format!("file {id}")))
+    }
+
+    /// Delete a file unless a queued or running job uses it (checked in the same statement).
+    pub async fn delete_file(&self, id: &str) -> Result<()> {
+        let r = sqlx::query(
+            "DELETE FROM files WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM jobs WHERE status IN ('queued', 'running') \
+             AND (json_extract(spec, '$.training_file') = ?1 OR json_extract(spec, '$.validation_file') = ?1))",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 0 {
+            self.file(id).await?;
+            return Err(JobsError::Conflict(format!(
+                "file {id} is used by a queued or running job"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Insert a queued job and its first event in one transaction.
+    pub async fn insert_job(
+        &self,
+        id: &str,
+        spec: &serde_json::Value,
+        priority: i64,
+    ) -> Result<JobRow> {
+        let mut tx = self.pool.begin().await?;
+        let t = now();
+        sqlx::query("INSERT INTO jobs (id, spec, status, priority, created_at) VALUES (?, ?, 'queued', ?, ?)")
+            .bind(id)
+            .bind(spec.to_string())
+            .bind(priority)
+            .bind(t)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO job_events (job_id, seq, created_at, type, level, message, data) VALUES (?, 1, ?, 'status', 'info', 'queued', ?)")
+            .bind(id)
+            .bind(t)
+            .bind(serde_json::json!({"status": "queued"}).to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.job(id).await
+    }
+
+    pub async fn job(&self, id: &str) -> Result<JobRow> {
+        let r = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| JobsError::NotFound(format!("job {id}")))?;
+        job_from_row(&r)
+    }
+
+    /// Newest first; `after` is the id of the last job of the previous page.
+    pub async fn jobs(
+        &self,
+        status: Option<Status>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<JobRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR rowid < (SELECT rowid FROM jobs WHERE id = ?2)) \
+             ORDER BY rowid DESC LIMIT ?3"
+        ))
+        .bind(status.map(|s| s.as_str()))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Claim the highest-priority, oldest queued job for `worker`, in one statement.
+    pub async fn claim(
+        &self,
+        worker: &str,
+        lease_seconds: i64,
+    ) -> Result<Option<(String, String)>> {
+        let t = now();
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'running', worker = ?1, lease_until = ?2, started_at = COALESCE(started_at, ?3), \
+             attempts = attempts + 1 \
+             WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at, rowid LIMIT 1) \
+             AND status = 'queued' RETURNING id, spec",
+        )
+        .bind(worker)
+        .bind(t + lease_seconds)
+        .bind(t)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match r {
+            Some(r) => Some((r.try_get("id")?, r.try_get("spec")?)),
+            None => None,
+        })
+    }
+
+    /// Renew a lease; returns whether cancellation was requested (false if the job is not ours).
+    pub async fn heartbeat(&self, id: &str, worker: &str, lease_seconds: i64) -> Result<bool> {
+        let r = sqlx::query("UPDATE jobs SET lease_until = ? WHERE id = ? AND worker = ? AND status = 'running' RETURNING cancel_requested")
+            .bind(now() + lease_seconds)
+            .bind(id)
+            .bind(worker)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => r.try_get::<i64, _>("cancel_requested")? != 0,
+            None => false,
+        })
+    }
+
+    pub async fn update_progress(&self, id: &str, p: &Progress) -> Result<()> {
+        sqlx::query("UPDATE jobs SET step = ?, total_steps = ?, last_loss = ?, tokens_per_second = ?, eta_seconds = ? WHERE id = ? AND status = 'running'")
+            .bind(p.step)
+            .bind(p.total_steps)
+            .bind(p.last_loss)
+            .bind(p.tokens_per_second)
+            .bind(p.eta_seconds)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Move a running job of `worker` to `to` (final, or back to queued); false if it was not ours.
+    pub async fn finish(
+        &self,
+        id: &str,
+        worker: &str,
+        to: Status,
+        error: Option<&str>,
+    ) -> Result<bool> {
+        let finished = if to.is_final() { Some(now()) } else { None };
+        let r = sqlx::query(
+            "UPDATE jobs SET status = ?, finished_at = ?, error = ?, worker = NULL, lease_until = NULL, cancel_requested = 0 \
+             WHERE id = ? AND status = 'running' AND worker = ?",
+        )
+        .bind(to.as_str())
+        .bind(finished)
+        .bind(error)
+        .bind(id)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Cancel: a queued job at once; a running one is flagged for its worker. Returns the status.
+    pub async fn request_cancel(&self, id: &str) -> Result<Status> {
+        let r = sqlx::query("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued'")
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if r.rows_affected() == 1 {
+            return Ok(Status::Cancelled);
+        }
+        sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(self.job(id).await?.status)
+    }
+
+    /// Jobs left running by a dead process (or an expired lease) go back to the queue.
+    pub async fn requeue_stale(&self, all_running: bool) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "UPDATE jobs SET status = 'queued', worker = NULL, lease_until = NULL WHERE status = 'running' AND (?1 OR lease_until < ?2) RETURNING id",
+        )
+        .bind(all_running)
+        .bind(now())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
+    }
+
+    pub async fn delete_job(&self, id: &str) -> Result<()> {
+        let r = sqlx::query(
+            "DELETE FROM jobs WHERE id = ? AND status IN ('succeeded', 'failed', 'cancelled')",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 0 {
+            self.job(id).await?;
+            return Err(JobsError::Conflict(format!(
+                "job {id} has not finished; cancel it first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Append an event with the next sequence number (gapless per job).
+    pub async fn append_event(
+        &self,
+        id: &str,
+        kind: &str,
+        level: &str,
+        message: &str,
+        data: serde_json::Value,
+    ) -> Result<Event> {
+        let t = now();
+        let r = sqlx::query(
+            "INSERT INTO job_events (job_id, seq, created_at, type, level, message, data) \
+             VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?1), ?2, ?3, ?4, ?5, ?6) RETURNING seq",
+        )
+        .bind(id)
+        .bind(t)
+        .bind(kind)
+        .bind(level)
+        .bind(message)
+        .bind(data.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Event {
+            seq: r.try_get("seq")?,
+            created_at: t,
+            kind: kind.into(),
+            level: level.into(),
+            message: message.into(),
+            data,
+        })
+    }
+
+    pub async fn events(&self, id: &str, after: i64, limit: i64) -> Result<Vec<Event>> {
+        let rows = sqlx::query("SELECT seq, created_at, type, level, message, data FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?")
+            .bind(id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let data: String = r.try_get("data")?;
+                Ok(Event {
+                    seq: r.try_get("seq")?,
+                    created_at: r.try_get("created_at")?,
+                    kind: r.try_get("type")?,
+                    level: r.try_get("level")?,
+                    message: r.try_get("message")?,
+                    data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn add_checkpoint(
+        &self,
+        id: &str,
+        step: i64,
+        name: &str,
+        loss: Option<f64>,
+    ) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO checkpoints (job_id, step, name, created_at, loss) VALUES (?, ?, ?, ?, ?)")
+            .bind(id)
+            .bind(step)
+            .bind(name)
+            .bind(now())
+            .bind(loss)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn checkpoints(&self, id: &str) -> Result<Vec<CheckpointRow>> {
+        let rows = sqlx::query(
+            "SELECT step, name, created_at, loss FROM checkpoints WHERE job_id = ? ORDER BY step",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CheckpointRow {
+                    step: r.try_get("step")?,
+                    name: r.try_get("name")?,
+                    created_at: r.try_get("created_at")?,
+                    loss: r.try_get("loss")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn add_artifact(&self, id: &str, a: &ArtifactRow) -> Result<()> {
+        sqlx::query("INSERT OR REPLACE INTO artifacts (job_id, name, bytes, sha256, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(id)
+            .bind(&a.name)
+            .bind(a.bytes)
+            .bind(&a.sha256)
+            .bind(a.created_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn artifacts(&self, id: &str) -> Result<Vec<ArtifactRow>> {
+        let rows = sqlx::query(
+            "SELECT name, bytes, sha256, created_at FROM artifacts WHERE job_id = ? ORDER BY name",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ArtifactRow {
+                    name: r.try_get("name")?,
+                    bytes: r.try_get("bytes")?,
+                    sha256: r.try_get("sha256")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+}

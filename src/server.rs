@@ -1,0 +1,101 @@
+//! `qlorad serve`: open the store, requeue jobs a previous process left running, start the
+//! workers and the HTTP server, and shut down gracefully (stop claiming, checkpoint, requeue).
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::api::{router, AppState};
+use crate::config::Config;
+use crate::jobs::{spawn_workers, EventHub, JobsError, Store, WorkerHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Jobs(#[from] JobsError),
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serve on the configured address until `shutdown` is cancelled (a signal in `qlorad serve`).
+pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let addr = config.server.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    serve_on(config, listener, shutdown).await
+}
+
+/// Serve on a bound listener (tests bind 127.0.0.1:0).
+pub async fn serve_on(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let store = Store::open(&config.storage.data_dir).await?;
+    // This process owns the database: whatever is "running" belonged to a process that died.
+    for id in store.requeue_stale(true).await? {
+        let e = store
+            .append_event(
+                &id,
+                "status",
+                "warning",
+                "queued again: its worker stopped; resumes from its last checkpoint",
+                serde_json::json!({"status": "queued"}),
+            )
+            .await?;
+        info!(job.id = %id, seq = e.seq, "requeued");
+    }
+    let hub = EventHub::default();
+    let workers = WorkerHandle {
+        wake: Arc::new(Notify::new()),
+        shutdown: shutdown.child_token(),
+    };
+    let tasks = spawn_workers(config.clone(), store.clone(), hub.clone(), workers.clone());
+    let state = AppState {
+        config: config.clone(),
+        store,
+        hub,
+        workers,
+    };
+    info!("listening on http://{}", listener.local_addr()?);
+    let stop = shutdown.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    for t in tasks {
+        let _ = t.await;
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// A token cancelled by SIGINT or SIGTERM.
+pub fn signal_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        info!("shutting down: no new jobs; running jobs checkpoint and go back to the queue");
+        t.cancel();
+    });
+    token
+}

@@ -1,0 +1,446 @@
+//! The service end to end over real HTTP, a real SQLite file and a tiny generated model.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use qlorad::config::{Config, Overrides};
+use qlorad::model::random::RandomLlama;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+struct Server {
+    base: String,
+    data: PathBuf,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _tmp: tempfile::TempDir,
+}
+
+fn tiny_model(root: &Path) {
+    let dir = root.join("tiny");
+    RandomLlama {
+        vocab_size: 512,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        tie_word_embeddings: true,
+        dtype: safetensors::Dtype::F32,
+        seed: 4,
+    }
+    .write(&dir)
+    .unwrap();
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tok-chatml");
+    for f in std::fs::read_dir(&tok).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+}
+
+async fn start(workers: &[&str]) -> Server {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    tiny_model(&models);
+    let data = tmp.path().join("data");
+    let overrides = Overrides {
+        listen: Some("127.0.0.1:0".into()),
+        data_dir: Some(data.clone()),
+        model_roots: vec![models],
+        workers: Some(workers.iter().map(|s| s.to_string()).collect()),
+    };
+    let cfg = Config::load(None, Vec::new(), &overrides).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task =
+        tokio::spawn(async move { qlorad::server::serve_on(cfg, listener, s).await.unwrap() });
+    Server {
+        base,
+        data,
+        stop,
+        task,
+        _tmp: tmp,
+    }
+}
+
+const DATA: &str = concat!(
+    r#"{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}"#,
+    "\n",
+    r#"{"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}"#,
+    "\n",
+    r#"{"messages": [{"role": "user", "content": "Boil time?"}, {"role": "assistant", "content": "Ninety seconds."}]}"#,
+    "\n",
+);
+
+async fn upload(c: &reqwest::Client, s: &Server, body: &str) -> reqwest::Response {
+    c.post(format!("{}/files?filename=train.jsonl", s.base))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn job_status(c: &reqwest::Client, s: &Server, id: &str) -> Value {
+    c.get(format!("{}/jobs/{id}", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_upload_train_stream_download() {
+    let s = start(&["cpu"]).await;
+    let c = reqwest::Client::new();
+    let health: Value = c
+        .get(format!("{}/healthz", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let models: Value = c
+        .get(format!("{}/models", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+
+    let r = upload(&c, &s, DATA).await;
+    assert_eq!(r.status(), 201);
+    let file: Value = r.json().await.unwrap();
+    assert_eq!(
+        (file["format"].as_str(), file["examples"].as_i64()),
+        (Some("chat"), Some(3))
+    );
+
+    let spec = json!({
+        "model": "tiny", "training_file": file["id"],
+        "hyperparameters": {"max_steps": 4, "batch_size": 3, "learning_rate": 0.01, "warmup_ratio": 0.0},
+        "lora": {"r": 4, "dropout": 0.0}, "checkpoint_every": 2,
+        "export": {"gguf": ["q8_0"], "gguf_lora": true}
+    });
+    let r = c
+        .post(format!("{}/jobs", s.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let job: Value = r.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(job["status"], "queued");
+    assert_eq!(
+        job["spec"]["hyperparameters"]["gradient_accumulation_steps"], 1,
+        "defaults are filled in"
+    );
+
+    // SSE: every event in order, ending with succeeded.
+    let resp = c
+        .get(format!("{}/jobs/{id}/events", s.base))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut events: Vec<Value> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, body.next()).await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(i) = buf.find("\n\n") {
+            let frame: String = buf.drain(..i + 2).collect();
+            if let Some(d) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                events.push(serde_json::from_str(d).unwrap());
+            }
+        }
+    }
+    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "gapless, in order: {events:?}"
+    );
+    let steps: Vec<i64> = events
+        .iter()
+        .filter(|e| e["type"] == "metrics")
+        .filter_map(|e| e["data"]["step"].as_i64())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    assert_eq!(
+        events.last().unwrap()["data"]["status"],
+        "succeeded",
+        "{events:?}"
+    );
+
+    let j = job_status(&c, &s, &id).await;
+    assert_eq!(j["status"], "succeeded");
+    assert_eq!(j["progress"]["step"], 4);
+    let cps: Value = c
+        .get(format!("{}/jobs/{id}/checkpoints", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cp_steps: Vec<i64> = cps["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(cp_steps, vec![2, 4]);
+    let arts: Value = c
+        .get(format!("{}/jobs/{id}/artifacts", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = arts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "tiny-q8_0.gguf",
+        "tiny-lora.gguf",
+    ] {
+        assert!(names.contains(&want), "{want} in {names:?}");
+    }
+
+    // Ranged download returns exactly those bytes; ETag is the sha256.
+    let on_disk = std::fs::read(
+        s.data
+            .join("jobs")
+            .join(&id)
+            .join("artifacts/tiny-q8_0.gguf"),
+    )
+    .unwrap();
+    let r = c
+        .get(format!("{}/jobs/{id}/artifacts/tiny-q8_0.gguf", s.base))
+        .header("range", "bytes=10-99")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-length"], "90");
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(&r.bytes().await.unwrap()[..], &on_disk[10..100]);
+    let r = c
+        .get(format!("{}/jobs/{id}/artifacts/tiny-q8_0.gguf", s.base))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+
+    // The downloaded adapter loads.
+    let dl = tempfile::tempdir().unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        let b = c
+            .get(format!("{}/jobs/{id}/artifacts/adapter/{f}", s.base))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        std::fs::write(dl.path().join(f), b).unwrap();
+    }
+    let models_dir = s.data.parent().unwrap().join("models/tiny");
+    let mut m = qlorad::model::llama::CausalLm::load(&models_dir, &Default::default()).unwrap();
+    let cfg = m.load_adapter(dl.path()).unwrap();
+    assert_eq!(cfg.r, 4);
+
+    // Finished jobs can be deleted with their artifacts.
+    let r = c
+        .delete(format!("{}/jobs/{id}", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(!s.data.join("jobs").join(&id).exists());
+    s.stop.cancel();
+    s.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_4xx_naming_the_problem() {
+    let s = start(&["cpu"]).await;
+    let c = reqwest::Client::new();
+    let err = |v: &Value| v["error"].clone();
+
+    let r = c
+        .post(format!("{}/jobs", s.base))
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(err(&r.json().await.unwrap())["code"], "invalid_json");
+
+    let r = c
+        .post(format!("{}/jobs", s.base))
+        .json(&json!({"model": "tiny", "hyperparameters": {"lr": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let e = err(&r.json().await.unwrap());
+    assert_eq!(e["param"], "lr", "{e}");
+
+    let r = c
+        .post(format!("{}/jobs", s.base))
+        .json(&json!({"model": "tiny", "hyperparameters": {"batch_size": "four"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+
+    let r = c
+        .post(format!("{}/jobs", s.base))
+        .json(&json!({"model": "nope", "training_file": "file-x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(err(&r.json().await.unwrap())["param"], "model");
+
+    let r = c
+        .post(format!("{}/jobs", s.base))
+        .json(&json!({"model": "tiny", "training_file": "file-missing"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(err(&r.json().await.unwrap())["param"], "training_file");
+
+    let r = upload(&c, &s, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"x\"}]}\n{\"messages\": 7}\n").await;
+    assert_eq!(r.status(), 400);
+    let e = err(&r.json().await.unwrap());
+    assert!(e["message"].as_str().unwrap().contains("line 2"), "{e}");
+    let files: Value = c
+        .get(format!("{}/files", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        files["data"].as_array().unwrap().len(),
+        0,
+        "nothing recorded"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(s.data.join("files")).unwrap().collect();
+    assert!(leftovers.is_empty(), "nothing left on disk");
+
+    let big = "x".repeat(2 * 1024 * 1024);
+    let r = c
+        .post(format!("{}/jobs", s.base))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+
+    let r = c
+        .get(format!(
+            "{}/jobs/job-none/artifacts/..%2F..%2Fqlorad.db",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(err(&r.json().await.unwrap())["code"], "invalid_name");
+
+    let r = c
+        .get(format!("{}/jobs/job-none", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    s.stop.cancel();
+    s.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_job_and_keeps_its_checkpoints() {
+    let s = start(&["cpu"]).await;
+    let c = reqwest::Client::new();
+    let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
+    let spec = json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"max_steps": 100000, "batch_size": 3}});
+    let job: Value = c
+        .post(format!("{}/jobs", s.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    for _ in 0..600 {
+        if job_status(&c, &s, id).await["progress"]["step"]
+            .as_i64()
+            .unwrap_or(0)
+            >= 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = c
+        .post(format!("{}/jobs/{id}/cancel", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut status = Value::Null;
+    for _ in 0..600 {
+        status = job_status(&c, &s, id).await;
+        if status["status"] == "cancelled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status["status"], "cancelled", "{status}");
+    let cps: Value = c
+        .get(format!("{}/jobs/{id}/checkpoints", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        cps["data"].as_array().unwrap().len(),
+        1,
+        "the stop wrote a checkpoint: {cps}"
+    );
+    s.stop.cancel();
+    s.task.await.unwrap();
+}
