@@ -444,3 +444,243 @@ async fn cancel_stops_a_running_job_and_keeps_its_checkpoints() {
     s.stop.cancel();
     s.task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_run_fifty_concurrent_jobs_exactly_once() {
+    let s = start(&["cpu", "cpu"]).await;
+    let c = reqwest::Client::new();
+    let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
+    let spec = json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"max_steps": 1, "batch_size": 3}, "lora": {"r": 2}});
+    let posts = (0..50).map(|_| {
+        let c = c.clone();
+        let url = format!("{}/jobs", s.base);
+        let spec = spec.clone();
+        async move {
+            c.post(url)
+                .json(&spec)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    });
+    let jobs: Vec<Value> = futures::future::join_all(posts).await;
+    let ids: Vec<String> = jobs
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let list: Value = c
+            .get(format!("{}/jobs?status=succeeded&limit=100", s.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if list["data"].as_array().unwrap().len() == 50 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "jobs did not all finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut workers = std::collections::HashSet::new();
+    for id in &ids {
+        let ev: Value = c
+            .get(format!("{}/jobs/{id}/events?limit=1000", s.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ev = ev["data"].as_array().unwrap();
+        let running: Vec<&Value> = ev
+            .iter()
+            .filter(|e| e["type"] == "status" && e["data"]["status"] == "running")
+            .collect();
+        assert_eq!(running.len(), 1, "{id} ran exactly once");
+        workers.insert(running[0]["data"]["worker"].as_str().unwrap().to_string());
+        assert_eq!(
+            ev.iter().filter(|e| e["type"] == "metrics").count(),
+            1,
+            "{id}: one step"
+        );
+    }
+    assert_eq!(workers.len(), 2, "both workers took jobs");
+    s.stop.cancel();
+    s.task.await.unwrap();
+}
+
+/// The server as a child process, so it can be killed with SIGKILL.
+struct Child {
+    child: std::process::Child,
+    base: String,
+}
+
+fn spawn_server(port: u16, data: &Path, models: &Path) -> Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qlorad"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(data)
+        .arg("--model-root")
+        .arg(models)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Child {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+async fn wait_healthy(c: &reqwest::Client, base: &str) {
+    for _ in 0..200 {
+        if c.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server at {base} did not come up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    tiny_model(&models);
+    let data = tmp.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = reqwest::Client::new();
+
+    let mut server = spawn_server(port, &data, &models);
+    wait_healthy(&c, &server.base).await;
+    let file: Value = c
+        .post(format!("{}/files", server.base))
+        .body(DATA)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let spec = json!({"model": "tiny", "training_file": file["id"], "checkpoint_every": 5,
+        "hyperparameters": {"max_steps": 40, "batch_size": 3}, "lora": {"r": 4}});
+    let job: Value = c
+        .post(format!("{}/jobs", server.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut first_checkpoint = 0;
+    for _ in 0..2000 {
+        let cps: Value = c
+            .get(format!("{}/jobs/{id}/checkpoints", server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(cp) = cps["data"].as_array().unwrap().first() {
+            first_checkpoint = cp["step"].as_i64().unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(first_checkpoint > 0, "a checkpoint was written");
+    server.child.kill().unwrap(); // SIGKILL: no chance to checkpoint or requeue
+    server.child.wait().unwrap();
+
+    let mut server = spawn_server(port, &data, &models);
+    wait_healthy(&c, &server.base).await;
+    let mut status = Value::Null;
+    for _ in 0..1200 {
+        status = c
+            .get(format!("{}/jobs/{id}", server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["status"] == "succeeded" || status["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert_eq!(status["attempts"], 2);
+    let ev: Value = c
+        .get(format!("{}/jobs/{id}/events?limit=1000", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ev = ev["data"].as_array().unwrap();
+    let seqs: Vec<i64> = ev.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "events have no gap and no duplicate"
+    );
+    let at = ev
+        .iter()
+        .position(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("resumed from checkpoint"))
+        })
+        .expect("a resume event");
+    let resumed_at = ev[at]["data"]["step"].as_i64().unwrap();
+    assert!(resumed_at >= first_checkpoint);
+    let steps: Vec<i64> = ev
+        .iter()
+        .filter(|e| e["type"] == "metrics")
+        .filter_map(|e| e["data"]["step"].as_i64())
+        .collect();
+    for s in 1..=resumed_at {
+        assert_eq!(
+            steps.iter().filter(|&&x| x == s).count(),
+            1,
+            "step {s} (before the checkpoint) ran once: {steps:?}"
+        );
+    }
+    let after: Vec<i64> = ev[at..]
+        .iter()
+        .filter(|e| e["type"] == "metrics")
+        .filter_map(|e| e["data"]["step"].as_i64())
+        .collect();
+    assert_eq!(
+        after,
+        (resumed_at + 1..=40).collect::<Vec<_>>(),
+        "the restarted run continues from the checkpoint"
+    );
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}
