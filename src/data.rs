@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 pub use batch::{Batch, Batcher};
 pub use encode::{encode_dataset, DatasetSummary, EncodeOptions, Example};
-pub use records::{read_records, DataFormat, Message, Sample};
+pub use records::{read_records, visit_records, DataFormat, Message, Sample};
 pub use template::ChatTemplate;
 pub use tokenizer::TextTokenizer;
 

@@ -113,24 +113,25 @@ pub async fn files_create(
             None => None,
         };
         let check = partial.clone();
-        let (format, samples) =
-            tokio::task::spawn_blocking(move || crate::data::read_records(&check, format))
-                .await
-                .map_err(internal)?
-                .map_err(|e| {
-                    ApiError::bad(
-                        "invalid_file",
-                        e.to_string()
-                            .replace(&partial.display().to_string(), &filename),
-                        Some("file"),
-                    )
-                })?;
+        let (format, examples) = tokio::task::spawn_blocking(move || {
+            crate::data::visit_records(&check, format, |_, _| Ok(()))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| {
+            ApiError::bad(
+                "invalid_file",
+                e.to_string()
+                    .replace(&partial.display().to_string(), &filename),
+                Some("file"),
+            )
+        })?;
         let row = FileRow {
             id: id.clone(),
             filename,
             bytes: bytes as i64,
             format: format.as_str().into(),
-            examples: samples.len() as i64,
+            examples: examples as i64,
             created_at: crate::jobs::now(),
         };
         tokio::fs::rename(&partial, file_path(&state.config, &id))

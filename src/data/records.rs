@@ -257,48 +257,48 @@ pub fn read_records(
     path: &Path,
     format: Option<DataFormat>,
 ) -> Result<(DataFormat, Vec<(Position, Sample)>)> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+    let mut samples = Vec::new();
+    let (format, _) = visit_records(path, format, |at, s| {
+        samples.push((at, s));
+        Ok(())
+    })?;
+    Ok((format, samples))
+}
+
+/// Check every record, handing each to `f`, without holding the file in memory for JSONL (a JSON
+/// array is parsed whole). Returns the format and the number of records.
+pub fn visit_records(
+    path: &Path,
+    format: Option<DataFormat>,
+    mut f: impl FnMut(Position, Sample) -> Result<()>,
+) -> Result<(DataFormat, usize)> {
+    use std::io::{BufRead, Read};
+    let io = |source| DataError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let mut raw: Vec<(Position, Value)> = Vec::new();
-    if text.trim_start().starts_with('[') {
-        let v: Value = serde_json::from_str(&text).map_err(|e| DataError::Record {
-            path: path.to_path_buf(),
-            at: Position::Line(e.line()),
-            message: format!("invalid JSON: {e}"),
-        })?;
-        let Value::Array(items) = v else {
-            unreachable!("starts with [")
-        };
-        raw.extend(
-            items
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| (Position::Index(i), v)),
-        );
-    } else {
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let starts_with_bracket = loop {
+        let buf = reader.fill_buf().map_err(io)?;
+        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(i) => {
+                let c = buf[i];
+                reader.consume(i);
+                break c == b'[';
             }
-            let v: Value = serde_json::from_str(line).map_err(|e| DataError::Record {
-                path: path.to_path_buf(),
-                at: Position::Line(i + 1),
-                message: format!("invalid JSON: {e}"),
-            })?;
-            raw.push((Position::Line(i + 1), v));
+            None if buf.is_empty() => break false,
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
         }
-    }
-    if raw.is_empty() {
-        return Err(DataError::File {
-            path: path.to_path_buf(),
-            message: "the dataset has no records".into(),
-        });
-    }
-    let mut format = format;
-    let mut samples = Vec::with_capacity(raw.len());
-    for (at, v) in raw {
+    };
+    let mut state = (format, 0usize);
+    let mut handle = |at: Position,
+                      v: Value,
+                      state: &mut (Option<DataFormat>, usize)|
+     -> Result<()> {
         let ctx = Ctx { path, at };
         let Value::Object(obj) = v else {
             return Err(DataError::Record {
@@ -307,10 +307,10 @@ pub fn read_records(
                 message: format!("must be a JSON object, found {}", kind(&v)),
             });
         };
-        let f = match format {
-            Some(f) => f,
+        let fmt = match state.0 {
+            Some(fmt) => fmt,
             None => {
-                let f = detect(&obj).ok_or_else(|| DataError::Record {
+                let fmt = detect(&obj).ok_or_else(|| DataError::Record {
                     path: path.to_path_buf(),
                     at,
                     message: format!(
@@ -318,11 +318,52 @@ pub fn read_records(
                         obj.keys().collect::<Vec<_>>()
                     ),
                 })?;
-                format = Some(f);
-                f
+                state.0 = Some(fmt);
+                fmt
             }
         };
-        samples.push((at, parse_sample(&obj, f, &ctx)?));
+        state.1 += 1;
+        f(at, parse_sample(&obj, fmt, &ctx)?)
+    };
+    if starts_with_bracket {
+        let mut text = String::new();
+        reader.read_to_string(&mut text).map_err(io)?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| DataError::Record {
+            path: path.to_path_buf(),
+            at: Position::Line(e.line()),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        let Value::Array(items) = v else {
+            unreachable!("starts with [")
+        };
+        for (i, v) in items.into_iter().enumerate() {
+            handle(Position::Index(i), v, &mut state)?;
+        }
+    } else {
+        let mut line = String::new();
+        let mut n = 0;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).map_err(io)? == 0 {
+                break;
+            }
+            n += 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|e| DataError::Record {
+                path: path.to_path_buf(),
+                at: Position::Line(n),
+                message: format!("invalid JSON: {e}"),
+            })?;
+            handle(Position::Line(n), v, &mut state)?;
+        }
     }
-    Ok((format.expect("set by the first record"), samples))
+    match state {
+        (Some(fmt), count) if count > 0 => Ok((fmt, count)),
+        _ => Err(DataError::File {
+            path: path.to_path_buf(),
+            message: "the dataset has no records".into(),
+        }),
+    }
 }
