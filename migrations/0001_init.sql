@@ -4,6 +4,8 @@ CREATE TABLE files (
     bytes       INTEGER NOT NULL,
     format      TEXT NOT NULL,
     examples    INTEGER NOT NULL,
+    -- counted with a model's tokenizer when the upload names one (?model=)
+    tokens      INTEGER,
     created_at  INTEGER NOT NULL
 );
 

@@ -684,3 +684,41 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
     server.child.kill().unwrap();
     server.child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_checkpoints_and_requeues_running_jobs() {
+    let s = start(&["cpu"]).await;
+    let c = reqwest::Client::new();
+    let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
+    let spec = json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"max_steps": 100000, "batch_size": 3}});
+    let job: Value = c
+        .post(format!("{}/jobs", s.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    for _ in 0..600 {
+        if job_status(&c, &s, &id).await["progress"]["step"]
+            .as_i64()
+            .unwrap_or(0)
+            >= 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.stop.cancel(); // what SIGINT/SIGTERM do
+    s.task.await.unwrap();
+    let store = qlorad::jobs::Store::open(&s.data).await.unwrap();
+    let j = store.job(&id).await.unwrap();
+    assert_eq!(j.status, qlorad::jobs::Status::Queued, "back in the queue");
+    assert_eq!(
+        store.checkpoints(&id).await.unwrap().len(),
+        1,
+        "checkpointed on the way out"
+    );
+}

@@ -17,6 +17,8 @@ use crate::jobs::worker::file_path;
 pub struct UploadQuery {
     filename: Option<String>,
     format: Option<String>,
+    /// A model (as in `GET /models`) whose tokenizer counts the upload's tokens.
+    model: Option<String>,
 }
 
 async fn write_stream<S, E>(path: &std::path::Path, mut stream: S, limit: u64) -> ApiResult<u64>
@@ -126,12 +128,50 @@ pub async fn files_create(
                 Some("file"),
             )
         })?;
+        let tokens = match &q.model {
+            Some(m) => {
+                let dir =
+                    crate::jobs::worker::resolve_model(&state.config, m).ok_or_else(|| {
+                        ApiError::bad(
+                            "unknown_model",
+                            format!("model {m:?} is not in the model roots"),
+                            Some("model"),
+                        )
+                    })?;
+                let check = partial.clone();
+                let fmt = Some(format);
+                let counted = tokio::task::spawn_blocking(move || -> Result<usize, String> {
+                    let tok = crate::data::TextTokenizer::load(&dir).map_err(|e| e.to_string())?;
+                    let opts = crate::data::EncodeOptions {
+                        format: fmt,
+                        max_seq_len: usize::MAX,
+                        train_on_prompt: false,
+                    };
+                    Ok(crate::data::encode_dataset(&check, &tok, &opts)
+                        .map_err(|e| e.to_string())?
+                        .1
+                        .tokens)
+                })
+                .await
+                .map_err(internal)?
+                .map_err(|e| {
+                    ApiError::bad(
+                        "invalid_file",
+                        e.replace(&partial.display().to_string(), &filename),
+                        Some("file"),
+                    )
+                })?;
+                Some(counted as i64)
+            }
+            None => None,
+        };
         let row = FileRow {
             id: id.clone(),
             filename,
             bytes: bytes as i64,
             format: format.as_str().into(),
             examples: examples as i64,
+            tokens,
             created_at: crate::jobs::now(),
         };
         tokio::fs::rename(&partial, file_path(&state.config, &id))

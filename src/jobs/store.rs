@@ -21,6 +21,7 @@ pub struct FileRow {
     pub bytes: i64,
     pub format: String,
     pub examples: i64,
+    pub tokens: Option<i64>,
     pub created_at: i64,
 }
 
@@ -108,12 +109,13 @@ impl Store {
     }
 
     pub async fn insert_file(&self, f: &FileRow) -> Result<()> {
-        sqlx::query("INSERT INTO files (id, filename, bytes, format, examples, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO files (id, filename, bytes, format, examples, tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(&f.id)
             .bind(&f.filename)
             .bind(f.bytes)
             .bind(&f.format)
             .bind(f.examples)
+            .bind(f.tokens)
             .bind(f.created_at)
             .execute(&self.pool)
             .await?;
@@ -121,7 +123,7 @@ impl Store {
     }
 
     pub async fn files(&self) -> Result<Vec<FileRow>> {
-        let rows = sqlx::query("SELECT id, filename, bytes, format, examples, created_at FROM files ORDER BY created_at DESC, id")
+        let rows = sqlx::query("SELECT id, filename, bytes, format, examples, tokens, created_at FROM files ORDER BY created_at DESC, id")
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -132,6 +134,7 @@ impl Store {
                     bytes: r.try_get("bytes")?,
                     format: r.try_get("format")?,
                     examples: r.try_get("examples")?,
+                    tokens: r.try_get("tokens")?,
                     created_at: r.try_get("created_at")?,
                 })
             })
