@@ -1,9 +1,9 @@
 //! The command line end to end: train (with checkpoints, metrics and resume), eval, generate.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
-
-use qlorad::model::random::RandomLlama;
 
 fn qlorad(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qlorad"))
@@ -21,25 +21,7 @@ fn text(o: &Output) -> String {
 }
 
 fn setup(dir: &Path) {
-    let model = dir.join("model");
-    RandomLlama {
-        vocab_size: 512,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        tie_word_embeddings: true,
-        dtype: safetensors::Dtype::F32,
-        seed: 4,
-    }
-    .write(&model)
-    .unwrap();
-    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tok-chatml");
-    for f in std::fs::read_dir(&tok).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), model.join(f.file_name())).unwrap();
-    }
+    common::tiny_model(&dir.join("model"), "tok-chatml");
     let rows = [
         ("Capital of France?", "Paris."),
         ("Say hello.", "Hello!"),

@@ -2,6 +2,10 @@
 //! bytes; the GGUF LoRA; merged safetensors. Fixtures: `scripts/gen_export_fixtures.py`
 //! (convert_hf_to_gguf.py / convert_lora_to_gguf.py of llama-cpp-python 0.3.36's llama.cpp).
 
+mod common;
+
+use common::rel;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -153,28 +157,6 @@ fn logits(dir: &Path, adapter: Option<&Path>) -> Tensor {
     }
     let ids = Tensor::new(&[[0u32, 17, 99, 250, 3, 311, 42]], &Device::Cpu).unwrap();
     m.forward(&ids, None, None).unwrap()
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

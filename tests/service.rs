@@ -1,11 +1,12 @@
 //! The service end to end over real HTTP, a real SQLite file and a tiny generated model.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::StreamExt;
 use qlorad::config::{Config, Overrides};
-use qlorad::model::random::RandomLlama;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -18,25 +19,7 @@ struct Server {
 }
 
 fn tiny_model(root: &Path) {
-    let dir = root.join("tiny");
-    RandomLlama {
-        vocab_size: 512,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        tie_word_embeddings: true,
-        dtype: safetensors::Dtype::F32,
-        seed: 4,
-    }
-    .write(&dir)
-    .unwrap();
-    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tok-chatml");
-    for f in std::fs::read_dir(&tok).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
-    }
+    common::tiny_model(&root.join("tiny"), "tok-chatml");
 }
 
 async fn start(workers: &[&str]) -> Server {

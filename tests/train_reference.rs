@@ -1,6 +1,10 @@
 //! Training: loss parity with PEFT + torch over 20 steps, exact resume, and a model that learns.
 //! Fixture: `scripts/gen_train_fixture.py` (torch 2.15.0, transformers 5.24.0, peft 0.21.2).
 
+mod common;
+
+use common::rel;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -8,7 +12,6 @@ use candle_core::{Device, Tensor};
 use qlorad::data::{encode_dataset, EncodeOptions, Example, TextTokenizer};
 use qlorad::lora::{LoraConfig, TargetModules};
 use qlorad::model::llama::{CausalLm, LoadOptions};
-use qlorad::model::random::RandomLlama;
 use qlorad::model::WeightFiles;
 use qlorad::rng::Rng;
 use qlorad::train::{Hyperparameters, Schedule, TrainEvent, Trainer, TrainerOptions};
@@ -85,28 +88,6 @@ fn step_losses(events: &[TrainEvent]) -> Vec<(usize, f32, f64, f32)> {
             _ => None,
         })
         .collect()
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
@@ -273,33 +254,11 @@ fn cancel_checkpoints_and_stops() {
         .exists());
 }
 
-/// A random-weight Llama whose vocabulary fits the fixture tokenizer.
-fn tiny_model(dir: &Path, vocab: usize) {
-    RandomLlama {
-        vocab_size: vocab,
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        tie_word_embeddings: true,
-        dtype: safetensors::Dtype::F32,
-        seed: 4,
-    }
-    .write(dir)
-    .unwrap();
-    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tok-chatml");
-    for f in std::fs::read_dir(&tok).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
-    }
-}
-
 #[test]
 fn a_tiny_model_learns_a_fixed_mapping() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
-    tiny_model(&dir, 512);
+    common::tiny_model(&dir, "tok-chatml");
     let data = tmp.path().join("facts.jsonl");
     let facts = [
         ("Capital of France?", " Paris."),
