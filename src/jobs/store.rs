@@ -123,9 +123,24 @@ impl Store {
     }
 
     pub async fn files(&self) -> Result<Vec<FileRow>> {
-        let rows = sqlx::query("SELECT id, filename, bytes, format, examples, tokens, created_at FROM files ORDER BY created_at DESC, id")
-            .fetch_all(&self.pool)
-            .await?;
+        self.select_files(None).await
+    }
+
+    pub async fn file(&self, id: &str) -> Result<FileRow> {
+        self.select_files(Some(id))
+            .await?
+            .pop()
+            .ok_or_else(|| JobsError::NotFound(format!("file {id}")))
+    }
+
+    async fn select_files(&self, id: Option<&str>) -> Result<Vec<FileRow>> {
+        let rows = sqlx::query(
+            "SELECT id, filename, bytes, format, examples, tokens, created_at FROM files \
+             WHERE ?1 IS NULL OR id = ?1 ORDER BY created_at DESC, id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(FileRow {
@@ -139,14 +154,6 @@ impl Store {
                 })
             })
             .collect()
-    }
-
-    pub async fn file(&self, id: &str) -> Result<FileRow> {
-        self.files()
-            .await?
-            .into_iter()
-            .find(|f| f.id == id)
-            .ok_or_else(|| JobsError::NotFound(format!("file {id}")))
     }
 
     /// Delete a file unless a queued or running job uses it (checked in the same statement).
