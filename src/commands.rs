@@ -21,25 +21,12 @@ use crate::train::{
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
-/// `cpu` or `cuda:N`.
+/// `cpu` or `cuda:N`, as a candle device.
 pub fn device(name: &str) -> Result<Device> {
-    if name == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let ordinal = name
-        .strip_prefix("cuda:")
-        .and_then(|n| n.parse::<usize>().ok())
-        .ok_or_else(|| TrainError::Spec {
-            field: "device".into(),
-            message: format!("{name:?}: expected cpu or cuda:N"),
-        })?;
-    if !cfg!(feature = "cuda") {
-        return Err(TrainError::Spec {
-            field: "device".into(),
-            message: format!("{name}: this qlorad was built without the cuda feature"),
-        });
-    }
-    Ok(Device::new_cuda(ordinal)?)
+    crate::model::parse_device(name).map_err(|message| TrainError::Spec {
+        field: "device".into(),
+        message,
+    })
 }
 
 fn encode_options(spec: &JobSpec) -> EncodeOptions {

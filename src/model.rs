@@ -84,3 +84,20 @@ pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
         source,
     })
 }
+
+/// `cpu` or `cuda:N` as a candle device; CUDA only in builds with the `cuda` feature.
+pub fn parse_device(name: &str) -> std::result::Result<candle_core::Device, String> {
+    if name == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = name
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse::<usize>().ok())
+        .ok_or_else(|| format!("{name:?}: expected cpu or cuda:N"))?;
+    if !cfg!(feature = "cuda") {
+        return Err(format!(
+            "{name}: this qlorad was built without the cuda feature"
+        ));
+    }
+    candle_core::Device::new_cuda(ordinal).map_err(|e| format!("{name}: {e}"))
+}

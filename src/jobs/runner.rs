@@ -8,7 +8,6 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::commands;
 use crate::data::{encode_dataset, EncodeOptions, TextTokenizer};
 use crate::export::{export_all, MergeBase, Outputs};
 use crate::train::{checkpoint, JobSpec, TrainEvent, TrainOutcome, Trainer, TrainerOptions};
@@ -86,7 +85,7 @@ fn run_inner(
     let load = crate::model::llama::LoadOptions {
         quant: spec.quantization.config(),
         dtype: spec.quantization.dtype(),
-        device: commands::device(&spec.device).map_err(|e| e.to_string())?,
+        device: crate::model::parse_device(&spec.device)?,
         gradient_checkpointing: spec.hyperparameters.gradient_checkpointing,
     };
     let mut model =
