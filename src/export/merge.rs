@@ -451,6 +451,20 @@ fn permute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape(dims)
 }
 
+/// Rows of `module`'s output in the order llama.cpp expects: Q and K permuted for llama.
+fn llama_cpp_row_order(c: &ModelConfig, module: &str, t: Tensor) -> candle_core::Result<Tensor> {
+    if arch_name(c.arch) != "llama" {
+        return Ok(t);
+    }
+    if module.ends_with("self_attn.q_proj") {
+        permute_rows(&t, c.num_attention_heads)
+    } else if module.ends_with("self_attn.k_proj") {
+        permute_rows(&t, c.num_key_value_heads)
+    } else {
+        Ok(t)
+    }
+}
+
 fn arch_name(a: Arch) -> &'static str {
     match a {
         Arch::Llama | Arch::Mistral => "llama",
@@ -615,14 +629,8 @@ pub fn export_gguf(
                 .flat_map(|x| x.to_le_bytes())
                 .collect(),
             Some(hf) => {
-                let mut t = src.tensor(hf)?;
-                if arch_name(c.arch) == "llama" {
-                    if hf.ends_with("self_attn.q_proj.weight") {
-                        t = permute_rows(&t, c.num_attention_heads)?;
-                    } else if hf.ends_with("self_attn.k_proj.weight") {
-                        t = permute_rows(&t, c.num_key_value_heads)?;
-                    }
-                }
+                let module = hf.strip_suffix(".weight").unwrap_or(hf);
+                let t = llama_cpp_row_order(c, module, src.tensor(hf)?)?;
                 ggml_bytes(&t, decl.dtype)?
             }
         };
@@ -657,14 +665,8 @@ pub fn export_gguf_lora(src: &MergeSource, out: &Path) -> Result<()> {
     for (module, (am, bm)) in &src.adapter {
         let (g, _) = gguf_name(&format!("{module}.weight"))
             .ok_or_else(|| ExportError::Invalid(format!("{module}: no GGUF name")))?;
-        let mut b = bm.clone();
-        if a == "llama" {
-            if module.ends_with("self_attn.q_proj") {
-                b = permute_rows(&b, c.num_attention_heads)?;
-            } else if module.ends_with("self_attn.k_proj") {
-                b = permute_rows(&b, c.num_key_value_heads)?;
-            }
-        }
+        // B's rows are the layer's output rows, so they take the same order as the weight.
+        let b = llama_cpp_row_order(c, module, bm.clone())?;
         plan.push((
             TensorDecl {
                 name: format!("{g}.lora_a"),
