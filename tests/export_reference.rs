@@ -269,3 +269,34 @@ fn bad_exports_are_clear_errors_and_leave_no_file() {
         "the partial file is removed"
     );
 }
+
+#[test]
+fn a_bnb_4bit_base_exports_its_dequantized_weights() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let src = MergeSource::open(&models.join("llama-bnb-nf4"), None, MergeBase::Original).unwrap();
+    let name = "model.layers.1.mlp.down_proj.weight";
+    assert_eq!(src.shape(name).unwrap(), vec![64, 160]);
+    assert_eq!(
+        src.dtype(name).unwrap(),
+        DType::BF16,
+        "the dtype it was quantized from"
+    );
+    assert!(
+        !src.names().iter().any(|n| n.contains("absmax")),
+        "auxiliary tensors are folded in"
+    );
+    let want =
+        qlorad::model::WeightFiles::open_file(&models.join("llama-bnb-nf4.dequant.safetensors"))
+            .unwrap();
+    let want: Vec<half::bf16> = bytemuck::pod_collect_to_vec(want.tensor(name).unwrap().data());
+    let got = src
+        .tensor(name)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<half::bf16>()
+        .unwrap();
+    assert_eq!(got, want);
+}

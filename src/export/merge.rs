@@ -14,8 +14,10 @@ use crate::lora::{peft, LoraConfig};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::weights::{view_to_tensor, WeightFiles};
 use crate::model::SafetensorsWriter;
-use crate::quant::bnb::{from_bnb_tensors, is_aux_key, parse_quantization_config};
-use crate::quant::{FloatSlice, Nf4Tensor, QuantConfig};
+use crate::quant::bnb::{
+    from_bnb_tensors, is_aux_key, parse_quantization_config, read_quant_state, QuantStateJson,
+};
+use crate::quant::{FloatDType, FloatSlice, Nf4Tensor, QuantConfig};
 
 /// What the adapter is merged into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,17 +95,18 @@ impl MergeSource {
         Ok(source)
     }
 
+    /// The quant state of a 4-bit weight (read from its small JSON tensor only).
+    fn quant_state(&self, name: &str) -> Result<Option<QuantStateJson>> {
+        read_quant_state(name, |k| self.weights.get(k))
+            .map(|o| o.map(|(_, s)| s))
+            .map_err(|e| ExportError::Invalid(e.to_string()))
+    }
+
     fn weight_shape(&self, name: &str) -> Option<Vec<usize>> {
-        let quantized = ["nf4", "fp4"].iter().any(|q| {
-            self.weights
-                .contains(&format!("{name}.quant_state.bitsandbytes__{q}"))
-        });
-        if self.prequantized && quantized {
-            if let Ok(q) = from_bnb_tensors(name, |k| self.weights.get(k), &Device::Cpu) {
-                return Some(q.shape().dims().to_vec());
-            }
+        match self.quant_state(name) {
+            Ok(Some(state)) => Some(state.shape),
+            _ => self.weights.get(name).map(|v| v.shape().to_vec()),
         }
-        self.weights.get(name).map(|v| v.shape().to_vec())
     }
 
     /// Hugging Face tensor names in file order, auxiliary 4-bit tensors folded into their weight.
@@ -117,13 +120,12 @@ impl MergeSource {
 
     /// The stored dtype of a tensor (for 4-bit weights, the dtype they were quantized from).
     pub fn dtype(&self, name: &str) -> Result<DType> {
-        let v = self.weights.tensor(name)?;
-        if v.dtype() == Dtype::U8 {
-            let q = from_bnb_tensors(name, |k| self.weights.get(k), &Device::Cpu)
-                .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?;
-            return Ok(q.dtype().to_candle());
+        if let Some(state) = self.quant_state(name)? {
+            return FloatDType::from_torch_name(&state.dtype)
+                .map(FloatDType::to_candle)
+                .map_err(|e| ExportError::Invalid(format!("{name}: {e}")));
         }
-        st_dtype(v.dtype())
+        st_dtype(self.weights.tensor(name)?.dtype())
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
@@ -134,7 +136,7 @@ impl MergeSource {
     /// The tensor in f32 with the adapter merged if it has one.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let v = self.weights.tensor(name)?;
-        let mut t = if v.dtype() == Dtype::U8 {
+        let mut t = if self.quant_state(name)?.is_some() {
             let q = from_bnb_tensors(name, |k| self.weights.get(k), &Device::Cpu)
                 .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?;
             q.dequantize(DType::F32)

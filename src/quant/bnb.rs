@@ -220,6 +220,29 @@ fn read_f32s(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
         .collect())
 }
 
+/// The quant-state JSON of the 4-bit weight `name`, if it has one: shape and original dtype
+/// without touching the packed data.
+pub fn read_quant_state<'a>(
+    name: &str,
+    get: impl Fn(&str) -> Option<TensorView<'a>>,
+) -> Result<Option<(QuantType, QuantStateJson)>> {
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        let key = format!("{name}{}", quant_state_suffix(qt));
+        if let Some(view) = get(&key) {
+            let state: QuantStateJson = serde_json::from_slice(view.data())
+                .map_err(|e| invalid(&key, format_args!("unreadable quant state JSON: {e}")))?;
+            if state.quant_type != qt.as_str() {
+                return Err(invalid(
+                    &key,
+                    format_args!("says quant_type {:?}", state.quant_type),
+                ));
+            }
+            return Ok(Some((qt, state)));
+        }
+    }
+    Ok(None)
+}
+
 /// Read the 4-bit weight `name` from a bitsandbytes checkpoint. `get` looks a tensor up by name
 /// (across shards if need be). Every inconsistency is an error naming the tensor.
 pub fn from_bnb_tensors<'a>(
@@ -231,22 +254,9 @@ pub fn from_bnb_tensors<'a>(
         let key = format!("{name}{suffix}");
         get(&key).ok_or_else(|| invalid(&key, "missing from the checkpoint"))
     };
-    let (state_key, quant_type) = [QuantType::Nf4, QuantType::Fp4]
-        .into_iter()
-        .find_map(|qt| {
-            let key = format!("{name}{}", quant_state_suffix(qt));
-            get(&key).map(|v| ((key, v), qt))
-        })
+    let (quant_type, state) = read_quant_state(name, &get)?
         .ok_or_else(|| invalid(name, "no quant_state.bitsandbytes__nf4 or __fp4 tensor"))?;
-    let (state_key, state_view) = state_key;
-    let state: QuantStateJson = serde_json::from_slice(state_view.data())
-        .map_err(|e| invalid(&state_key, format_args!("unreadable quant state JSON: {e}")))?;
-    if state.quant_type != quant_type.as_str() {
-        return Err(invalid(
-            &state_key,
-            format_args!("says quant_type {:?}", state.quant_type),
-        ));
-    }
+    let state_key = format!("{name}{}", quant_state_suffix(quant_type));
     let dtype = FloatDType::from_torch_name(&state.dtype).map_err(|e| invalid(&state_key, e))?;
     super::check_block_size(state.blocksize).map_err(|e| invalid(&state_key, e))?;
 
