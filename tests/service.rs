@@ -76,6 +76,33 @@ async fn job_status(c: &reqwest::Client, s: &Server, id: &str) -> Value {
         .unwrap()
 }
 
+/// Start a job that runs far longer than any test and wait until it has taken two steps.
+async fn running_job(c: &reqwest::Client, s: &Server) -> String {
+    let file: Value = upload(c, s, DATA).await.json().await.unwrap();
+    let spec = json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"max_steps": 100000, "batch_size": 3}});
+    let job: Value = c
+        .post(format!("{}/jobs", s.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    for _ in 0..600 {
+        if job_status(c, s, &id).await["progress"]["step"]
+            .as_i64()
+            .unwrap_or(0)
+            >= 2
+        {
+            return id;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} did not start");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_upload_train_stream_download() {
     let s = start(&["cpu"]).await;
@@ -374,28 +401,7 @@ async fn bad_input_gets_a_4xx_naming_the_problem() {
 async fn cancel_stops_a_running_job_and_keeps_its_checkpoints() {
     let s = start(&["cpu"]).await;
     let c = reqwest::Client::new();
-    let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
-    let spec = json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"max_steps": 100000, "batch_size": 3}});
-    let job: Value = c
-        .post(format!("{}/jobs", s.base))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = job["id"].as_str().unwrap();
-    for _ in 0..600 {
-        if job_status(&c, &s, id).await["progress"]["step"]
-            .as_i64()
-            .unwrap_or(0)
-            >= 2
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let id = running_job(&c, &s).await;
     let r = c
         .post(format!("{}/jobs/{id}/cancel", s.base))
         .send()
@@ -404,7 +410,7 @@ async fn cancel_stops_a_running_job_and_keeps_its_checkpoints() {
     assert_eq!(r.status(), 200);
     let mut status = Value::Null;
     for _ in 0..600 {
-        status = job_status(&c, &s, id).await;
+        status = job_status(&c, &s, &id).await;
         if status["status"] == "cancelled" {
             break;
         }
@@ -672,28 +678,7 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
 async fn graceful_shutdown_checkpoints_and_requeues_running_jobs() {
     let s = start(&["cpu"]).await;
     let c = reqwest::Client::new();
-    let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
-    let spec = json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"max_steps": 100000, "batch_size": 3}});
-    let job: Value = c
-        .post(format!("{}/jobs", s.base))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = job["id"].as_str().unwrap().to_string();
-    for _ in 0..600 {
-        if job_status(&c, &s, &id).await["progress"]["step"]
-            .as_i64()
-            .unwrap_or(0)
-            >= 2
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let id = running_job(&c, &s).await;
     s.stop.cancel(); // what SIGINT/SIGTERM do
     s.task.await.unwrap();
     let store = qlorad::jobs::Store::open(&s.data).await.unwrap();

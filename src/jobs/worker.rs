@@ -215,68 +215,51 @@ async fn run_claimed(
         .unwrap_or_else(|_| RunOutcome::Failed("the training thread panicked".into()));
     match outcome {
         RunOutcome::Succeeded => {
-            if store.finish(id, worker, Status::Succeeded, None).await? {
-                record(
-                    store,
-                    hub,
-                    id,
-                    "status",
-                    "info",
-                    "succeeded",
-                    serde_json::json!({"status": "succeeded"}),
-                )
-                .await?;
-            }
+            transition(store, hub, id, worker, Status::Succeeded, "succeeded", None).await
         }
+        // Shutdown: the job checkpointed and waits for the next start.
         RunOutcome::Stopped if shutting_down => {
-            if store.finish(id, worker, Status::Queued, None).await? {
-                record(
-                    store,
-                    hub,
-                    id,
-                    "status",
-                    "info",
-                    "queued (server shutting down; resumes from its checkpoint)",
-                    serde_json::json!({"status": "queued"}),
-                )
-                .await?;
-            }
+            let msg = "queued (server shutting down; resumes from its checkpoint)";
+            transition(store, hub, id, worker, Status::Queued, msg, None).await
         }
         RunOutcome::Stopped => {
-            if store.finish(id, worker, Status::Cancelled, None).await? {
-                record(
-                    store,
-                    hub,
-                    id,
-                    "status",
-                    "info",
-                    "cancelled",
-                    serde_json::json!({"status": "cancelled"}),
-                )
-                .await?;
-            }
+            transition(store, hub, id, worker, Status::Cancelled, "cancelled", None).await
         }
-        RunOutcome::Failed(e) => fail(store, hub, id, worker, &e).await?,
+        RunOutcome::Failed(e) => fail(store, hub, id, worker, &e).await,
     }
-    Ok(())
 }
 
 async fn fail(store: &Store, hub: &EventHub, id: &str, worker: &str, error: &str) -> Result<()> {
     warn!(job.id = %id, error, "job failed");
-    if store
-        .finish(id, worker, Status::Failed, Some(error))
-        .await?
-    {
-        record(
-            store,
-            hub,
-            id,
-            "status",
-            "error",
-            &format!("failed: {error}"),
-            serde_json::json!({"status": "failed", "error": error}),
-        )
-        .await?;
+    transition(
+        store,
+        hub,
+        id,
+        worker,
+        Status::Failed,
+        &format!("failed: {error}"),
+        Some(error),
+    )
+    .await
+}
+
+/// Move the job out of `running` and, if it was still ours, record the status event.
+async fn transition(
+    store: &Store,
+    hub: &EventHub,
+    id: &str,
+    worker: &str,
+    to: Status,
+    message: &str,
+    error: Option<&str>,
+) -> Result<()> {
+    if store.finish(id, worker, to, error).await? {
+        let mut data = serde_json::json!({"status": to.as_str()});
+        if let Some(e) = error {
+            data["error"] = e.into();
+        }
+        let level = if error.is_some() { "error" } else { "info" };
+        record(store, hub, id, "status", level, message, data).await?;
     }
     Ok(())
 }

@@ -124,6 +124,17 @@ mod tests {
     use crate::quant::QuantConfig;
     use candle_core::{DType, Device, Var};
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     fn setup() -> (Tensor, Arc<Nf4Tensor>, Tensor) {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.5, (24, 64), &dev).unwrap();
@@ -138,14 +149,7 @@ mod tests {
         let (x, q, wd) = setup();
         let y = linear_4bit(&x, &q).unwrap();
         let want = x.broadcast_matmul(&wd.t().unwrap()).unwrap();
-        let diff = (y - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&y, &want);
         assert!(diff < 1e-6, "{diff}");
     }
 
@@ -167,14 +171,7 @@ mod tests {
             .unwrap();
         let gd = dense.backward().unwrap();
         let want = gd.get(xv.as_tensor()).unwrap();
-        let diff = (gx - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(gx, want);
         assert!(diff < 1e-5, "{diff}");
 
         // central finite difference on one coordinate
@@ -212,14 +209,7 @@ mod tests {
             .unwrap()
             .broadcast_matmul(&wd.t().unwrap())
             .unwrap();
-        let diff = (y - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&y, &want);
         assert!(diff < 1e-6, "{diff}");
     }
 }
