@@ -690,3 +690,55 @@ async fn graceful_shutdown_checkpoints_and_requeues_running_jobs() {
         "checkpointed on the way out"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_is_cancelled_at_once_and_only_once() {
+    let s = start(&[]).await; // no workers: the job stays queued
+    let c = reqwest::Client::new();
+    let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
+    let spec = json!({"model": "tiny", "training_file": file["id"]});
+    let job: Value = c
+        .post(format!("{}/jobs", s.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    for _ in 0..2 {
+        let r: Value = c
+            .post(format!("{}/jobs/{id}/cancel", s.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["status"], "cancelled");
+    }
+    let ev: Value = c
+        .get(format!("{}/jobs/{id}/events", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let statuses: Vec<&str> = ev["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["data"]["status"].as_str())
+        .collect();
+    assert_eq!(statuses, vec!["queued", "cancelled"]);
+    let r = c
+        .post(format!("{}/jobs/job-none/cancel", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    s.stop.cancel();
+    s.task.await.unwrap();
+}

@@ -143,28 +143,14 @@ pub async fn jobs_cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobRow>> {
-    let status = state.store.request_cancel(&id).await?;
-    if status == Status::Cancelled {
-        // A queued job is cancelled at once; record it like a worker would.
-        let done = state
+    if state.store.request_cancel(&id).await? {
+        // A queued job is cancelled here and now; record it as a worker would.
+        let data = serde_json::json!({"status": "cancelled"});
+        let e = state
             .store
-            .events(&id, 0, 10_000)
-            .await?
-            .iter()
-            .any(|e| e.kind == "status" && e.data["status"] == "cancelled");
-        if !done {
-            let e = state
-                .store
-                .append_event(
-                    &id,
-                    "status",
-                    "info",
-                    "cancelled",
-                    serde_json::json!({"status": "cancelled"}),
-                )
-                .await?;
-            state.hub.publish(&id, &e);
-        }
+            .append_event(&id, "status", "info", "cancelled", data)
+            .await?;
+        state.hub.publish(&id, &e);
     }
     Ok(Json(state.store.job(&id).await?))
 }

@@ -302,21 +302,23 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Cancel: a queued job at once; a running one is flagged for its worker. Returns the status.
-    pub async fn request_cancel(&self, id: &str) -> Result<Status> {
+    /// Cancel: a queued job at once (returns true: the caller records the event); a running one
+    /// is flagged for its worker, which records it when the run stops.
+    pub async fn request_cancel(&self, id: &str) -> Result<bool> {
         let r = sqlx::query("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued'")
             .bind(now())
             .bind(id)
             .execute(&self.pool)
             .await?;
         if r.rows_affected() == 1 {
-            return Ok(Status::Cancelled);
+            return Ok(true);
         }
         sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'")
             .bind(id)
             .execute(&self.pool)
             .await?;
-        Ok(self.job(id).await?.status)
+        self.job(id).await?; // 404 for an unknown job
+        Ok(false)
     }
 
     /// Jobs left running by a dead process (or an expired lease) go back to the queue.
