@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod encode;
+pub mod gguf_vocab;
 pub mod records;
 pub mod template;
 pub mod tokenizer;

@@ -2,6 +2,7 @@
 //! whole causal LM the way transformers + bitsandbytes do it.
 
 pub mod config;
+pub mod gguf;
 pub mod llama;
 pub mod quantize;
 pub mod random;

@@ -30,7 +30,11 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 }
 
 impl TextTokenizer {
+    /// The tokenizer of a model directory, or of a GGUF file (rebuilt from its metadata).
     pub fn load(dir: &Path) -> Result<Self> {
+        if crate::model::gguf::is_gguf(dir) {
+            return Self::from_gguf(dir);
+        }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(DataError::File {
@@ -91,6 +95,31 @@ impl TextTokenizer {
             pad_id,
             template,
             dir: dir.to_path_buf(),
+        })
+    }
+
+    fn from_gguf(path: &Path) -> Result<Self> {
+        let g = crate::model::gguf::GgufModel::open(path).map_err(|e| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let v = super::gguf_vocab::gguf_vocab(&g)?;
+        let template = match &v.chat_template {
+            Some(t) => Some(ChatTemplate::new(
+                t,
+                path,
+                v.bos.as_ref().map(|b| b.0.as_str()).unwrap_or(""),
+                v.eos.as_ref().map(|e| e.0.as_str()).unwrap_or(""),
+            )?),
+            None => None,
+        };
+        Ok(TextTokenizer {
+            tokenizer: v.tokenizer,
+            pad_id: v.pad_id.or(v.eos.as_ref().map(|e| e.1)).unwrap_or(0),
+            bos: v.bos,
+            eos: v.eos,
+            template,
+            dir: path.to_path_buf(),
         })
     }
 

@@ -113,7 +113,11 @@ impl Fields<'_> {
 }
 
 impl ModelConfig {
+    /// The configuration of a model directory (`config.json`) or a GGUF file (its metadata).
     pub fn load(dir: &Path) -> Result<Self> {
+        if super::gguf::is_gguf(dir) {
+            return super::gguf::GgufModel::open(dir)?.config();
+        }
         let path = dir.join("config.json");
         let v = read_json(&path)?;
         Self::from_json(v, &path)

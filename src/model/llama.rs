@@ -12,6 +12,7 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 use super::config::ModelConfig;
+use super::gguf::{is_gguf, GgufModel};
 use super::weights::{view_to_tensor, WeightFiles};
 use super::{ModelError, Result};
 use crate::lora::{peft, FrozenLinear, FrozenWeight, LoraAdapter, LoraConfig, LoraLinear};
@@ -99,24 +100,108 @@ fn bad(tensor: &str, message: impl Into<String>) -> ModelError {
     }
 }
 
-/// A dense tensor from a safetensors view, checked against the expected shape.
-fn load_dense(
-    w: &WeightFiles,
-    name: &str,
-    shape: &[usize],
-    dtype: DType,
-    dev: &Device,
-) -> Result<Tensor> {
-    let v = w
-        .get(name)
-        .ok_or_else(|| bad(name, "missing from the checkpoint"))?;
-    if v.shape() != shape {
-        return Err(bad(
-            name,
-            format!("has shape {:?}, expected {shape:?}", v.shape()),
-        ));
+/// Where a model's tensors come from.
+enum Source {
+    Safetensors {
+        weights: WeightFiles,
+        /// A bitsandbytes 4-bit checkpoint: linears load as stored.
+        prequantized: bool,
+    },
+    Gguf(GgufModel),
+}
+
+fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(bad(name, format!("has shape {got:?}, expected {want:?}")));
     }
-    Ok(view_to_tensor(name, &v, dev)?.to_dtype(dtype)?)
+    Ok(())
+}
+
+impl Source {
+    /// A dense tensor, checked against the expected shape.
+    fn dense(
+        &self,
+        config: &ModelConfig,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        match self {
+            Source::Safetensors { weights, .. } => {
+                let v = weights
+                    .get(name)
+                    .ok_or_else(|| bad(name, "missing from the checkpoint"))?;
+                check_shape(name, v.shape(), shape)?;
+                Ok(view_to_tensor(name, &v, dev)?.to_dtype(dtype)?)
+            }
+            Source::Gguf(g) => {
+                let t = g.tensor(name, config)?;
+                check_shape(name, t.dims(), shape)?;
+                Ok(t.to_dtype(dtype)?.to_device(dev)?)
+            }
+        }
+    }
+
+    /// A frozen linear weight `[out, in]`: as stored when 4-bit, else quantized as it loads
+    /// (or kept dense when `opts.quant` is None).
+    fn linear(
+        &self,
+        config: &ModelConfig,
+        name: &str,
+        shape: [usize; 2],
+        opts: &LoadOptions,
+    ) -> Result<FrozenWeight> {
+        let dev = &opts.device;
+        match self {
+            Source::Safetensors {
+                weights,
+                prequantized: true,
+            } => {
+                let q = from_bnb_tensors(name, |k| weights.get(k), dev).map_err(|source| {
+                    ModelError::Tensor {
+                        tensor: name.to_string(),
+                        source,
+                    }
+                })?;
+                check_shape(name, q.shape().dims(), &shape)?;
+                Ok(FrozenWeight::Quant(Arc::new(q)))
+            }
+            Source::Safetensors { weights, .. } => {
+                let v = weights
+                    .get(name)
+                    .ok_or_else(|| bad(name, "missing from the checkpoint"))?;
+                check_shape(name, v.shape(), &shape)?;
+                Ok(match &opts.quant {
+                    Some(q) => FrozenWeight::Quant(Arc::new(quantize_view(name, &v, q, dev)?)),
+                    None => {
+                        FrozenWeight::Dense(view_to_tensor(name, &v, dev)?.to_dtype(opts.dtype)?)
+                    }
+                })
+            }
+            Source::Gguf(g) => {
+                let t = g.tensor(name, config)?;
+                check_shape(name, t.dims(), &shape)?;
+                Ok(match &opts.quant {
+                    Some(q) => {
+                        let data = t.flatten_all()?.to_vec1::<f32>()?;
+                        let q = Nf4Tensor::quantize_slice(
+                            FloatSlice::F32(&data),
+                            (shape[0], shape[1]),
+                            q,
+                            dev,
+                        )
+                        .map_err(|source| ModelError::Tensor {
+                            tensor: name.to_string(),
+                            source,
+                        })?;
+                        FrozenWeight::Quant(Arc::new(q))
+                    }
+                    None => FrozenWeight::Dense(t.to_dtype(opts.dtype)?.to_device(dev)?),
+                })
+            }
+        }
+    }
 }
 
 fn quantize_view(
@@ -154,9 +239,8 @@ fn quantize_view(
 }
 
 impl CausalLm {
-    /// Load a Hugging Face model directory (dense or bitsandbytes 4-bit).
+    /// Load a Hugging Face model directory (dense or bitsandbytes 4-bit) or a GGUF file.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let config = ModelConfig::load(dir)?;
         if !matches!(opts.dtype, DType::F32 | DType::BF16) {
             return Err(ModelError::Invalid {
                 path: dir.to_path_buf(),
@@ -166,27 +250,40 @@ impl CausalLm {
                 ),
             });
         }
-        let weights = WeightFiles::open(dir)?;
-        let prequantized = config
-            .raw
-            .get("quantization_config")
-            .and_then(parse_quantization_config)
-            .is_some();
+        let (config, weights) = if is_gguf(dir) {
+            let g = GgufModel::open(dir)?;
+            (g.config()?, Source::Gguf(g))
+        } else {
+            let config = ModelConfig::load(dir)?;
+            let prequantized = config
+                .raw
+                .get("quantization_config")
+                .and_then(parse_quantization_config)
+                .is_some();
+            let weights = WeightFiles::open(dir)?;
+            (
+                config,
+                Source::Safetensors {
+                    weights,
+                    prequantized,
+                },
+            )
+        };
         let (dt, dev) = (opts.dtype, &opts.device);
         let c = &config;
-        let embed = load_dense(
-            &weights,
+        let embed = weights.dense(
+            &config,
             "model.embed_tokens.weight",
             &[c.vocab_size, c.hidden_size],
             dt,
             dev,
         )?;
-        let norm = load_dense(&weights, "model.norm.weight", &[c.hidden_size], dt, dev)?;
+        let norm = weights.dense(&config, "model.norm.weight", &[c.hidden_size], dt, dev)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(load_dense(
-                &weights,
+            Some(weights.dense(
+                &config,
                 "lm_head.weight",
                 &[c.vocab_size, c.hidden_size],
                 dt,
@@ -210,41 +307,10 @@ impl CausalLm {
             let mut linears = Vec::with_capacity(7);
             for (&(group, name), &(out, inp, has_bias)) in LINEARS.iter().zip(&shapes) {
                 let wname = format!("{p}.{group}.{name}.weight");
-                let weight = if prequantized {
-                    let q =
-                        from_bnb_tensors(&wname, |k| weights.get(k), dev).map_err(|source| {
-                            ModelError::Tensor {
-                                tensor: wname.clone(),
-                                source,
-                            }
-                        })?;
-                    if q.shape().dims() != [out, inp] {
-                        return Err(bad(
-                            &wname,
-                            format!("has shape {:?}, expected [{out}, {inp}]", q.shape().dims()),
-                        ));
-                    }
-                    FrozenWeight::Quant(Arc::new(q))
-                } else {
-                    let v = weights
-                        .get(&wname)
-                        .ok_or_else(|| bad(&wname, "missing from the checkpoint"))?;
-                    if v.shape() != [out, inp] {
-                        return Err(bad(
-                            &wname,
-                            format!("has shape {:?}, expected [{out}, {inp}]", v.shape()),
-                        ));
-                    }
-                    match &opts.quant {
-                        Some(q) => {
-                            FrozenWeight::Quant(Arc::new(quantize_view(&wname, &v, q, dev)?))
-                        }
-                        None => FrozenWeight::Dense(view_to_tensor(&wname, &v, dev)?.to_dtype(dt)?),
-                    }
-                };
+                let weight = weights.linear(c, &wname, [out, inp], opts)?;
                 let bias = if has_bias {
-                    Some(load_dense(
-                        &weights,
+                    Some(weights.dense(
+                        &config,
                         &format!("{p}.{group}.{name}.bias"),
                         &[out],
                         dt,
@@ -259,15 +325,15 @@ impl CausalLm {
                 });
             }
             layers.push(DecoderLayer {
-                input_norm: load_dense(
-                    &weights,
+                input_norm: weights.dense(
+                    &config,
                     &format!("{p}.input_layernorm.weight"),
                     &[c.hidden_size],
                     dt,
                     dev,
                 )?,
-                post_norm: load_dense(
-                    &weights,
+                post_norm: weights.dense(
+                    &config,
                     &format!("{p}.post_attention_layernorm.weight"),
                     &[c.hidden_size],
                     dt,
