@@ -123,13 +123,23 @@ async fn healthz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Va
     Ok(Json(json!({"status": "ok"})))
 }
 
-/// Model directories (with a config.json) directly under each configured root.
+/// Models directly under each configured root: directories with a config.json, GGUF files.
 async fn models_list(State(state): State<AppState>) -> Json<serde_json::Value> {
     let mut data = Vec::new();
     for root in &state.config.models.roots {
         for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
             let p = e.path();
-            if p.join("config.json").is_file() {
+            if crate::model::gguf::is_gguf(&p) && p.is_file() {
+                let arch = crate::model::gguf::GgufModel::open(&p)
+                    .ok()
+                    .and_then(|g| g.architecture().ok().map(String::from));
+                data.push(json!({
+                    "id": e.file_name().to_string_lossy(),
+                    "path": p.display().to_string(),
+                    "model_type": arch,
+                    "format": "gguf",
+                }));
+            } else if p.join("config.json").is_file() {
                 let model_type = std::fs::read(p.join("config.json"))
                     .ok()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -142,6 +152,7 @@ async fn models_list(State(state): State<AppState>) -> Json<serde_json::Value> {
                     "id": e.file_name().to_string_lossy(),
                     "path": p.display().to_string(),
                     "model_type": model_type,
+                    "format": "safetensors",
                 }));
             }
         }

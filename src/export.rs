@@ -68,8 +68,12 @@ pub fn export_all(
         path: out.to_path_buf(),
         source: e,
     })?;
-    let name = model
-        .file_name()
+    let name = if crate::model::gguf::is_gguf(model) {
+        model.file_stem()
+    } else {
+        model.file_name()
+    };
+    let name = name
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let mut written = Vec::new();

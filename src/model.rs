@@ -66,6 +66,16 @@ pub enum ModelError {
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
+/// Whether `path` is something a model loads from: a Hugging Face directory (with a
+/// `config.json`) or a GGUF file.
+pub fn is_model_path(path: &std::path::Path) -> bool {
+    if gguf::is_gguf(path) {
+        path.is_file()
+    } else {
+        path.join("config.json").is_file()
+    }
+}
+
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ModelError {
     let path = path.into();
     move |source| {

@@ -147,6 +147,31 @@ fn check_lora_grads(name: &str, checkpointing: bool, quant: Option<QuantConfig>)
         2 * 7 * 2,
         "{name}: A and B for 7 linears in 2 layers"
     );
+    // The training path computes the head only where labels count: same loss, same gradients.
+    let fused = m
+        .forward_loss(
+            &e.ids(),
+            Some(&e.i64("attention_mask")),
+            &e.i64("labels"),
+            None,
+        )
+        .unwrap();
+    let got = fused.to_scalar::<f32>().unwrap();
+    assert!(
+        (got - want).abs() <= 1e-5 * want,
+        "{name}: forward_loss {got} vs {want}"
+    );
+    let fused_grads = m.backward(&fused).unwrap();
+    for (key, var) in &trainable {
+        let g = fused_grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: forward_loss gave no gradient for {key}"));
+        let r = rel(g, &e.f32(&format!("grad.{key}")));
+        assert!(
+            r <= 1e-4,
+            "{name}: forward_loss {key} gradient relative error {r}"
+        );
+    }
     for (key, var) in trainable {
         let want_key = format!("grad.{key}");
         assert!(e.has(&want_key), "{want_key} in fixture");

@@ -12,6 +12,9 @@ use super::gguf::{GgufWriter, TensorDecl, Value};
 use super::{ExportError, Result};
 use crate::lora::{peft, LoraConfig};
 use crate::model::config::{Arch, ModelConfig};
+use crate::model::gguf::{
+    gguf_name, is_gguf, llama3_divisors, permute_rows, permuted_heads, GgufModel,
+};
 use crate::model::weights::{view_to_tensor, WeightFiles};
 use crate::model::SafetensorsWriter;
 use crate::quant::bnb::{
@@ -28,12 +31,21 @@ pub enum MergeBase {
     Quantized(QuantConfig),
 }
 
+/// Where the base model's tensors come from.
+enum BaseWeights {
+    Safetensors {
+        files: WeightFiles,
+        /// A bitsandbytes 4-bit checkpoint.
+        prequantized: bool,
+    },
+    Gguf(GgufModel),
+}
+
 /// A base model and an optional adapter, producing merged tensors in Hugging Face names.
 pub struct MergeSource {
     pub dir: PathBuf,
     pub config: ModelConfig,
-    weights: WeightFiles,
-    prequantized: bool,
+    weights: BaseWeights,
     /// module path -> (A `[r, in]`, B `[out, r]`) in f32.
     adapter: BTreeMap<String, (Tensor, Tensor)>,
     pub lora: Option<LoraConfig>,
@@ -53,18 +65,29 @@ fn st_dtype(t: Dtype) -> Result<DType> {
 
 impl MergeSource {
     pub fn open(dir: &Path, adapter: Option<&Path>, base: MergeBase) -> Result<Self> {
-        let config = ModelConfig::load(dir)?;
-        let weights = WeightFiles::open(dir)?;
-        let prequantized = config
-            .raw
-            .get("quantization_config")
-            .and_then(parse_quantization_config)
-            .is_some();
+        let (config, weights) = if is_gguf(dir) {
+            let g = GgufModel::open(dir)?;
+            (g.config()?, BaseWeights::Gguf(g))
+        } else {
+            let config = ModelConfig::load(dir)?;
+            let prequantized = config
+                .raw
+                .get("quantization_config")
+                .and_then(parse_quantization_config)
+                .is_some();
+            let files = WeightFiles::open(dir)?;
+            (
+                config,
+                BaseWeights::Safetensors {
+                    files,
+                    prequantized,
+                },
+            )
+        };
         let mut source = MergeSource {
             dir: dir.to_path_buf(),
             config,
             weights,
-            prequantized,
             adapter: BTreeMap::new(),
             lora: None,
             base,
@@ -95,37 +118,62 @@ impl MergeSource {
         Ok(source)
     }
 
+    /// The GGUF file the base model comes from, if it is one.
+    pub fn gguf(&self) -> Option<&GgufModel> {
+        match &self.weights {
+            BaseWeights::Gguf(g) => Some(g),
+            BaseWeights::Safetensors { .. } => None,
+        }
+    }
+
     /// The quant state of a 4-bit weight (read from its small JSON tensor only).
     fn quant_state(&self, name: &str) -> Result<Option<QuantStateJson>> {
-        read_quant_state(name, |k| self.weights.get(k))
-            .map(|o| o.map(|(_, s)| s))
-            .map_err(|e| ExportError::Invalid(e.to_string()))
+        match &self.weights {
+            BaseWeights::Safetensors { files, .. } => read_quant_state(name, |k| files.get(k))
+                .map(|o| o.map(|(_, s)| s))
+                .map_err(|e| ExportError::Invalid(e.to_string())),
+            BaseWeights::Gguf(_) => Ok(None),
+        }
     }
 
     fn weight_shape(&self, name: &str) -> Option<Vec<usize>> {
-        match self.quant_state(name) {
-            Ok(Some(state)) => Some(state.shape),
-            _ => self.weights.get(name).map(|v| v.shape().to_vec()),
+        match &self.weights {
+            BaseWeights::Safetensors { files, .. } => match self.quant_state(name) {
+                Ok(Some(state)) => Some(state.shape),
+                _ => files.get(name).map(|v| v.shape().to_vec()),
+            },
+            BaseWeights::Gguf(g) => g.shape(name),
         }
     }
 
     /// Hugging Face tensor names in file order, auxiliary 4-bit tensors folded into their weight.
-    pub fn names(&self) -> Vec<String> {
-        self.weights
-            .names()
-            .filter(|n| !is_aux_key(n))
-            .map(String::from)
-            .collect()
+    pub fn names(&self) -> Result<Vec<String>> {
+        match &self.weights {
+            BaseWeights::Safetensors { files, .. } => Ok(files
+                .names()
+                .filter(|n| !is_aux_key(n))
+                .map(String::from)
+                .collect()),
+            BaseWeights::Gguf(g) => Ok(g.hf_names()?),
+        }
     }
 
-    /// The stored dtype of a tensor (for 4-bit weights, the dtype they were quantized from).
+    /// The stored dtype of a tensor (for 4-bit weights, the dtype they were quantized from; for
+    /// GGUF block types, f16).
     pub fn dtype(&self, name: &str) -> Result<DType> {
-        if let Some(state) = self.quant_state(name)? {
-            return FloatDType::from_torch_name(&state.dtype)
-                .map(FloatDType::to_candle)
-                .map_err(|e| ExportError::Invalid(format!("{name}: {e}")));
+        match &self.weights {
+            BaseWeights::Safetensors { files, .. } => {
+                if let Some(state) = self.quant_state(name)? {
+                    return FloatDType::from_torch_name(&state.dtype)
+                        .map(FloatDType::to_candle)
+                        .map_err(|e| ExportError::Invalid(format!("{name}: {e}")));
+                }
+                st_dtype(files.tensor(name)?.dtype())
+            }
+            BaseWeights::Gguf(g) => g
+                .natural_dtype(name)
+                .ok_or_else(|| ExportError::Invalid(format!("{name}: not in the model"))),
         }
-        st_dtype(self.weights.tensor(name)?.dtype())
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
@@ -133,20 +181,37 @@ impl MergeSource {
             .ok_or_else(|| ExportError::Invalid(format!("{name}: not in the model")))
     }
 
+    /// The base tensor in f32, as stored (4-bit weights dequantized).
+    fn base_tensor(&self, name: &str) -> Result<Tensor> {
+        match &self.weights {
+            BaseWeights::Safetensors { files, .. } => {
+                if self.quant_state(name)?.is_some() {
+                    let q = from_bnb_tensors(name, |k| files.get(k), &Device::Cpu)
+                        .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?;
+                    Ok(q.dequantize(DType::F32)
+                        .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?)
+                } else {
+                    let v = files.tensor(name)?;
+                    Ok(view_to_tensor(name, &v, &Device::Cpu)?.to_dtype(DType::F32)?)
+                }
+            }
+            BaseWeights::Gguf(g) => Ok(g.tensor(name, &self.config)?),
+        }
+    }
+
     /// The tensor in f32 with the adapter merged if it has one.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let v = self.weights.tensor(name)?;
-        let mut t = if self.quant_state(name)?.is_some() {
-            let q = from_bnb_tensors(name, |k| self.weights.get(k), &Device::Cpu)
-                .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?;
-            q.dequantize(DType::F32)
-                .map_err(|e| ExportError::Invalid(format!("{name}: {e}")))?
-        } else {
-            view_to_tensor(name, &v, &Device::Cpu)?.to_dtype(DType::F32)?
-        };
+        let mut t = self.base_tensor(name)?;
         let module = name.strip_suffix(".weight");
         if let Some((a, b)) = module.and_then(|m| self.adapter.get(m)) {
-            if let (MergeBase::Quantized(cfg), false) = (self.base, self.prequantized) {
+            let prequantized = matches!(
+                self.weights,
+                BaseWeights::Safetensors {
+                    prequantized: true,
+                    ..
+                }
+            );
+            if let (MergeBase::Quantized(cfg), false) = (self.base, prequantized) {
                 let data = t.flatten_all()?.to_vec1::<f32>()?;
                 let q = Nf4Tensor::quantize_slice(
                     FloatSlice::F32(&data),
@@ -181,7 +246,7 @@ pub fn export_safetensors(
         source: e,
     })?;
     let result = (|| -> Result<()> {
-        let names = src.names();
+        let names = src.names()?;
         // Plan shards by size, as transformers' save_pretrained does.
         let mut shards: Vec<Vec<(String, DType)>> = vec![vec![]];
         let mut size = 0;
@@ -242,6 +307,10 @@ pub fn export_safetensors(
             serde_json::to_string_pretty(&config).expect("json") + "\n",
         )
         .map_err(|e| ExportError::Io { path: p, source: e })?;
+        if src.gguf().is_some() {
+            super::vocab::write_hf_tokenizer(&src.dir, &staging)?;
+            return Ok(());
+        }
         for entry in std::fs::read_dir(&src.dir)
             .map_err(|e| ExportError::Io {
                 path: src.dir.clone(),
@@ -414,56 +483,11 @@ impl GgufType {
 }
 
 /// Hugging Face name -> (GGUF name, layer).
-fn gguf_name(hf: &str) -> Option<(String, Option<usize>)> {
-    match hf {
-        "model.embed_tokens.weight" => return Some(("token_embd.weight".into(), None)),
-        "model.norm.weight" => return Some(("output_norm.weight".into(), None)),
-        "lm_head.weight" => return Some(("output.weight".into(), None)),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (n, rest) = rest.split_once('.')?;
-    let layer: usize = n.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some((format!("blk.{layer}.{g}.{kind}"), Some(layer)))
-}
-
-/// llama.cpp's converter reorders Q and K rows for llama-architecture models (interleaved
-/// rotary halves): `w.reshape(heads, 2, rows/heads/2, ...).swapaxes(1, 2)`.
-fn permute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let rows = dims[0];
-    let mut shape = vec![heads, 2, rows / heads / 2];
-    shape.extend_from_slice(&dims[1..]);
-    t.reshape(shape)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)
-}
-
 /// Rows of `module`'s output in the order llama.cpp expects: Q and K permuted for llama.
 fn llama_cpp_row_order(c: &ModelConfig, module: &str, t: Tensor) -> candle_core::Result<Tensor> {
-    if arch_name(c.arch) != "llama" {
-        return Ok(t);
-    }
-    if module.ends_with("self_attn.q_proj") {
-        permute_rows(&t, c.num_attention_heads)
-    } else if module.ends_with("self_attn.k_proj") {
-        permute_rows(&t, c.num_key_value_heads)
-    } else {
-        Ok(t)
+    match permuted_heads(c, module) {
+        Some(heads) => permute_rows(&t, heads),
+        None => Ok(t),
     }
 }
 
@@ -533,38 +557,17 @@ fn model_metadata(src: &MergeSource, ty: GgufType, name: &str) -> Result<Vec<(St
         ));
     }
     m.push(("general.quantization_version".into(), Value::U32(2)));
-    m.extend(super::vocab::tokenizer_metadata(&src.dir, c.vocab_size)?);
+    match src.gguf() {
+        // A GGUF base carries its tokenizer as llama.cpp wants it already.
+        Some(g) => m.extend(super::vocab::copy_tokenizer_metadata(g)?),
+        None => m.extend(super::vocab::tokenizer_metadata(&src.dir, c.vocab_size)?),
+    }
     Ok(m)
 }
 
 /// llama3 RoPE scaling travels as a `rope_freqs.weight` tensor of per-frequency divisors.
 fn rope_freqs(c: &ModelConfig) -> Option<Vec<f32>> {
-    let s = c.rope_scaling?;
-    let dim = c.head_dim;
-    let (factor, lo, hi, old) = (
-        s.factor,
-        s.low_freq_factor,
-        s.high_freq_factor,
-        s.original_max_position_embeddings,
-    );
-    let (low_wl, high_wl) = (old / lo, old / hi);
-    Some(
-        (0..dim)
-            .step_by(2)
-            .map(|i| {
-                let freq = 1.0 / (c.rope_theta as f32).powf(i as f32 / dim as f32) as f64;
-                let wavelen = 2.0 * std::f64::consts::PI / freq;
-                if wavelen < high_wl {
-                    1.0
-                } else if wavelen > low_wl {
-                    factor as f32
-                } else {
-                    let smooth = (old / wavelen - lo) / (hi - lo);
-                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
-                }
-            })
-            .collect(),
-    )
+    c.rope_scaling.map(|_| llama3_divisors(c))
 }
 
 fn ggml_bytes(t: &Tensor, ty: GgmlDType) -> Result<Vec<u8>> {
@@ -586,9 +589,12 @@ pub fn export_gguf(
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<()> {
     let c = &src.config;
-    let name = src
-        .dir
-        .file_name()
+    let stem = if src.gguf().is_some() {
+        src.dir.file_stem()
+    } else {
+        src.dir.file_name()
+    };
+    let name = stem
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let metadata = model_metadata(src, ty, &name)?;
@@ -603,7 +609,7 @@ pub fn export_gguf(
             },
         ));
     }
-    for hf in src.names() {
+    for hf in src.names()? {
         let (g, layer) = gguf_name(&hf)
             .ok_or_else(|| ExportError::Invalid(format!("{hf}: no GGUF name for this tensor")))?;
         let shape = src.shape(&hf)?;

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use super::gguf::Value;
 use super::{ExportError, Result};
 use crate::data::{ChatTemplate, TextTokenizer};
+use crate::model::gguf::GgufModel;
 
 /// llama.cpp token types.
 const NORMAL: i32 = 1;
@@ -649,4 +650,107 @@ fn padded(tokens: Vec<Option<String>>) -> Vec<String> {
         .enumerate()
         .map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]")))
         .collect()
+}
+
+/// A GGUF metadata value in the writer's types, where it has one.
+fn gguf_value(v: &candle_core::quantized::gguf_file::Value) -> Option<Value> {
+    use candle_core::quantized::gguf_file::Value as V;
+    Some(match v {
+        V::U8(x) => Value::U32(*x as u32),
+        V::U16(x) => Value::U32(*x as u32),
+        V::U32(x) => Value::U32(*x),
+        V::U64(x) => Value::U32(u32::try_from(*x).ok()?),
+        V::I8(x) => Value::I32(*x as i32),
+        V::I16(x) => Value::I32(*x as i32),
+        V::I32(x) => Value::I32(*x),
+        V::I64(x) => Value::I32(i32::try_from(*x).ok()?),
+        V::F32(x) => Value::F32(*x),
+        V::F64(x) => Value::F32(*x as f32),
+        V::Bool(b) => Value::Bool(*b),
+        V::String(s) => Value::String(s.clone()),
+        V::Array(items) => match items.first() {
+            None | Some(V::String(_)) => Value::ArrayString(
+                items
+                    .iter()
+                    .map(|i| i.to_string().ok().cloned())
+                    .collect::<Option<_>>()?,
+            ),
+            Some(V::F32(_) | V::F64(_)) => Value::ArrayF32(
+                items
+                    .iter()
+                    .map(|i| match i {
+                        V::F32(x) => Some(*x),
+                        V::F64(x) => Some(*x as f32),
+                        _ => None,
+                    })
+                    .collect::<Option<_>>()?,
+            ),
+            Some(_) => Value::ArrayI32(
+                items
+                    .iter()
+                    .map(|i| match gguf_value(i)? {
+                        Value::I32(x) => Some(x),
+                        Value::U32(x) => i32::try_from(x).ok(),
+                        _ => None,
+                    })
+                    .collect::<Option<_>>()?,
+            ),
+        },
+    })
+}
+
+/// The `tokenizer.*` metadata of a GGUF base, carried unchanged into a GGUF made from it.
+pub fn copy_tokenizer_metadata(g: &GgufModel) -> Result<Vec<(String, Value)>> {
+    let mut keys: Vec<&String> = g
+        .content
+        .metadata
+        .keys()
+        .filter(|k| k.starts_with("tokenizer."))
+        .collect();
+    keys.sort();
+    keys.into_iter()
+        .map(|k| {
+            gguf_value(&g.content.metadata[k])
+                .map(|v| (k.clone(), v))
+                .ok_or_else(|| {
+                    err(
+                        &g.path,
+                        format!("metadata {k}: a value type the writer lacks"),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// `tokenizer.json` and `tokenizer_config.json` in `dir` for a model whose tokenizer lives in
+/// the GGUF file `gguf`, so the merged safetensors load in transformers with their tokenizer.
+pub fn write_hf_tokenizer(gguf: &Path, dir: &Path) -> Result<()> {
+    let tok = TextTokenizer::load(gguf)?;
+    let path = dir.join("tokenizer.json");
+    tok.tokenizer
+        .save(&path, false)
+        .map_err(|e| err(&path, e.to_string()))?;
+    let mut cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": false,
+    });
+    if let Some((t, _)) = &tok.bos {
+        cfg["bos_token"] = Json::String(t.clone());
+    }
+    if let Some((t, _)) = &tok.eos {
+        cfg["eos_token"] = Json::String(t.clone());
+    }
+    if let Some(t) = tok.tokenizer.id_to_token(tok.pad_id) {
+        cfg["pad_token"] = Json::String(t);
+    }
+    let g = GgufModel::open(gguf)?;
+    if let Some(t) = g.meta_str("tokenizer.chat_template")? {
+        cfg["chat_template"] = Json::String(t.to_string());
+    }
+    let path = dir.join("tokenizer_config.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&cfg).expect("json") + "\n",
+    )
+    .map_err(|e| ExportError::Io { path, source: e })
 }

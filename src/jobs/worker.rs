@@ -38,7 +38,7 @@ pub fn resolve_model(cfg: &Config, model: &str) -> Option<PathBuf> {
         let (Ok(c), Ok(r)) = (candidate.canonicalize(), root.canonicalize()) else {
             continue;
         };
-        if c.starts_with(&r) && c.join("config.json").is_file() {
+        if c.starts_with(&r) && crate::model::is_model_path(&c) {
             return Some(c);
         }
     }

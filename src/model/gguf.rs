@@ -117,13 +117,6 @@ pub fn permuted_heads(c: &ModelConfig, module: &str) -> Option<usize> {
     }
 }
 
-/// Llama 3.x RoPE scalings whose `rope_freqs.weight` we recognise (GGUF stores only the factors).
-const LLAMA3_SCALINGS: [(f64, f64, f64, f64); 3] = [
-    (8.0, 1.0, 4.0, 8192.0),
-    (32.0, 1.0, 4.0, 8192.0),
-    (16.0, 1.0, 4.0, 8192.0),
-];
-
 impl GgufModel {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(io_err(path))?;
@@ -287,14 +280,18 @@ impl GgufModel {
         Ok(config)
     }
 
-    /// GGUF keeps llama3 RoPE scaling only as per-frequency divisors; find the standard
-    /// scaling that produces them so the config (and anything exported) carries it.
+    /// GGUF keeps llama3 RoPE scaling only as per-frequency divisors; find the llama3 scaling
+    /// that produces them so the config (and anything exported) carries it.
     fn match_llama3_scaling(&self, config: &mut ModelConfig) -> Result<()> {
         let stored: Vec<f32> = self
             .tensor_raw("rope_freqs.weight")?
             .flatten_all()?
             .to_vec1()?;
-        for (factor, lo, hi, old) in LLAMA3_SCALINGS {
+        // Llama 3.x scale by the largest divisor with low/high frequency factors 1 and 4; the
+        // original context is a power of two (8192 for the released models).
+        let factor = stored.iter().copied().fold(1f32, f32::max) as f64;
+        let (lo, hi) = (1.0, 4.0);
+        for old in (4..=20).map(|p| (1u64 << p) as f64) {
             let mut raw = config.raw.clone();
             raw["rope_scaling"] = json!({
                 "rope_type": "llama3",

@@ -489,6 +489,80 @@ impl CausalLm {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let x = self.hidden(input_ids, attention_mask, rng)?;
+        Ok(crate::quant::linear::linear_frozen(&x, self.head())?)
+    }
+
+    fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The training loss without the full logits: the same mean next-token cross-entropy as
+    /// `loss(forward(..), labels)`, but the LM head runs only at positions whose next label
+    /// counts. With prompt tokens masked and a large vocabulary, most of the head's FLOPs and
+    /// the `[batch, seq, vocab]` logits never happen.
+    pub fn forward_loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let v = self.config.vocab_size;
+        let flat: Vec<i64> = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+        if flat.len() != b * s {
+            return Err(ModelError::Invalid {
+                path: "labels".into(),
+                message: format!("has {} values for a [{b}, {s}] batch", flat.len()),
+            });
+        }
+        // Position i predicts label i + 1.
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for bi in 0..b {
+            for i in 1..s {
+                let t = flat[bi * s + i];
+                if t == -100 {
+                    continue;
+                }
+                if t < 0 || t as usize >= v {
+                    return Err(ModelError::Invalid {
+                        path: "labels".into(),
+                        message: format!(
+                            "label {t} at [{bi}, {i}] is outside the vocabulary of {v}"
+                        ),
+                    });
+                }
+                rows.push((bi * s + i - 1) as u32);
+                targets.push(t as u32);
+            }
+        }
+        let x = self.hidden(input_ids, attention_mask, rng)?;
+        let h = x.dim(2)?;
+        if rows.is_empty() {
+            return Ok((x.sum_all()? * 0.0)?.to_dtype(DType::F32)?);
+        }
+        let n = rows.len();
+        let dev = &self.device;
+        let picked = x
+            .reshape((b * s, h))?
+            .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
+            .unsqueeze(0)?; // [1, n, hidden]
+        let logits = crate::quant::linear::linear_frozen(&picked, self.head())?.squeeze(0)?; // [n, vocab]
+        let logp = log_softmax_last_dim(&logits)?;
+        let targets = Tensor::from_vec(targets, (n, 1), dev)?;
+        let nll = logp.gather(&targets, 1)?.squeeze(1)?; // [n]
+        Ok((nll.sum_all()? * (-1.0 / n as f64))?)
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]`.
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
         mut rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
@@ -521,9 +595,7 @@ impl CausalLm {
                 decoder_layer(layer, &ctx, &x, rng.as_deref_mut())?
             };
         }
-        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(crate::quant::linear::linear_frozen(&x, head)?)
+        Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?)
     }
 
     /// cos and sin `[seq, head_dim]` for positions 0..seq, computed in f32 as transformers does.

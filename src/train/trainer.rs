@@ -321,14 +321,13 @@ impl<'a> Trainer<'a> {
                 let mut rng = Rng {
                     state: self.state.rng_state,
                 };
-                let logits = self.model.forward(
+                let loss = self.model.forward_loss(
                     &batch.input_ids,
                     Some(&batch.attention_mask),
+                    &batch.labels,
                     if dropout { Some(&mut rng) } else { None },
                 )?;
                 self.state.rng_state = rng.state;
-                let loss = self.model.loss(&logits, &batch.labels)?;
-                drop(logits);
                 let scaled = (&loss / accum as f64)?;
                 let g = self.model.backward(&scaled)?;
                 for (acc, p) in grads.iter_mut().zip(&self.params) {
