@@ -79,7 +79,8 @@ pub struct LoraConfig {
 }
 
 impl Default for LoraConfig {
-    /// The QLoRA paper's setting: r=64, alpha=16, dropout 0.1 (0.05 for big models), all linears.
+    /// r=16, alpha=32, dropout 0.05 on all linears: a common QLoRA setting for small budgets
+    /// (the paper used r=64, alpha=16).
     fn default() -> Self {
         LoraConfig {
             r: 16,
