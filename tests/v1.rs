@@ -415,7 +415,7 @@ async fn bad_v1_requests_get_the_openai_error_object() {
     let (status, body) = get(&c, format!("{}/v1/nothing", s.base)).await;
     assert_eq!(status, 404);
     assert_error(&body, None);
-    let r = c.put(format!("{jobs}")).send().await.unwrap();
+    let r = c.put(&jobs).send().await.unwrap();
     assert_eq!(r.status(), 405);
     assert_error(&r.json().await.unwrap(), None);
 }
