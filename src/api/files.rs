@@ -25,7 +25,8 @@ super::list_type!(
 pub struct UploadQuery {
     /// The file's name (a multipart part's own filename wins).
     pub filename: Option<String>,
-    /// alpaca, chat, sharegpt, completion or text; detected from the first record when absent.
+    /// Detected from the first record when absent.
+    #[param(value_type = Option<crate::api::openapi::DataFormat>)]
     pub format: Option<String>,
     /// A model (as in `GET /models`) whose tokenizer counts the upload's tokens.
     pub model: Option<String>,

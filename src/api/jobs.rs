@@ -81,13 +81,15 @@ pub(crate) async fn create_job(
     body: serde_json::Value,
     labels: JobLabels,
 ) -> ApiResult<JobRow> {
-    if !body.is_object() {
+    let Some(body) = body.as_object() else {
         return Err(ApiError::bad(
             "invalid_json",
             "the body must be a JSON object",
             None,
         ));
-    }
+    };
+    // Every spec field has a default, so an explicit null means the default.
+    let body = without_nulls(body);
     let spec: JobSpec = serde_json::from_value(body).map_err(|e| {
         let msg = e.to_string();
         let param = msg.split('`').nth(1).map(String::from);
@@ -149,10 +151,24 @@ pub(crate) async fn create_job(
     Ok(job)
 }
 
+/// The object without its null members, at every level of nested objects.
+fn without_nulls(o: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    serde_json::Value::Object(
+        o.iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match v {
+                serde_json::Value::Object(inner) => (k.clone(), without_nulls(inner)),
+                other => (k.clone(), other.clone()),
+            })
+            .collect(),
+    )
+}
+
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Only jobs in this status: queued, running, succeeded, failed, cancelled.
+    /// Only jobs in this status.
+    #[param(value_type = Option<Status>)]
     status: Option<String>,
     /// The id of the last job of the previous page.
     after: Option<String>,
@@ -434,7 +450,7 @@ fn parse_range(h: &str, len: u64) -> Option<(u64, u64)> {
 /// `name` may contain `/` (files of the merged safetensors directory).
 #[utoipa::path(get, path = "/jobs/{id}/artifacts/{name}", tag = "jobs",
     params(("id" = String, Path, description = "job id"),
-        ("name" = String, Path, description = "artifact name, as listed"),
+        ("name" = String, Path, description = "artifact name, as listed", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$"),
         ("Range" = Option<String>, Header, description = "bytes=START-END"),
         ("If-None-Match" = Option<String>, Header, description = "the ETag of a copy you hold")),
     responses((status = 200, description = "the file", content_type = "application/octet-stream", body = Vec<u8>),

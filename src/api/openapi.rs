@@ -122,10 +122,30 @@ pub struct LoraSchema {
     alpha: Option<f64>,
     dropout: Option<f64>,
     /// `"all-linear"` or module names (`["q_proj", "v_proj"]`).
-    #[schema(value_type = Option<Object>)]
-    target_modules: Option<serde_json::Value>,
+    target_modules: Option<TargetModulesSchema>,
     /// Scale by alpha/sqrt(r) instead of alpha/r.
     use_rslora: Option<bool>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[schema(as = TargetModules)]
+#[allow(dead_code)]
+pub enum TargetModulesSchema {
+    Keyword(String),
+    Names(Vec<String>),
+}
+
+/// The record shapes a dataset can have.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum DataFormat {
+    Alpaca,
+    Chat,
+    Sharegpt,
+    Completion,
+    Text,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -162,8 +182,8 @@ pub enum ComputeDtype {
 #[schema(as = DataOptions)]
 #[allow(dead_code)]
 pub struct DataSchema {
-    /// alpaca, chat, sharegpt, completion or text; detected when absent.
-    format: Option<String>,
+    /// Detected from the first record when absent.
+    format: Option<DataFormat>,
     /// Also learn the prompt / user turns.
     train_on_prompt: Option<bool>,
     group_by_length: Option<bool>,

@@ -126,6 +126,7 @@ pub struct FilesQuery {
     /// The id of the last file of the previous page.
     after: Option<String>,
     /// 1 to 10000 (default 10000).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
 }
 

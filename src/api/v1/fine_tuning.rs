@@ -432,6 +432,7 @@ pub struct CursorQuery {
     /// The id of the last item of the previous page.
     after: Option<String>,
     /// Items per page, 1 to 100.
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
 }
 
