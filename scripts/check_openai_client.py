@@ -85,7 +85,12 @@ def main():
     check(page.data[0].id == job.id, "jobs.list newest first")
     check(client.fine_tuning.jobs.retrieve(job.id).id == job.id, "jobs.retrieve")
 
-    events = client.fine_tuning.jobs.list_events(job.id, limit=100)
+    # The status changes a moment before its event is written: wait for the event.
+    for _ in range(50):
+        events = client.fine_tuning.jobs.list_events(job.id, limit=100)
+        if events.data[0].message == "succeeded":
+            break
+        time.sleep(0.1)
     kinds = [e.type for e in events.data]
     check(all(e.object == "fine_tuning.job.event" for e in events.data), f"{len(events.data)} events")
     check(events.data[0].message == "succeeded", "events newest first")

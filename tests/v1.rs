@@ -190,12 +190,21 @@ async fn files_and_fine_tuning_jobs_have_openai_shapes() {
     assert!(done["trained_tokens"].as_i64().unwrap() > 0, "{done}");
     assert!(done["finished_at"].as_i64().unwrap() >= done["created_at"].as_i64().unwrap());
 
-    // Events: newest first, paged with `after`.
-    let (_, page) = get(
-        &c,
-        format!("{}/v1/fine_tuning/jobs/{id}/events?limit=2", s.base),
-    )
-    .await;
+    // Events: newest first, paged with `after`. The status changes a moment before its event
+    // is written, so wait for the event.
+    let mut page = Value::Null;
+    for _ in 0..100 {
+        page = get(
+            &c,
+            format!("{}/v1/fine_tuning/jobs/{id}/events?limit=2", s.base),
+        )
+        .await
+        .1;
+        if page["data"][0]["message"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         (&page["object"], &page["has_more"]),
         (&json!("list"), &json!(true))

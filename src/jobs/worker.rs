@@ -222,6 +222,8 @@ async fn run_claimed(
             }
         }
     }
+    // The worker is idle from here on; say so before the job's final status is visible.
+    drop(meter);
     let outcome = tokio::task::spawn_blocking(move || thread.join())
         .await
         .map_err(|e| super::JobsError::Conflict(e.to_string()))?
