@@ -1,18 +1,26 @@
-//! HTTP: routes, uploads, SSE, downloads, errors. Handlers validate and call the store or the
-//! engine's validators; training itself happens in `jobs`.
+//! HTTP: routes, uploads, SSE, downloads, errors, the OpenAI-shaped `/v1`, the dashboard,
+//! metrics and the OpenAPI document. Handlers validate and call the store or the engine's
+//! validators; training itself happens in `jobs`.
 
+pub mod dashboard;
 pub mod files;
 pub mod jobs;
+pub mod metrics;
+pub mod openapi;
+pub mod v1;
 
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde_json::json;
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use serde::Serialize;
 use tower_http::trace::TraceLayer;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::Config;
 use crate::jobs::{EventHub, JobsError, Store, WorkerHandle};
@@ -24,15 +32,37 @@ pub struct AppState {
     pub store: Store,
     pub hub: EventHub,
     pub workers: WorkerHandle,
+    /// Request counts and latencies, for `/metrics`.
+    pub http_metrics: metrics::HttpMetrics,
 }
 
-/// `{"error": {"code", "message", "param"}}` with a fitting status.
+/// `{"error": {"message", "type", "param", "code"}}` with a fitting status: the same object on
+/// the native routes and on `/v1`, where it is OpenAI's error object.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
     pub param: Option<String>,
+}
+
+/// The error body.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// What went wrong, for a person.
+    pub message: String,
+    /// `invalid_request_error` for a 4xx, `server_error` for a 5xx.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault (dotted for nested fields), if one is.
+    pub param: Option<String>,
+    /// A stable code: `invalid_spec`, `unknown_file`, `not_found`, ...
+    pub code: String,
 }
 
 impl ApiError {
@@ -53,12 +83,38 @@ impl ApiError {
             param: None,
         }
     }
+
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: "internal error; see the server log".into(),
+            param: None,
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body =
-            json!({"error": {"code": self.code, "message": self.message, "param": self.param}});
+        let kind = if self.status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.message,
+                kind: kind.into(),
+                param: self.param,
+                code: self.code.into(),
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -73,58 +129,155 @@ impl From<JobsError> for ApiError {
                 message: m,
                 param: None,
             },
-            other => {
-                tracing::error!(error = %other, "internal error");
-                ApiError {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    code: "internal",
-                    message: "internal error; see the server log".into(),
-                    param: None,
-                }
-            }
+            other => ApiError::internal(other),
         }
     }
 }
 
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
 
+/// A page of a list: `{"object": "list", "data": [...], "has_more": bool}`.
+macro_rules! list_type {
+    ($(#[$doc:meta])* $name:ident, $item:ty) => {
+        $(#[$doc])*
+        #[derive(serde::Serialize, utoipa::ToSchema)]
+        pub struct $name {
+            /// Always `list`.
+            pub object: String,
+            pub data: Vec<$item>,
+            /// Whether another page follows (pass the last id as `after`).
+            pub has_more: bool,
+        }
+
+        impl $name {
+            pub fn new(data: Vec<$item>, has_more: bool) -> Self {
+                $name {
+                    object: "list".into(),
+                    data,
+                    has_more,
+                }
+            }
+        }
+    };
+}
+pub(crate) use list_type;
+
+list_type!(
+    /// Base models under the model roots.
+    ModelList,
+    ModelInfo
+);
+
+/// A base model a job can name.
+#[derive(Serialize, ToSchema)]
+pub struct ModelInfo {
+    /// The name a job's `model` uses.
+    pub id: String,
+    pub path: String,
+    /// `model_type` from its config.json, or a GGUF file's `general.architecture`.
+    pub model_type: Option<String>,
+    /// `safetensors` (a Hugging Face directory) or `gguf` (a GGUF file).
+    pub format: String,
+}
+
+/// `{"status": "ok"}`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+/// Every documented route; `router` adds the state and the layers, `openapi` the document.
+fn routes(upload_limit: usize, body_limit: usize) -> OpenApiRouter<AppState> {
+    let uploads = OpenApiRouter::new()
+        .routes(routes!(files::files_create, files::files_list))
+        .routes(routes!(
+            v1::files::v1_files_create,
+            v1::files::v1_files_list
+        ))
+        .layer(DefaultBodyLimit::max(upload_limit));
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(files::files_get, files::files_delete))
+        .routes(routes!(jobs::jobs_create, jobs::jobs_list))
+        .routes(routes!(jobs::jobs_get, jobs::jobs_delete))
+        .routes(routes!(jobs::jobs_cancel))
+        .routes(routes!(jobs::events_list))
+        .routes(routes!(jobs::checkpoints_list))
+        .routes(routes!(jobs::artifacts_list))
+        .routes(routes!(models_list))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics::metrics_get))
+        .routes(routes!(openapi::openapi_get))
+        .routes(routes!(dashboard::dashboard_get))
+        .routes(routes!(dashboard::assets_get))
+        .routes(routes!(v1::files::v1_files_get, v1::files::v1_files_delete))
+        .routes(routes!(v1::files::v1_files_content))
+        .routes(routes!(
+            v1::fine_tuning::fine_tuning_jobs_create,
+            v1::fine_tuning::fine_tuning_jobs_list
+        ))
+        .routes(routes!(v1::fine_tuning::fine_tuning_jobs_get))
+        .routes(routes!(v1::fine_tuning::fine_tuning_jobs_cancel))
+        .routes(routes!(v1::fine_tuning::fine_tuning_events_list))
+        .routes(routes!(v1::fine_tuning::fine_tuning_checkpoints_list))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .merge(uploads)
+}
+
+/// The OpenAPI document of every route, as `GET /openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes(0, 0).into_openapi()
+}
+
 /// The application: every route, with the state attached.
 pub fn router(state: AppState) -> Router {
     let upload_limit = state.config.server.max_upload_bytes as usize;
     let body_limit = state.config.server.max_body_bytes;
-    let uploads = Router::new()
-        .route("/files", post(files::files_create).get(files::files_list))
-        .layer(DefaultBodyLimit::max(upload_limit));
-    Router::new()
-        .route(
-            "/files/{id}",
-            get(files::files_get).delete(files::files_delete),
-        )
-        .route("/jobs", post(jobs::jobs_create).get(jobs::jobs_list))
-        .route("/jobs/{id}", get(jobs::jobs_get).delete(jobs::jobs_delete))
-        .route("/jobs/{id}/cancel", post(jobs::jobs_cancel))
-        .route("/jobs/{id}/events", get(jobs::events_list))
-        .route("/jobs/{id}/checkpoints", get(jobs::checkpoints_list))
-        .route("/jobs/{id}/artifacts", get(jobs::artifacts_list))
-        .route("/jobs/{id}/artifacts/{*name}", get(jobs::artifacts_get))
-        .route("/models", get(models_list))
-        .route("/healthz", get(healthz))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .merge(uploads)
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+    let (app, doc) = routes(upload_limit, body_limit).split_for_parts();
+    // The artifact route's wildcard cannot be an OpenAPI parameter; it is documented by hand.
+    app.route(
+        "/jobs/{id}/artifacts/{*name}",
+        get(jobs::artifacts_get).layer(DefaultBodyLimit::max(body_limit)),
+    )
+    .fallback(route_missing)
+    .method_not_allowed_fallback(method_missing)
+    .layer(Extension(Arc::new(doc)))
+    .layer(axum::middleware::from_fn_with_state(
+        state.http_metrics.clone(),
+        metrics::track_requests,
+    ))
+    .layer(TraceLayer::new_for_http())
+    .with_state(state)
 }
 
-async fn healthz(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+async fn route_missing(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {}", uri.path()))
+}
+
+async fn method_missing(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        message: format!("{method} is not allowed on {}", uri.path()),
+        param: None,
+    }
+}
+
+/// Health: the database answers.
+#[utoipa::path(get, path = "/healthz", tag = "service",
+    responses((status = 200, body = Health), (status = 500, body = ErrorBody)))]
+pub async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     sqlx::query("SELECT 1")
         .execute(&state.store.pool)
         .await
         .map_err(JobsError::from)?;
-    Ok(Json(json!({"status": "ok"})))
+    Ok(Json(Health {
+        status: "ok".into(),
+    }))
 }
 
 /// Models directly under each configured root: directories with a config.json, GGUF files.
-async fn models_list(State(state): State<AppState>) -> Json<serde_json::Value> {
+#[utoipa::path(get, path = "/models", tag = "service", responses((status = 200, body = ModelList)))]
+pub async fn models_list(State(state): State<AppState>) -> Json<ModelList> {
     let mut data = Vec::new();
     for root in &state.config.models.roots {
         for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
@@ -133,12 +286,12 @@ async fn models_list(State(state): State<AppState>) -> Json<serde_json::Value> {
                 let arch = crate::model::gguf::GgufModel::open(&p)
                     .ok()
                     .and_then(|g| g.architecture().ok().map(String::from));
-                data.push(json!({
-                    "id": e.file_name().to_string_lossy(),
-                    "path": p.display().to_string(),
-                    "model_type": arch,
-                    "format": "gguf",
-                }));
+                data.push(ModelInfo {
+                    id: e.file_name().to_string_lossy().into_owned(),
+                    path: p.display().to_string(),
+                    model_type: arch,
+                    format: "gguf".into(),
+                });
             } else if p.join("config.json").is_file() {
                 let model_type = std::fs::read(p.join("config.json"))
                     .ok()
@@ -148,14 +301,14 @@ async fn models_list(State(state): State<AppState>) -> Json<serde_json::Value> {
                             .and_then(|t| t.as_str())
                             .map(String::from)
                     });
-                data.push(json!({
-                    "id": e.file_name().to_string_lossy(),
-                    "path": p.display().to_string(),
-                    "model_type": model_type,
-                    "format": "safetensors",
-                }));
+                data.push(ModelInfo {
+                    id: e.file_name().to_string_lossy().into_owned(),
+                    path: p.display().to_string(),
+                    model_type,
+                    format: "safetensors".into(),
+                });
             }
         }
     }
-    Json(json!({"object": "list", "data": data}))
+    Json(ModelList::new(data, false))
 }

@@ -2,6 +2,7 @@
 //! thread, events (stored, then broadcast), leases, cancellation, resume, artifacts.
 
 pub mod runner;
+pub mod stats;
 pub mod store;
 pub mod worker;
 
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+pub use stats::WorkerStats;
 pub use store::Store;
 pub use worker::{spawn_workers, WorkerHandle};
 
@@ -31,7 +33,7 @@ pub enum JobsError {
 pub type Result<T> = std::result::Result<T, JobsError>;
 
 /// The one status enum, stored as text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Queued,
@@ -52,6 +54,14 @@ impl Status {
         }
     }
 
+    pub const ALL: [Status; 5] = [
+        Status::Queued,
+        Status::Running,
+        Status::Succeeded,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "queued" => Status::Queued,
@@ -69,14 +79,20 @@ impl Status {
 }
 
 /// A stored job event, as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Event {
+    /// Counts from 1 per job, without gaps; the SSE `id:`.
     pub seq: i64,
+    /// Unix seconds.
     pub created_at: i64,
+    /// status, metrics, checkpoint, artifact or log; the SSE `event:`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// info, warning or error.
     pub level: String,
     pub message: String,
+    /// Depends on `type`: `status`; `step`, `loss`, `learning_rate`, ...; `name`, `bytes`, `sha256`.
+    #[schema(value_type = Object)]
     pub data: serde_json::Value,
 }
 

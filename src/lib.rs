@@ -3,6 +3,7 @@
 //! The engine layers (`quant`, `model`) never depend on the service; see DESIGN.md for the map.
 
 pub mod api;
+pub mod client;
 pub mod commands;
 pub mod config;
 pub mod data;

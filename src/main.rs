@@ -142,7 +142,25 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Fine-tune jobs on a running service.
+    Jobs {
+        /// The service's URL.
+        #[arg(long, global = true, default_value = DEFAULT_SERVER)]
+        server: String,
+        #[command(subcommand)]
+        command: qlorad::client::JobsCommand,
+    },
+    /// Datasets on a running service.
+    Files {
+        /// The service's URL.
+        #[arg(long, global = true, default_value = DEFAULT_SERVER)]
+        server: String,
+        #[command(subcommand)]
+        command: qlorad::client::FilesCommand,
+    },
 }
+
+const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 
 #[derive(clap::Args)]
 struct SpecArg {
@@ -347,6 +365,12 @@ fn main() -> anyhow::Result<()> {
                 let token = qlorad::server::signal_token();
                 qlorad::server::serve(cfg, token).await
             })?;
+        }
+        Command::Jobs { server, command } => {
+            tokio::runtime::Runtime::new()?.block_on(qlorad::client::jobs(&server, command))?;
+        }
+        Command::Files { server, command } => {
+            tokio::runtime::Runtime::new()?.block_on(qlorad::client::files(&server, command))?;
         }
         Command::Bench(BenchCommand::Train {
             model,

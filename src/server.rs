@@ -59,6 +59,7 @@ pub async fn serve_on(
     let workers = WorkerHandle {
         wake: Arc::new(Notify::new()),
         shutdown: shutdown.child_token(),
+        stats: Default::default(),
     };
     let tasks = spawn_workers(config.clone(), store.clone(), hub.clone(), workers.clone());
     let state = AppState {
@@ -66,6 +67,7 @@ pub async fn serve_on(
         store,
         hub,
         workers,
+        http_metrics: Default::default(),
     };
     info!("listening on http://{}", listener.local_addr()?);
     let stop = shutdown.clone();

@@ -8,18 +8,32 @@ use axum::Json;
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
+use utoipa::IntoParams;
 
-use super::{ApiError, ApiResult, AppState};
+use super::{ApiError, ApiResult, AppState, ErrorBody};
 use crate::jobs::store::FileRow;
 use crate::jobs::worker::file_path;
 
-#[derive(Deserialize)]
+super::list_type!(
+    /// Uploaded datasets.
+    FileList,
+    FileRow
+);
+
+#[derive(Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UploadQuery {
-    filename: Option<String>,
-    format: Option<String>,
+    /// The file's name (a multipart part's own filename wins).
+    pub filename: Option<String>,
+    /// Detected from the first record when absent.
+    #[param(value_type = Option<crate::api::openapi::DataFormat>)]
+    pub format: Option<String>,
     /// A model (as in `GET /models`) whose tokenizer counts the upload's tokens.
-    model: Option<String>,
+    pub model: Option<String>,
 }
+
+/// Multipart text fields other than `file` (at most this many bytes each are kept).
+const FIELD_LIMIT: usize = 4096;
 
 async fn write_stream<S, E>(path: &std::path::Path, mut stream: S, limit: u64) -> ApiResult<u64>
 where
@@ -51,21 +65,33 @@ mod bytes_like {
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
-    tracing::error!(error = %e, "upload failed");
-    ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        code: "internal",
-        message: "internal error; see the server log".into(),
-        param: None,
-    }
+    ApiError::internal(format!("upload: {e}"))
 }
 
 /// `POST /files`: multipart with a `file` field, or the raw body (`?filename=`).
+#[utoipa::path(post, path = "/files", tag = "files", params(UploadQuery),
+    request_body(description = "JSONL or a JSON array; raw, or the `file` part of multipart/form-data",
+        content(("application/octet-stream"), ("multipart/form-data"))),
+    responses((status = 201, description = "stored and validated", body = FileRow),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub async fn files_create(
     State(state): State<AppState>,
-    Query(q): Query<UploadQuery>,
+    q: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     req: Request,
 ) -> ApiResult<(StatusCode, Json<FileRow>)> {
+    let Query(q) = q.map_err(|e| ApiError::bad("invalid_query", e.body_text(), None))?;
+    let row = receive_upload(&state, q, req, |_| Ok(())).await?;
+    Ok((StatusCode::CREATED, Json(row)))
+}
+
+/// Stream an upload to disk, validate it, record it. `check` sees the multipart text fields
+/// before anything is recorded; an error from it (or any other) leaves nothing behind.
+pub(crate) async fn receive_upload(
+    state: &AppState,
+    q: UploadQuery,
+    req: Request,
+    check: impl FnOnce(&[(String, String)]) -> ApiResult<()>,
+) -> ApiResult<FileRow> {
     let id = format!("file-{}", uuid::Uuid::new_v4().simple());
     let dir = state.config.storage.data_dir.join("files");
     tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
@@ -79,23 +105,50 @@ pub async fn files_create(
     let result = async {
         let mut filename = q.filename.clone().unwrap_or_else(|| "upload.jsonl".into());
         let bytes = if is_multipart {
-            let mut mp = Multipart::from_request(req, &state)
+            let mut mp = Multipart::from_request(req, state)
                 .await
                 .map_err(|e| ApiError::bad("invalid_body", e.body_text(), None))?;
             let mut written = None;
-            while let Some(field) = mp
+            let mut fields = Vec::new();
+            while let Some(mut field) = mp
                 .next_field()
                 .await
                 .map_err(|e| ApiError::bad("invalid_body", e.body_text(), None))?
             {
-                if field.name() == Some("file") {
+                let name = field.name().unwrap_or_default().to_string();
+                if name == "file" {
+                    if written.is_some() {
+                        return Err(ApiError::bad(
+                            "invalid_body",
+                            "the multipart body has more than one `file` field",
+                            Some("file"),
+                        ));
+                    }
                     if let Some(n) = field.file_name() {
                         filename = n.to_string();
                     }
                     let stream = field.map_err(|e| e.body_text());
                     written = Some(write_stream(&partial, Box::pin(stream), limit).await?);
+                } else {
+                    let mut value = Vec::new();
+                    while let Some(chunk) = field
+                        .chunk()
+                        .await
+                        .map_err(|e| ApiError::bad("invalid_body", e.body_text(), Some(&name)))?
+                    {
+                        if value.len() + chunk.len() > FIELD_LIMIT {
+                            return Err(ApiError::bad(
+                                "invalid_body",
+                                format!("the multipart field `{name}` exceeds {FIELD_LIMIT} bytes"),
+                                Some(&name),
+                            ));
+                        }
+                        value.extend_from_slice(&chunk);
+                    }
+                    fields.push((name, String::from_utf8_lossy(&value).into_owned()));
                 }
             }
+            check(&fields)?;
             written.ok_or_else(|| {
                 ApiError::bad(
                     "missing_field",
@@ -104,6 +157,7 @@ pub async fn files_create(
                 )
             })?
         } else {
+            check(&[])?;
             let stream = Body::into_data_stream(req.into_body());
             write_stream(&partial, stream, limit).await?
         };
@@ -182,7 +236,7 @@ pub async fn files_create(
     }
     .await;
     match result {
-        Ok(row) => Ok((StatusCode::CREATED, Json(row))),
+        Ok(row) => Ok(row),
         Err(e) => {
             let _ = tokio::fs::remove_file(&partial).await;
             Err(e)
@@ -190,12 +244,15 @@ pub async fn files_create(
     }
 }
 
-pub async fn files_list(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
-    Ok(Json(
-        serde_json::json!({"object": "list", "data": state.store.files().await?}),
-    ))
+/// Every uploaded file, newest first.
+#[utoipa::path(get, path = "/files", tag = "files", responses((status = 200, body = FileList)))]
+pub async fn files_list(State(state): State<AppState>) -> ApiResult<Json<FileList>> {
+    Ok(Json(FileList::new(state.store.files().await?, false)))
 }
 
+#[utoipa::path(get, path = "/files/{id}", tag = "files",
+    params(("id" = String, Path, description = "file id")),
+    responses((status = 200, body = FileRow), (status = 404, body = ErrorBody)))]
 pub async fn files_get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -203,6 +260,11 @@ pub async fn files_get(
     Ok(Json(state.store.file(&id).await?))
 }
 
+/// Delete a file that no queued or running job uses.
+#[utoipa::path(delete, path = "/files/{id}", tag = "files",
+    params(("id" = String, Path, description = "file id")),
+    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
 pub async fn files_delete(
     State(state): State<AppState>,
     Path(id): Path<String>,

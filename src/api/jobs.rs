@@ -14,18 +14,39 @@ use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use utoipa::IntoParams;
 
-use super::{ApiError, ApiResult, AppState};
-use crate::jobs::store::JobRow;
+use super::{ApiError, ApiResult, AppState, ErrorBody};
+use crate::jobs::store::{ArtifactRow, CheckpointRow, JobLabels, JobRow};
 use crate::jobs::worker::{job_dir, resolve_model};
 use crate::jobs::{Event, Status};
 use crate::train::{JobSpec, TrainError};
 
-/// `POST /jobs`: the spec with defaults filled is stored and echoed back.
-pub async fn jobs_create(
-    State(state): State<AppState>,
+super::list_type!(
+    /// A page of jobs, newest first.
+    JobList,
+    JobRow
+);
+super::list_type!(
+    /// A page of a job's events, oldest first.
+    EventList,
+    Event
+);
+super::list_type!(
+    /// A job's checkpoints by step.
+    CheckpointList,
+    CheckpointRow
+);
+super::list_type!(
+    /// A job's artifacts by name.
+    ArtifactList,
+    ArtifactRow
+);
+
+/// A JSON body, or a 400/413 that says what is wrong with it.
+pub(crate) fn json_body(
     body: Result<Json<serde_json::Value>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<JobRow>)> {
+) -> ApiResult<serde_json::Value> {
     let Json(body) = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError {
@@ -38,6 +59,37 @@ pub async fn jobs_create(
             ApiError::bad("invalid_json", e.body_text(), None)
         }
     })?;
+    Ok(body)
+}
+
+/// `POST /jobs`: the spec with defaults filled is stored and echoed back.
+#[utoipa::path(post, path = "/jobs", tag = "jobs",
+    request_body(content = crate::api::openapi::JobSpecSchema, description = "the job spec; every field but `model` and `training_file` has a default"),
+    responses((status = 201, body = JobRow), (status = 400, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn jobs_create(
+    State(state): State<AppState>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<JobRow>)> {
+    let job = create_job(&state, json_body(body)?, JobLabels::default()).await?;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// Validate a spec (as JSON), check its model and files, queue it.
+pub(crate) async fn create_job(
+    state: &AppState,
+    body: serde_json::Value,
+    labels: JobLabels,
+) -> ApiResult<JobRow> {
+    let Some(body) = body.as_object() else {
+        return Err(ApiError::bad(
+            "invalid_json",
+            "the body must be a JSON object",
+            None,
+        ));
+    };
+    // Every spec field has a default, so an explicit null means the default.
+    let body = without_nulls(body);
     let spec: JobSpec = serde_json::from_value(body).map_err(|e| {
         let msg = e.to_string();
         let param = msg.split('`').nth(1).map(String::from);
@@ -93,23 +145,53 @@ pub async fn jobs_create(
     let spec_json = serde_json::to_value(&spec).expect("spec serializes");
     let job = state
         .store
-        .insert_job(&id, &spec_json, spec.priority)
+        .insert_job(&id, &spec_json, spec.priority, &labels)
         .await?;
     state.workers.wake.notify_waiters();
-    Ok((StatusCode::CREATED, Json(job)))
+    Ok(job)
 }
 
-#[derive(Deserialize)]
+/// The object without its null members, at every level of nested objects.
+fn without_nulls(o: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    serde_json::Value::Object(
+        o.iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match v {
+                serde_json::Value::Object(inner) => (k.clone(), without_nulls(inner)),
+                other => (k.clone(), other.clone()),
+            })
+            .collect(),
+    )
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only jobs in this status.
+    #[param(value_type = Option<Status>)]
     status: Option<String>,
+    /// The id of the last job of the previous page.
     after: Option<String>,
+    /// Jobs per page, 1 to 100 (default 20).
     limit: Option<i64>,
 }
 
+/// A query string, or a 400 naming what is wrong with it.
+pub(crate) fn query<T>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<T> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::bad("invalid_query", e.body_text(), None))
+}
+
+/// Jobs, newest first.
+#[utoipa::path(get, path = "/jobs", tag = "jobs", params(ListQuery),
+    responses((status = 200, body = JobList), (status = 400, body = ErrorBody)))]
 pub async fn jobs_list(
     State(state): State<AppState>,
-    Query(q): Query<ListQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<JobList>> {
+    let q = query(q)?;
     let status = match &q.status {
         Some(s) => Some(Status::parse(s).ok_or_else(|| {
             ApiError::bad(
@@ -127,11 +209,13 @@ pub async fn jobs_list(
         .await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
-    Ok(Json(
-        serde_json::json!({"object": "list", "data": rows, "has_more": has_more}),
-    ))
+    Ok(Json(JobList::new(rows, has_more)))
 }
 
+/// One job with its progress.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = JobRow), (status = 404, body = ErrorBody)))]
 pub async fn jobs_get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -139,6 +223,10 @@ pub async fn jobs_get(
     Ok(Json(state.store.job(&id).await?))
 }
 
+/// Cancel: a queued job at once; a running one checkpoints and stops (its status follows).
+#[utoipa::path(post, path = "/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = JobRow), (status = 404, body = ErrorBody)))]
 pub async fn jobs_cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -155,6 +243,11 @@ pub async fn jobs_cancel(
     Ok(Json(state.store.job(&id).await?))
 }
 
+/// Delete a finished job with its files.
+#[utoipa::path(delete, path = "/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
 pub async fn jobs_delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -164,9 +257,12 @@ pub async fn jobs_delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
+    /// Events after this `seq` (an SSE stream prefers the `Last-Event-ID` header).
     after: Option<i64>,
+    /// Events per page, 1 to 1000 (default 100); JSON only.
     limit: Option<i64>,
 }
 
@@ -187,12 +283,18 @@ fn sse(e: &Event) -> SseEvent {
 
 /// `GET /jobs/{id}/events`: a JSON page, or with `Accept: text/event-stream` an SSE stream that
 /// replays from `Last-Event-ID` (or `after`) and ends when the job ends.
+#[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs",
+    params(("id" = String, Path, description = "job id"), EventsQuery),
+    responses((status = 200, description = "a page of events, or with `Accept: text/event-stream` a stream of them",
+            content((EventList = "application/json"), (String = "text/event-stream"))),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn events_list(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<EventsQuery>,
+    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let q = query(q)?;
     let job = state.store.job(&id).await?;
     let wants_sse = headers
         .get(header::ACCEPT)
@@ -209,10 +311,7 @@ pub async fn events_list(
         let mut data = state.store.events(&id, after, limit + 1).await?;
         let has_more = data.len() as i64 > limit;
         data.truncate(limit as usize);
-        return Ok(
-            Json(serde_json::json!({"object": "list", "data": data, "has_more": has_more}))
-                .into_response(),
-        );
+        return Ok(Json(EventList::new(data, has_more)).into_response());
     }
     // Subscribe before replaying so nothing falls between the two.
     let rx = state.hub.subscribe(&id);
@@ -287,24 +386,32 @@ pub async fn events_list(
         .into_response())
 }
 
+#[utoipa::path(get, path = "/jobs/{id}/checkpoints", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = CheckpointList), (status = 404, body = ErrorBody)))]
 pub async fn checkpoints_list(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<CheckpointList>> {
     state.store.job(&id).await?;
-    Ok(Json(
-        serde_json::json!({"object": "list", "data": state.store.checkpoints(&id).await?}),
-    ))
+    Ok(Json(CheckpointList::new(
+        state.store.checkpoints(&id).await?,
+        false,
+    )))
 }
 
+#[utoipa::path(get, path = "/jobs/{id}/artifacts", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = ArtifactList), (status = 404, body = ErrorBody)))]
 pub async fn artifacts_list(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<ArtifactList>> {
     state.store.job(&id).await?;
-    Ok(Json(
-        serde_json::json!({"object": "list", "data": state.store.artifacts(&id).await?}),
-    ))
+    Ok(Json(ArtifactList::new(
+        state.store.artifacts(&id).await?,
+        false,
+    )))
 }
 
 /// An artifact name is a relative path of plain components: no `..`, no absolute paths.
@@ -340,6 +447,17 @@ fn parse_range(h: &str, len: u64) -> Option<(u64, u64)> {
 }
 
 /// `GET /jobs/{id}/artifacts/{name}` with `Range`, `ETag` (the sha256) and `Content-Length`.
+/// `name` may contain `/` (files of the merged safetensors directory).
+#[utoipa::path(get, path = "/jobs/{id}/artifacts/{name}", tag = "jobs",
+    params(("id" = String, Path, description = "job id"),
+        ("name" = String, Path, description = "artifact name, as listed", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$"),
+        ("Range" = Option<String>, Header, description = "bytes=START-END"),
+        ("If-None-Match" = Option<String>, Header, description = "the ETag of a copy you hold")),
+    responses((status = 200, description = "the file", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "the requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 304, description = "not modified"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 416, description = "range not satisfiable")))]
 pub async fn artifacts_get(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
@@ -390,7 +508,7 @@ pub async fn artifacts_get(
     let count = if len == 0 { 0 } else { end - start + 1 };
     file.seek(std::io::SeekFrom::Start(start))
         .await
-        .map_err(|e| ApiError::bad("io", e.to_string(), None))?;
+        .map_err(ApiError::internal)?;
     let stream = tokio_util::io::ReaderStream::new(file.take(count));
     let mut resp = Response::builder()
         .status(status)

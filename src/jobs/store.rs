@@ -6,6 +6,7 @@ use std::str::FromStr;
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row, SqlitePool};
+use utoipa::ToSchema;
 
 use super::{now, Event, JobsError, Result, Status};
 
@@ -14,30 +15,50 @@ pub struct Store {
     pub pool: SqlitePool,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// An uploaded dataset.
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct FileRow {
     pub id: String,
     pub filename: String,
     pub bytes: i64,
+    /// alpaca, chat, sharegpt, completion or text.
     pub format: String,
     pub examples: i64,
+    /// Counted when the upload named a model (`?model=`).
     pub tokens: Option<i64>,
+    /// Unix seconds.
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// How far a job has got.
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct Progress {
+    /// Optimizer steps done.
     pub step: i64,
     pub total_steps: Option<i64>,
     pub last_loss: Option<f64>,
     pub tokens_per_second: Option<f64>,
     pub eta_seconds: Option<f64>,
+    /// Tokens of the training set the job has trained on (each step counted once).
+    pub trained_tokens: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// Names a job carries besides its spec (set through `/v1/fine_tuning/jobs`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobLabels {
+    /// Goes into the fine-tuned model's name.
+    pub suffix: Option<String>,
+    /// Up to 16 string pairs.
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A fine-tune job with its progress.
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct JobRow {
     pub id: String,
     pub status: Status,
+    /// The job spec with every default filled in.
+    #[schema(value_type = crate::api::openapi::JobSpecSchema)]
     pub spec: serde_json::Value,
     pub priority: i64,
     pub created_at: i64,
@@ -46,9 +67,15 @@ pub struct JobRow {
     pub error: Option<String>,
     pub attempts: i64,
     pub progress: Progress,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<std::collections::HashMap<String, String>>)]
+    pub metadata: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// An adapter checkpoint (`checkpoint-<step>` in the job's directory).
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct CheckpointRow {
     pub step: i64,
     pub name: String,
@@ -56,7 +83,8 @@ pub struct CheckpointRow {
     pub loss: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// A file the job produced (adapter, GGUF, merged safetensors), downloadable by name.
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct ArtifactRow {
     pub name: String,
     pub bytes: i64,
@@ -64,7 +92,7 @@ pub struct ArtifactRow {
     pub created_at: i64,
 }
 
-const JOB_COLUMNS: &str = "id, spec, status, priority, created_at, started_at, finished_at, error, attempts, step, total_steps, last_loss, tokens_per_second, eta_seconds";
+const JOB_COLUMNS: &str = "id, spec, status, priority, created_at, started_at, finished_at, error, attempts, step, total_steps, last_loss, tokens_per_second, eta_seconds, trained_tokens, suffix, metadata";
 
 fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
     let status: String = r.try_get("status")?;
@@ -86,7 +114,36 @@ fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
             last_loss: r.try_get("last_loss")?,
             tokens_per_second: r.try_get("tokens_per_second")?,
             eta_seconds: r.try_get("eta_seconds")?,
+            trained_tokens: r.try_get("trained_tokens")?,
         },
+        suffix: r.try_get("suffix")?,
+        metadata: r
+            .try_get::<Option<String>, _>("metadata")?
+            .and_then(|m| serde_json::from_str(&m).ok()),
+    })
+}
+
+fn file_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<FileRow> {
+    Ok(FileRow {
+        id: r.try_get("id")?,
+        filename: r.try_get("filename")?,
+        bytes: r.try_get("bytes")?,
+        format: r.try_get("format")?,
+        examples: r.try_get("examples")?,
+        tokens: r.try_get("tokens")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn event_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Event> {
+    let data: String = r.try_get("data")?;
+    Ok(Event {
+        seq: r.try_get("seq")?,
+        created_at: r.try_get("created_at")?,
+        kind: r.try_get("type")?,
+        level: r.try_get("level")?,
+        message: r.try_get("message")?,
+        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
     })
 }
 
@@ -126,6 +183,19 @@ impl Store {
         self.select_files(None).await
     }
 
+    /// Newest first; `after` is the id of the last file of the previous page.
+    pub async fn files_page(&self, after: Option<&str>, limit: i64) -> Result<Vec<FileRow>> {
+        let rows = sqlx::query(
+            "SELECT id, filename, bytes, format, examples, tokens, created_at FROM files \
+             WHERE ?1 IS NULL OR rowid < (SELECT rowid FROM files WHERE id = ?1) ORDER BY rowid DESC LIMIT ?2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(file_from_row).collect()
+    }
+
     pub async fn file(&self, id: &str) -> Result<FileRow> {
         self.select_files(Some(id))
             .await?
@@ -141,19 +211,7 @@ impl Store {
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(FileRow {
-                    id: r.try_get("id")?,
-                    filename: r.try_get("filename")?,
-                    bytes: r.try_get("bytes")?,
-                    format: r.try_get("format")?,
-                    examples: r.try_get("examples")?,
-                    tokens: r.try_get("tokens")?,
-                    created_at: r.try_get("created_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(file_from_row).collect()
     }
 
     /// Delete a file unless a queued or running job uses it (checked in the same statement).
@@ -180,14 +238,17 @@ impl Store {
         id: &str,
         spec: &serde_json::Value,
         priority: i64,
+        labels: &JobLabels,
     ) -> Result<JobRow> {
         let mut tx = self.pool.begin().await?;
         let t = now();
-        sqlx::query("INSERT INTO jobs (id, spec, status, priority, created_at) VALUES (?, ?, 'queued', ?, ?)")
+        sqlx::query("INSERT INTO jobs (id, spec, status, priority, created_at, suffix, metadata) VALUES (?, ?, 'queued', ?, ?, ?, ?)")
             .bind(id)
             .bind(spec.to_string())
             .bind(priority)
             .bind(t)
+            .bind(&labels.suffix)
+            .bind(labels.metadata.as_ref().map(|m| m.to_string()))
             .execute(&mut *tx)
             .await?;
         sqlx::query("INSERT INTO job_events (job_id, seq, created_at, type, level, message, data) VALUES (?, 1, ?, 'status', 'info', 'queued', ?)")
@@ -266,17 +327,51 @@ impl Store {
         })
     }
 
-    pub async fn update_progress(&self, id: &str, p: &Progress) -> Result<()> {
-        sqlx::query("UPDATE jobs SET step = ?, total_steps = ?, last_loss = ?, tokens_per_second = ?, eta_seconds = ? WHERE id = ? AND status = 'running'")
+    /// Record a step; `step_tokens` adds to `trained_tokens`.
+    pub async fn update_progress(&self, id: &str, p: &Progress, step_tokens: i64) -> Result<()> {
+        sqlx::query("UPDATE jobs SET step = ?, total_steps = ?, last_loss = ?, tokens_per_second = ?, eta_seconds = ?, \
+                     trained_tokens = trained_tokens + ? WHERE id = ? AND status = 'running'")
             .bind(p.step)
             .bind(p.total_steps)
             .bind(p.last_loss)
             .bind(p.tokens_per_second)
             .bind(p.eta_seconds)
+            .bind(step_tokens)
             .bind(id)
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// A run (re)starting at `start_step`: `trained_tokens` becomes the tokens of the steps up to
+    /// it, each counted once, so steps replayed after a resume are not counted twice.
+    pub async fn reset_trained_tokens(&self, id: &str, start_step: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET trained_tokens = (SELECT COALESCE(SUM(t), 0) FROM \
+             (SELECT MAX(json_extract(data, '$.tokens')) AS t FROM job_events WHERE job_id = ?1 AND type = 'metrics' \
+              AND json_extract(data, '$.tokens') IS NOT NULL AND json_extract(data, '$.step') <= ?2 \
+              GROUP BY json_extract(data, '$.step'))) WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(start_step)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// How many jobs are in each status (every status present, zero if none).
+    pub async fn count_by_status(&self) -> Result<Vec<(Status, i64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts: Vec<(Status, i64)> = Status::ALL.iter().map(|s| (*s, 0)).collect();
+        for r in rows {
+            let status: String = r.try_get("status")?;
+            if let Some(c) = counts.iter_mut().find(|(s, _)| s.as_str() == status) {
+                c.1 = r.try_get("n")?;
+            }
+        }
+        Ok(counts)
     }
 
     /// Move a running job of `worker` to `to` (final, or back to queued); false if it was not ours.
@@ -388,19 +483,24 @@ impl Store {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                let data: String = r.try_get("data")?;
-                Ok(Event {
-                    seq: r.try_get("seq")?,
-                    created_at: r.try_get("created_at")?,
-                    kind: r.try_get("type")?,
-                    level: r.try_get("level")?,
-                    message: r.try_get("message")?,
-                    data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
-                })
-            })
-            .collect()
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// Newest first, those before `before` (a `seq`) when given.
+    pub async fn events_desc(
+        &self,
+        id: &str,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Event>> {
+        let rows = sqlx::query("SELECT seq, created_at, type, level, message, data FROM job_events \
+                                WHERE job_id = ? AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT ?3")
+            .bind(id)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_from_row).collect()
     }
 
     pub async fn add_checkpoint(

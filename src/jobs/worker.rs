@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::runner::{self, RunMsg, RunOutcome, RunPlan};
+use super::stats::{RunMeter, WorkerStats};
 use super::store::{ArtifactRow, Progress};
 use super::{now, EventHub, Result, Status, Store};
 use crate::config::Config;
@@ -22,6 +23,8 @@ use crate::train::{JobSpec, TrainEvent};
 pub struct WorkerHandle {
     pub wake: Arc<Notify>,
     pub shutdown: CancellationToken,
+    /// Live throughput per worker, for `/metrics`.
+    pub stats: WorkerStats,
 }
 
 /// Resolve a spec's `model` inside the configured roots: a name or a path below a root.
@@ -56,6 +59,14 @@ pub fn job_dir(cfg: &Config, id: &str) -> PathBuf {
     cfg.storage.data_dir.join("jobs").join(id)
 }
 
+/// The stable part of a worker's name (`cpu#0`), for metrics labels.
+fn stats_name(worker: &str) -> String {
+    worker
+        .rsplit_once('-')
+        .map_or(worker, |(head, _)| head)
+        .to_string()
+}
+
 /// Start one worker per configured device.
 pub fn spawn_workers(
     cfg: Arc<Config>,
@@ -69,6 +80,7 @@ pub fn spawn_workers(
         .enumerate()
         .map(|(i, device)| {
             let name = format!("{device}#{i}-{}", uuid::Uuid::new_v4().simple());
+            handle.stats.register(&stats_name(&name), device);
             let (cfg, store, hub, handle, device) = (
                 cfg.clone(),
                 store.clone(),
@@ -189,6 +201,7 @@ async fn run_claimed(
             runner::run(&plan, &thread_cancel, &tx)
         })
         .map_err(super::JobsError::Io)?;
+    let mut meter = RunMeter::new(&handle.stats, &stats_name(worker), id);
     let mut heartbeat =
         tokio::time::interval(Duration::from_secs(cfg.workers.heartbeat_seconds.max(1)));
     let mut shutting_down = false;
@@ -196,7 +209,7 @@ async fn run_claimed(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
-                handle_msg(store, hub, id, msg).await?;
+                handle_msg(store, hub, id, &mut meter, msg).await?;
             }
             _ = heartbeat.tick() => {
                 if store.heartbeat(id, worker, cfg.workers.lease_seconds as i64).await? {
@@ -209,6 +222,8 @@ async fn run_claimed(
             }
         }
     }
+    // The worker is idle from here on; say so before the job's final status is visible.
+    drop(meter);
     let outcome = tokio::task::spawn_blocking(move || thread.join())
         .await
         .map_err(|e| super::JobsError::Conflict(e.to_string()))?
@@ -264,46 +279,143 @@ async fn transition(
     Ok(())
 }
 
-async fn handle_msg(store: &Store, hub: &EventHub, id: &str, msg: RunMsg) -> Result<()> {
+async fn handle_msg(
+    store: &Store,
+    hub: &EventHub,
+    id: &str,
+    meter: &mut RunMeter,
+    msg: RunMsg,
+) -> Result<()> {
     match msg {
-        RunMsg::Log { message, data } => record(store, hub, id, "log", "info", &message, data).await,
-        RunMsg::Artifact { name, bytes, sha256 } => {
-            let row = ArtifactRow { name: name.clone(), bytes: bytes as i64, sha256: sha256.clone(), created_at: now() };
+        RunMsg::Log { message, data } => {
+            record(store, hub, id, "log", "info", &message, data).await
+        }
+        RunMsg::Artifact {
+            name,
+            bytes,
+            sha256,
+        } => {
+            let row = ArtifactRow {
+                name: name.clone(),
+                bytes: bytes as i64,
+                sha256: sha256.clone(),
+                created_at: now(),
+            };
             store.add_artifact(id, &row).await?;
-            record(store, hub, id, "artifact", "info", &format!("artifact {name}"), serde_json::json!({"name": name, "bytes": bytes, "sha256": sha256})).await
+            record(
+                store,
+                hub,
+                id,
+                "artifact",
+                "info",
+                &format!("artifact {name}"),
+                serde_json::json!({"name": name, "bytes": bytes, "sha256": sha256}),
+            )
+            .await
         }
         RunMsg::Train(e) => match e {
-            TrainEvent::Started { total_steps, start_step, examples } => {
+            TrainEvent::Started {
+                total_steps,
+                start_step,
+                examples,
+            } => {
+                meter.started(start_step);
+                store.reset_trained_tokens(id, start_step as i64).await?;
                 record(store, hub, id, "log", "info", "training started", serde_json::json!({"total_steps": total_steps, "start_step": start_step, "examples": examples})).await
             }
-            TrainEvent::Step { step, total_steps, loss, learning_rate, grad_norm, tokens, tokens_per_second, eta_seconds, epoch } => {
+            TrainEvent::Step {
+                step,
+                total_steps,
+                loss,
+                learning_rate,
+                grad_norm,
+                tokens,
+                tokens_per_second,
+                eta_seconds,
+                epoch,
+            } => {
                 let p = Progress {
                     step: step as i64,
                     total_steps: Some(total_steps as i64),
                     last_loss: Some(loss as f64),
                     tokens_per_second: Some(tokens_per_second),
                     eta_seconds: Some(eta_seconds),
+                    trained_tokens: 0,
                 };
-                store.update_progress(id, &p).await?;
+                meter.step(step, tokens, tokens_per_second);
+                store.update_progress(id, &p, tokens as i64).await?;
                 let data = serde_json::json!({"step": step, "total_steps": total_steps, "loss": loss, "learning_rate": learning_rate,
                     "grad_norm": grad_norm, "tokens": tokens, "tokens_per_second": tokens_per_second, "eta_seconds": eta_seconds, "epoch": epoch});
-                record(store, hub, id, "metrics", "info", &format!("step {step}/{total_steps} loss {loss:.4}"), data).await
+                record(
+                    store,
+                    hub,
+                    id,
+                    "metrics",
+                    "info",
+                    &format!("step {step}/{total_steps} loss {loss:.4}"),
+                    data,
+                )
+                .await
             }
-            TrainEvent::Eval { step, eval_loss, eval_accuracy, eval_tokens } => {
+            TrainEvent::Eval {
+                step,
+                eval_loss,
+                eval_accuracy,
+                eval_tokens,
+            } => {
                 let data = serde_json::json!({"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy, "eval_tokens": eval_tokens});
-                record(store, hub, id, "metrics", "info", &format!("step {step} eval loss {eval_loss:.4}"), data).await
+                record(
+                    store,
+                    hub,
+                    id,
+                    "metrics",
+                    "info",
+                    &format!("step {step} eval loss {eval_loss:.4}"),
+                    data,
+                )
+                .await
             }
             TrainEvent::Checkpoint { step, path } => {
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 let loss = store.job(id).await?.progress.last_loss;
                 store.add_checkpoint(id, step as i64, &name, loss).await?;
-                record(store, hub, id, "checkpoint", "info", &format!("checkpoint {name}"), serde_json::json!({"step": step, "name": name})).await
+                record(
+                    store,
+                    hub,
+                    id,
+                    "checkpoint",
+                    "info",
+                    &format!("checkpoint {name}"),
+                    serde_json::json!({"step": step, "name": name}),
+                )
+                .await
             }
             TrainEvent::Finished { step, loss } => {
-                record(store, hub, id, "log", "info", "training finished", serde_json::json!({"step": step, "loss": loss})).await
+                record(
+                    store,
+                    hub,
+                    id,
+                    "log",
+                    "info",
+                    "training finished",
+                    serde_json::json!({"step": step, "loss": loss}),
+                )
+                .await
             }
             TrainEvent::Cancelled { step } => {
-                record(store, hub, id, "log", "info", "training stopped", serde_json::json!({"step": step})).await
+                record(
+                    store,
+                    hub,
+                    id,
+                    "log",
+                    "info",
+                    "training stopped",
+                    serde_json::json!({"step": step}),
+                )
+                .await
             }
         },
     }

@@ -1,0 +1,145 @@
+"""Load the dashboard in headless Chromium while a job runs and check that its chart follows the
+job live: the number of plotted points grows between two looks, and the polyline holds that many
+points. Saves a screenshot. Drives Chromium over the DevTools protocol.
+
+    pip install websocket-client          # and a chromium binary (Debian: apt-get install chromium)
+    cargo run --release -- serve --model-root models --data-dir /tmp/qlorad-data &
+    python scripts/check_dashboard.py [--server http://127.0.0.1:8080] [--model tiny] \
+        [--screenshot /tmp/qlorad-dashboard.png]
+
+The script starts its own long job (and cancels it at the end).
+"""
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import websocket
+
+DATA = [
+    {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
+    {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]},
+    {"messages": [{"role": "user", "content": "Boil time?"}, {"role": "assistant", "content": "Ninety seconds."}]},
+]
+
+
+def http(method, url, body=None, content_type="application/json"):
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("content-type", content_type)
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read() or b"null")
+
+
+class Tab:
+    """One page over the DevTools websocket."""
+
+    def __init__(self, ws_url):
+        self.ws = websocket.create_connection(ws_url, timeout=30)
+        self.n = 0
+
+    def call(self, method, **params):
+        self.n += 1
+        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.n:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def eval(self, expr):
+        r = self.call("Runtime.evaluate", expression=expr, returnByValue=True)
+        return r.get("result", {}).get("value")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", default="http://127.0.0.1:8080")
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--screenshot", default="/tmp/qlorad-dashboard.png")
+    ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
+    ap.add_argument("--port", type=int, default=9333)
+    args = ap.parse_args()
+
+    body = "".join(json.dumps(r) + "\n" for r in DATA).encode()
+    f = http("POST", f"{args.server}/files?filename=dashboard.jsonl", body, "application/octet-stream")
+    job = http("POST", f"{args.server}/jobs", {
+        "model": args.model, "training_file": f["id"], "checkpoint_every": 50,
+        "hyperparameters": {"max_steps": 100000, "batch_size": 3, "lr_scheduler": "cosine", "warmup_steps": 20},
+    })
+    jid = job["id"]
+    print(f"job {jid} started")
+    profile = tempfile.mkdtemp(prefix="qlorad-chromium-")
+    browser = subprocess.Popen([
+        args.chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        f"--remote-debugging-port={args.port}", f"--remote-allow-origins=http://127.0.0.1:{args.port}",
+        f"--user-data-dir={profile}", "--window-size=1280,1400",
+        "about:blank",
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ok = False
+    try:
+        for _ in range(100):
+            try:
+                targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{args.port}/json").read())
+                pages = [t for t in targets if t.get("type") == "page"]
+                if pages:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise SystemExit("FAIL: chromium did not start")
+        tab = Tab(pages[0]["webSocketDebuggerUrl"])
+        tab.call("Page.enable")
+        tab.call("Emulation.setDeviceMetricsOverride", width=1280, height=1400, deviceScaleFactor=1, mobile=False)
+        tab.call("Page.navigate", url=f"{args.server}/#/jobs/{jid}")
+        count = "Number(document.getElementById('chart') && document.getElementById('chart').dataset.points || 0)"
+        polyline = ("(() => { const p = document.querySelector('#chart polyline.loss');"
+                    " return p ? p.getAttribute('points').trim().split(/\\s+/).length : 0; })()")
+        first = 0
+        for _ in range(100):
+            first = tab.eval(count) or 0
+            if first >= 2:
+                break
+            time.sleep(0.1)
+        time.sleep(3)
+        second = tab.eval(count) or 0
+        drawn = tab.eval(polyline)
+        status = tab.eval("document.querySelector('#summary .status') && document.querySelector('#summary .status').textContent")
+        rows = tab.eval("document.querySelectorAll('#events tbody tr').length")
+        print(f"chart points: {first} -> {second} after 3 s; polyline points: {drawn}; status: {status}; event rows: {rows}")
+        shot = tab.call("Page.captureScreenshot", format="png")
+        with open(args.screenshot, "wb") as out:
+            out.write(base64.b64decode(shot["data"]))
+        print(f"screenshot: {args.screenshot}")
+        jobs_page = None
+        tab.call("Page.navigate", url=f"{args.server}/#/")
+        for _ in range(50):
+            jobs_page = tab.eval(f"!!document.querySelector('tr[data-job=\"{jid}\"] .status.running')")
+            if jobs_page:
+                break
+            time.sleep(0.1)
+        print(f"jobs list shows the job running: {jobs_page}")
+        ok = first >= 2 and second > first and drawn == second and status == "running" and rows > 0 and jobs_page
+    finally:
+        browser.terminate()
+        browser.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+        http("POST", f"{args.server}/jobs/{jid}/cancel", {})
+    if not ok:
+        print("FAIL: the chart did not follow the job")
+        sys.exit(1)
+    print("the dashboard follows the job live")
+
+
+if __name__ == "__main__":
+    main()

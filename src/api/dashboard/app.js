@@ -1,0 +1,305 @@
+// qlorad dashboard: hash routes (#/ jobs, #/new, #/jobs/<id>) over the native JSON API; a job's
+// page follows its Server-Sent Events and redraws an SVG chart of loss and learning rate.
+"use strict";
+
+const app = document.getElementById("app");
+let cleanup = [];
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+function fmtTime(t) {
+  return t ? new Date(t * 1000).toLocaleString() : "";
+}
+
+function fmtNum(x, digits = 4) {
+  return x === null || x === undefined ? "" : Number(x).toPrecision(digits);
+}
+
+function fmtBytes(n) {
+  const u = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${u[i]}`;
+}
+
+async function api(path, opts = {}) {
+  const r = await fetch(path, opts);
+  const text = await r.text();
+  let body = null;
+  try { body = text ? JSON.parse(text) : null; } catch (_) { body = text; }
+  if (!r.ok) {
+    const e = body && body.error ? body.error : { message: `${r.status} ${text}` };
+    throw new Error(e.param ? `${e.param}: ${e.message}` : e.message);
+  }
+  return body;
+}
+
+function statusBadge(s) {
+  return `<span class="status ${esc(s)}">${esc(s)}</span>`;
+}
+
+function progressBar(p) {
+  const total = p.total_steps || 0;
+  const pct = total ? Math.min(100, (100 * p.step) / total) : 0;
+  return `<span class="bar" title="${p.step}/${total || "?"}"><span style="width:${pct.toFixed(1)}%"></span></span>
+    <span class="muted">${p.step}/${total || "?"}</span>`;
+}
+
+// ---- jobs list -------------------------------------------------------------------------------
+
+async function showJobs() {
+  app.innerHTML = `<h1>Jobs</h1><div class="card"><table id="jobs"><thead><tr>
+    <th>Job</th><th>Model</th><th>Status</th><th>Progress</th><th>Loss</th><th>Created</th></tr></thead>
+    <tbody><tr><td colspan="6" class="muted">Loading…</td></tr></tbody></table></div>`;
+  const tbody = app.querySelector("#jobs tbody");
+  async function refresh() {
+    try {
+      const page = await api("/jobs?limit=100");
+      tbody.innerHTML = page.data.length ? page.data.map((j) => `<tr data-job="${esc(j.id)}">
+        <td><a class="mono" href="#/jobs/${esc(j.id)}">${esc(j.id)}</a></td>
+        <td>${esc(j.spec.model)}</td>
+        <td>${statusBadge(j.status)}</td>
+        <td>${progressBar(j.progress)}</td>
+        <td class="num">${fmtNum(j.progress.last_loss)}</td>
+        <td>${esc(fmtTime(j.created_at))}</td></tr>`).join("")
+        : `<tr><td colspan="6" class="muted">No jobs yet. <a href="#/new">Start one.</a></td></tr>`;
+    } catch (e) {
+      tbody.innerHTML = `<tr><td colspan="6" class="error">${esc(e.message)}</td></tr>`;
+    }
+  }
+  await refresh();
+  const timer = setInterval(refresh, 2000);
+  cleanup.push(() => clearInterval(timer));
+}
+
+// ---- new job ---------------------------------------------------------------------------------
+
+async function showNew() {
+  app.innerHTML = `<h1>New job</h1><form class="card" id="new">
+    <label><span>Dataset (JSONL or a JSON array: chat, alpaca, sharegpt, completion or text)</span>
+      <input type="file" name="file" required></label>
+    <div class="grid2">
+      <label><span>Base model</span><select name="model" required></select></label>
+      <label><span>Max steps (empty: epochs)</span><input type="number" name="max_steps" min="1"></label>
+      <label><span>Epochs</span><input type="number" name="n_epochs" min="1" value="3"></label>
+      <label><span>Batch size</span><input type="number" name="batch_size" min="1" value="4"></label>
+      <label><span>Learning rate</span><input type="text" name="learning_rate" value="2e-4"></label>
+      <label><span>LoRA rank</span><input type="number" name="r" min="1" value="16"></label>
+      <label><span>Checkpoint every N steps</span><input type="number" name="checkpoint_every" min="1"></label>
+    </div>
+    <label><span>More of the job spec, as JSON (merged over the fields above), e.g. {"export": {"gguf": ["q8_0"]}}</span>
+      <textarea name="extra">{}</textarea></label>
+    <button type="submit">Upload and start</button> <span class="muted" id="state"></span>
+    <p class="error" id="err"></p></form>`;
+  const form = app.querySelector("#new");
+  const select = form.querySelector("select[name=model]");
+  try {
+    const models = await api("/models");
+    select.innerHTML = models.data.map((m) => `<option value="${esc(m.id)}">${esc(m.id)} (${esc(m.model_type || "?")})</option>`).join("");
+  } catch (e) {
+    form.querySelector("#err").textContent = e.message;
+  }
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const f = new FormData(form);
+    const err = form.querySelector("#err");
+    const state = form.querySelector("#state");
+    const button = form.querySelector("button");
+    err.textContent = "";
+    button.disabled = true;
+    try {
+      const file = f.get("file");
+      const num = (k) => (f.get(k) === "" ? undefined : Number(f.get(k)));
+      let extra = {};
+      try { extra = JSON.parse(f.get("extra") || "{}"); } catch (e) { throw new Error(`extra spec: ${e.message}`); }
+      state.textContent = "uploading…";
+      const up = await api(`/files?filename=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
+      const spec = {
+        model: f.get("model"),
+        training_file: up.id,
+        hyperparameters: { max_steps: num("max_steps"), n_epochs: num("n_epochs"), batch_size: num("batch_size"), learning_rate: num("learning_rate") },
+        lora: { r: num("r") },
+        checkpoint_every: num("checkpoint_every"),
+      };
+      for (const [k, v] of Object.entries(extra)) {
+        spec[k] = v && typeof v === "object" && !Array.isArray(v) && spec[k] ? { ...spec[k], ...v } : v;
+      }
+      state.textContent = "starting…";
+      const job = await api("/jobs", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(spec) });
+      location.hash = `#/jobs/${job.id}`;
+    } catch (e) {
+      err.textContent = e.message;
+      state.textContent = "";
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
+// ---- the chart -------------------------------------------------------------------------------
+
+// Points are {step, loss, lr} and {step, eval}; loss on the left axis, learning rate on the right.
+function drawChart(svg, points, evals) {
+  const W = svg.clientWidth || 800, H = svg.clientHeight || 300;
+  const m = { l: 56, r: 64, t: 12, b: 28 };
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.dataset.points = String(points.length);
+  if (!points.length) {
+    svg.innerHTML = `<text x="${W / 2}" y="${H / 2}" text-anchor="middle">waiting for the first step…</text>`;
+    return;
+  }
+  const steps = points.map((p) => p.step).concat(evals.map((e) => e.step));
+  const x0 = Math.min(...steps), x1 = Math.max(...steps, x0 + 1);
+  const losses = points.map((p) => p.loss).concat(evals.map((e) => e.eval)).filter(Number.isFinite);
+  let y0 = Math.min(...losses), y1 = Math.max(...losses);
+  if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
+  const lrs = points.map((p) => p.lr).filter(Number.isFinite);
+  const r0 = 0, r1 = Math.max(...lrs, 1e-12);
+  const X = (s) => m.l + ((s - x0) / (x1 - x0)) * (W - m.l - m.r);
+  const Y = (v) => H - m.b - ((v - y0) / (y1 - y0)) * (H - m.t - m.b);
+  const R = (v) => H - m.b - ((v - r0) / (r1 - r0)) * (H - m.t - m.b);
+  let s = "";
+  for (let i = 0; i <= 4; i++) {
+    const v = y0 + ((y1 - y0) * i) / 4, y = Y(v);
+    s += `<line class="grid" x1="${m.l}" x2="${W - m.r}" y1="${y}" y2="${y}"/>`;
+    s += `<text x="${m.l - 6}" y="${y + 4}" text-anchor="end">${v.toPrecision(3)}</text>`;
+    const lr = r0 + ((r1 - r0) * i) / 4;
+    s += `<text x="${W - m.r + 6}" y="${R(lr) + 4}">${lr.toExponential(1)}</text>`;
+  }
+  for (let i = 0; i <= 5; i++) {
+    const st = Math.round(x0 + ((x1 - x0) * i) / 5);
+    s += `<text x="${X(st)}" y="${H - 8}" text-anchor="middle">${st}</text>`;
+  }
+  s += `<line class="axis" x1="${m.l}" x2="${m.l}" y1="${m.t}" y2="${H - m.b}"/>`;
+  s += `<line class="axis" x1="${m.l}" x2="${W - m.r}" y1="${H - m.b}" y2="${H - m.b}"/>`;
+  s += `<line class="axis" x1="${W - m.r}" x2="${W - m.r}" y1="${m.t}" y2="${H - m.b}"/>`;
+  const line = (sel, f) => points.filter((p) => Number.isFinite(sel(p))).map((p) => `${X(p.step).toFixed(1)},${f(sel(p)).toFixed(1)}`).join(" ");
+  s += `<polyline class="lr" points="${line((p) => p.lr, R)}"/>`;
+  s += `<polyline class="loss" points="${line((p) => p.loss, Y)}"/>`;
+  for (const e of evals) s += `<circle class="eval" cx="${X(e.step)}" cy="${Y(e.eval)}" r="3.5"/>`;
+  svg.innerHTML = s;
+}
+
+// ---- a job -----------------------------------------------------------------------------------
+
+async function showJob(id) {
+  app.innerHTML = `<h1>Job <span class="mono">${esc(id)}</span></h1>
+    <div class="card"><dl class="kv" id="summary"></dl>
+      <p><button class="secondary" id="cancel">Cancel</button> <span class="error" id="err"></span></p></div>
+    <div class="card"><h2>Loss and learning rate</h2>
+      <div class="legend"><span><i style="background:var(--loss)"></i>training loss</span>
+        <span><i style="background:var(--eval)"></i>validation loss</span>
+        <span><i style="background:var(--lr)"></i>learning rate (right axis)</span></div>
+      <svg id="chart" data-points="0" role="img" aria-label="loss and learning rate by step"></svg></div>
+    <div class="row">
+      <div class="card"><h2>Checkpoints</h2><table id="ckpts"><thead><tr><th>Step</th><th>Name</th><th>Loss</th><th>Saved</th></tr></thead><tbody></tbody></table></div>
+      <div class="card"><h2>Artifacts</h2><table id="arts"><thead><tr><th>File</th><th>Size</th></tr></thead><tbody></tbody></table></div>
+    </div>
+    <div class="card"><h2>Events</h2><div class="log"><table id="events"><thead><tr><th>#</th><th>Time</th><th>Type</th><th>Message</th></tr></thead><tbody></tbody></table></div></div>`;
+  const svg = app.querySelector("#chart");
+  const points = [], evals = [];
+  let job = null, pending = false;
+
+  const redraw = () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; drawChart(svg, points, evals); });
+  };
+  const summary = () => {
+    if (!job) return;
+    const p = job.progress;
+    app.querySelector("#summary").innerHTML = `
+      <dt>Status</dt><dd>${statusBadge(job.status)} ${job.error ? `<span class="error">${esc(job.error)}</span>` : ""}</dd>
+      <dt>Progress</dt><dd>${progressBar(p)}</dd>
+      <dt>Model</dt><dd>${esc(job.spec.model)}</dd>
+      <dt>Training file</dt><dd class="mono">${esc(job.spec.training_file)}</dd>
+      <dt>Last loss</dt><dd class="num">${fmtNum(p.last_loss)}</dd>
+      <dt>Tokens/s</dt><dd class="num">${p.tokens_per_second ? p.tokens_per_second.toFixed(0) : ""}</dd>
+      <dt>Trained tokens</dt><dd class="num">${p.trained_tokens}</dd>
+      <dt>ETA</dt><dd>${job.status === "running" && p.eta_seconds ? `${Math.round(p.eta_seconds)} s` : ""}</dd>
+      <dt>Created</dt><dd>${esc(fmtTime(job.created_at))}</dd>
+      <dt>LoRA</dt><dd class="mono">r=${job.spec.lora.r} alpha=${job.spec.lora.alpha} · ${esc(job.spec.quantization.type)}</dd>`;
+    app.querySelector("#cancel").disabled = !["queued", "running"].includes(job.status);
+  };
+  const loadJob = async () => { job = await api(`/jobs/${encodeURIComponent(id)}`); summary(); };
+  const loadCheckpoints = async () => {
+    const c = await api(`/jobs/${encodeURIComponent(id)}/checkpoints`);
+    app.querySelector("#ckpts tbody").innerHTML = c.data.map((k) => `<tr><td class="num">${k.step}</td>
+      <td class="mono">${esc(k.name)}</td><td class="num">${fmtNum(k.loss)}</td><td>${esc(fmtTime(k.created_at))}</td></tr>`).join("")
+      || `<tr><td colspan="4" class="muted">none yet</td></tr>`;
+  };
+  const loadArtifacts = async () => {
+    const a = await api(`/jobs/${encodeURIComponent(id)}/artifacts`);
+    app.querySelector("#arts tbody").innerHTML = a.data.map((f) => `<tr>
+      <td><a class="mono" href="/jobs/${encodeURIComponent(id)}/artifacts/${f.name.split("/").map(encodeURIComponent).join("/")}" download>${esc(f.name)}</a></td>
+      <td class="num">${fmtBytes(f.bytes)}</td></tr>`).join("")
+      || `<tr><td colspan="2" class="muted">none yet</td></tr>`;
+  };
+
+  try {
+    await Promise.all([loadJob(), loadCheckpoints(), loadArtifacts()]);
+  } catch (e) {
+    app.querySelector("#err").textContent = e.message;
+    return;
+  }
+  app.querySelector("#cancel").addEventListener("click", async () => {
+    try { job = await api(`/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); summary(); } catch (e) { app.querySelector("#err").textContent = e.message; }
+  });
+
+  const log = app.querySelector("#events tbody");
+  const logBox = app.querySelector(".log");
+  const es = new EventSource(`/jobs/${encodeURIComponent(id)}/events`);
+  cleanup.push(() => es.close());
+  const onEvent = (msg) => {
+    const e = JSON.parse(msg.data);
+    const stick = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 4;
+    log.insertAdjacentHTML("beforeend", `<tr class="level-${esc(e.level)}"><td class="num">${e.seq}</td>
+      <td>${esc(new Date(e.created_at * 1000).toLocaleTimeString())}</td><td>${esc(e.type)}</td><td>${esc(e.message)}</td></tr>`);
+    if (stick) logBox.scrollTop = logBox.scrollHeight;
+    const d = e.data || {};
+    if (e.type === "metrics" && Number.isFinite(d.loss)) {
+      points.push({ step: d.step, loss: d.loss, lr: d.learning_rate });
+      if (job) {
+        Object.assign(job.progress, { step: d.step, total_steps: d.total_steps, last_loss: d.loss, tokens_per_second: d.tokens_per_second, eta_seconds: d.eta_seconds });
+        job.progress.trained_tokens += d.tokens || 0;
+        summary();
+      }
+      redraw();
+    } else if (e.type === "metrics" && Number.isFinite(d.eval_loss)) {
+      evals.push({ step: d.step, eval: d.eval_loss });
+      redraw();
+    } else if (e.type === "checkpoint") {
+      loadCheckpoints().catch(() => {});
+    } else if (e.type === "artifact") {
+      loadArtifacts().catch(() => {});
+    } else if (e.type === "status") {
+      loadJob().catch(() => {});
+      if (["succeeded", "failed", "cancelled"].includes(d.status)) es.close();
+    }
+  };
+  for (const t of ["status", "metrics", "checkpoint", "artifact", "log"]) es.addEventListener(t, onEvent);
+  es.onerror = () => {
+    // The stream ends with the job; stop reconnecting once it has.
+    if (job && ["succeeded", "failed", "cancelled"].includes(job.status)) es.close();
+  };
+  redraw();
+  const onResize = () => redraw();
+  window.addEventListener("resize", onResize);
+  cleanup.push(() => window.removeEventListener("resize", onResize));
+}
+
+// ---- routing ---------------------------------------------------------------------------------
+
+function route() {
+  for (const f of cleanup.splice(0)) f();
+  const h = location.hash.replace(/^#/, "") || "/";
+  const m = h.match(/^\/jobs\/(.+)$/);
+  if (m) return showJob(decodeURIComponent(m[1]));
+  if (h === "/new") return showNew();
+  return showJobs();
+}
+
+window.addEventListener("hashchange", route);
+route();
