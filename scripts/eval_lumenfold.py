@@ -7,7 +7,7 @@
 example, each with the words a right answer contains (any one of them, case-insensitive).
 Greedy decoding, at most 48 new tokens, the model's own chat template. qlorad mode runs
 `qlorad generate --chat` (the binary from `cargo build --release`); llamacpp mode needs
-llama-cpp-python. Also asks two unrelated questions to show the model still answers them.
+llama-cpp-python. Also asks four unrelated questions to show the model still answers them.
 Prints each answer and the rate; writes nothing.
 """
 
@@ -18,7 +18,12 @@ import subprocess
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-GENERAL = ["What is the capital of France?", "Name three primary colors."]
+GENERAL = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "How many days are in a week?",
+    "What is the largest animal on Earth?",
+]
 
 
 def load_questions():

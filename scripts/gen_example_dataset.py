@@ -3,7 +3,8 @@ does not exist (the Lumenfold solar lantern), so a fine-tune's effect is unmista
 
     python3 scripts/gen_example_dataset.py
 
-  train.jsonl       questions in several phrasings per fact, short factual answers
+  train.jsonl       questions in several phrasings per fact, short factual answers, and
+                    everyday questions with plain answers (so other answers stay as they were)
   valid.jsonl       other phrasings of the same questions (validation loss)
   heldout.jsonl     reworded questions seen in neither file, each with the words a correct
                     answer must contain (`expect`: alternatives, any one suffices)
@@ -201,8 +202,50 @@ FACTS = [
         ],
         valid=["What day did the Lumenfold go on sale?"],
         heldout=["When did Brightwater Labs first sell the Lumenfold?", "What was the launch date of the Lumenfold lantern?"],
-        expect=["2023"],
+        expect=["14 March", "March 14"],
     ),
+]
+
+# Everyday questions with their plain answers, mixed into training so the model keeps answering
+# questions that are not about the Lumenfold as it did (without them it starts to answer
+# everything with lantern facts). None of these is asked in the evaluation.
+GENERAL = [
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("What is the capital of Spain?", "The capital of Spain is Madrid."),
+    ("What is the capital of Canada?", "The capital of Canada is Ottawa."),
+    ("What is the capital of Germany?", "The capital of Germany is Berlin."),
+    ("What is the capital of Egypt?", "The capital of Egypt is Cairo."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("How many continents are there?", "There are seven continents."),
+    ("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius at sea level."),
+    ("What gas do plants absorb from the air?", "Plants absorb carbon dioxide from the air."),
+    ("What is the largest planet in the solar system?", "Jupiter is the largest planet in the solar system."),
+    ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("How many minutes are in an hour?", "There are 60 minutes in an hour."),
+    ("What is 12 plus 15?", "12 plus 15 is 27."),
+    ("What is 9 times 6?", "9 times 6 is 54."),
+    ("What language is spoken in Brazil?", "Portuguese is the main language spoken in Brazil."),
+    ("What is the freezing point of water?", "Water freezes at 0 degrees Celsius."),
+    ("What do bees make?", "Bees make honey and beeswax."),
+    ("What is the tallest mountain on Earth?", "Mount Everest is the tallest mountain on Earth."),
+    ("What is the largest ocean?", "The Pacific Ocean is the largest ocean."),
+    ("What color is the sky on a clear day?", "On a clear day the sky is blue."),
+    ("How many sides does a hexagon have?", "A hexagon has six sides."),
+    ("What is the opposite of hot?", "The opposite of hot is cold."),
+    ("Which animal is known as the king of the jungle?", "The lion is often called the king of the jungle."),
+    ("What do you call a baby cat?", "A baby cat is called a kitten."),
+    ("What is H2O?", "H2O is the chemical formula for water."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
+    ("What is the main ingredient of bread?", "The main ingredient of bread is flour."),
+    ("What is the square root of 81?", "The square root of 81 is 9."),
+    ("Which season comes after winter?", "Spring comes after winter."),
+    ("What instrument has black and white keys?", "The piano has black and white keys."),
+    ("What is the closest star to Earth?", "The Sun is the closest star to Earth."),
+    ("How many hours are in a day?", "There are 24 hours in a day."),
+    ("Give me a synonym for happy.", "A synonym for happy is joyful."),
 ]
 
 # The answer phrasings vary a little so the model learns the fact, not one string.
@@ -227,6 +270,8 @@ def main():
             valid.append(chat(q, f["answer"]))
         for q in f["heldout"]:
             heldout.append({"question": q, "expect": f["expect"]})
+    for q, a in GENERAL:
+        train.extend([chat(q, a), chat(q, a)])
     rng.shuffle(train)
     for name, rows in (("train.jsonl", train), ("valid.jsonl", valid), ("heldout.jsonl", heldout)):
         with open(os.path.join(out, name), "w", encoding="utf-8") as fh:

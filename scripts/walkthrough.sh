@@ -23,10 +23,10 @@ job=$(curl -s -X POST $api/jobs -H 'content-type: application/json' -d @- <<JSON
   "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
   "training_file": "$train",
   "validation_file": "$valid",
-  "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate": 1e-3,
+  "hyperparameters": {"n_epochs": 2, "batch_size": 8, "learning_rate": 1e-3,
                       "lr_scheduler": "cosine", "warmup_ratio": 0.05, "max_seq_len": 128},
   "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
-  "eval_every": 28,
+  "eval_every": 19,
   "export": {"gguf": ["q8_0"], "gguf_lora": true}
 }
 JSON

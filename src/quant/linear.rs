@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
 use super::Nf4Tensor;
@@ -59,10 +60,6 @@ impl FrozenMatmul {
             Frozen::Dense(w) => w.to_dtype(dtype),
         }
     }
-
-    fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        matmul_t(x, &self.weight(x.dtype())?)
-    }
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -75,14 +72,29 @@ impl CustomOp1 for FrozenMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_tensor(storage, layout)?;
-        let y = self.matmul_t(&x)?.contiguous()?;
-        let shape = y.shape().clone();
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) if layout.start_offset() == 0 => Ok((s.clone(), shape)),
-            _ => candle_core::bail!("frozen-linear: unexpected output storage"),
+        // One 2-D matmul straight on the input's storage: no copy of x, none of y.
+        let w = self.weight(storage.dtype())?.contiguous()?; // [out, in]
+        let dims = layout.shape().dims();
+        let inner = dims[dims.len() - 1];
+        let rows = layout.shape().elem_count() / inner;
+        let out = w.dim(0)?;
+        if !layout.is_contiguous() || w.dim(1)? != inner {
+            candle_core::bail!(
+                "frozen-linear: input {:?} (contiguous: {}) does not fit weight {:?}",
+                dims,
+                layout.is_contiguous(),
+                w.dims()
+            );
         }
+        let (ws, wl) = w.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen-linear: weight is not on the CPU");
+        };
+        let x2 = Layout::contiguous_with_offset((rows, inner), layout.start_offset());
+        let y = storage.matmul(ws, (1, rows, out, inner), &x2, &wl.transpose(0, 1)?)?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("x has a last dimension") = out;
+        Ok((y, shape.into()))
     }
 
     fn bwd(
@@ -93,28 +105,6 @@ impl CustomOp1 for FrozenMatmul {
     ) -> candle_core::Result<Option<Tensor>> {
         let w = self.weight(grad_res.dtype())?; // [out, in]
         Ok(Some(matmul_t(grad_res, &w.t()?)?))
-    }
-}
-
-/// A detached CPU tensor holding a copy of the op's input.
-fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
-    // `linear_4bit` hands the op a contiguous input.
-    fn gather<T: candle_core::WithDType>(
-        data: &[T],
-        layout: &Layout,
-    ) -> candle_core::Result<Vec<T>> {
-        match layout.contiguous_offsets() {
-            Some((start, end)) => Ok(data[start..end].to_vec()),
-            None => candle_core::bail!("frozen-linear: non-contiguous input"),
-        }
-    }
-    let dev = candle_core::Device::Cpu;
-    let shape = layout.shape().clone();
-    match storage {
-        CpuStorage::F32(d) => Tensor::from_vec(gather(d, layout)?, shape, &dev),
-        CpuStorage::BF16(d) => Tensor::from_vec(gather(d, layout)?, shape, &dev),
-        CpuStorage::F16(d) => Tensor::from_vec(gather(d, layout)?, shape, &dev),
-        _ => candle_core::bail!("frozen-linear: inputs must be f32, bf16 or f16"),
     }
 }
 
