@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod llama;
 pub mod quantize;
 pub mod random;
+pub mod source;
 pub mod weights;
 pub mod writer;
 

@@ -12,14 +12,11 @@ use super::gguf::{GgufWriter, TensorDecl, Value};
 use super::{ExportError, Result};
 use crate::lora::{peft, LoraConfig};
 use crate::model::config::{Arch, ModelConfig};
-use crate::model::gguf::{
-    gguf_name, is_gguf, llama3_divisors, permute_rows, permuted_heads, GgufModel,
-};
-use crate::model::weights::{view_to_tensor, WeightFiles};
+use crate::model::gguf::{gguf_name, llama3_divisors, permute_rows, permuted_heads, GgufModel};
+use crate::model::source::BaseWeights;
+use crate::model::weights::view_to_tensor;
 use crate::model::SafetensorsWriter;
-use crate::quant::bnb::{
-    from_bnb_tensors, is_aux_key, parse_quantization_config, read_quant_state, QuantStateJson,
-};
+use crate::quant::bnb::{from_bnb_tensors, is_aux_key, read_quant_state, QuantStateJson};
 use crate::quant::{FloatDType, FloatSlice, Nf4Tensor, QuantConfig};
 
 /// What the adapter is merged into.
@@ -29,16 +26,6 @@ pub enum MergeBase {
     Original,
     /// The weights the adapter was trained against: quantized with this config, dequantized.
     Quantized(QuantConfig),
-}
-
-/// Where the base model's tensors come from.
-enum BaseWeights {
-    Safetensors {
-        files: WeightFiles,
-        /// A bitsandbytes 4-bit checkpoint.
-        prequantized: bool,
-    },
-    Gguf(GgufModel),
 }
 
 /// A base model and an optional adapter, producing merged tensors in Hugging Face names.
@@ -65,25 +52,7 @@ fn st_dtype(t: Dtype) -> Result<DType> {
 
 impl MergeSource {
     pub fn open(dir: &Path, adapter: Option<&Path>, base: MergeBase) -> Result<Self> {
-        let (config, weights) = if is_gguf(dir) {
-            let g = GgufModel::open(dir)?;
-            (g.config()?, BaseWeights::Gguf(g))
-        } else {
-            let config = ModelConfig::load(dir)?;
-            let prequantized = config
-                .raw
-                .get("quantization_config")
-                .and_then(parse_quantization_config)
-                .is_some();
-            let files = WeightFiles::open(dir)?;
-            (
-                config,
-                BaseWeights::Safetensors {
-                    files,
-                    prequantized,
-                },
-            )
-        };
+        let (config, weights) = BaseWeights::open(dir)?;
         let mut source = MergeSource {
             dir: dir.to_path_buf(),
             config,

@@ -12,11 +12,11 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 use super::config::ModelConfig;
-use super::gguf::{is_gguf, GgufModel};
-use super::weights::{view_to_tensor, WeightFiles};
+use super::source::BaseWeights;
+use super::weights::view_to_tensor;
 use super::{ModelError, Result};
 use crate::lora::{peft, FrozenLinear, FrozenWeight, LoraAdapter, LoraConfig, LoraLinear};
-use crate::quant::bnb::{from_bnb_tensors, parse_quantization_config};
+use crate::quant::bnb::from_bnb_tensors;
 use crate::quant::{FloatSlice, Nf4Tensor, QuantConfig};
 use crate::rng::Rng;
 
@@ -100,16 +100,6 @@ fn bad(tensor: &str, message: impl Into<String>) -> ModelError {
     }
 }
 
-/// Where a model's tensors come from.
-enum Source {
-    Safetensors {
-        weights: WeightFiles,
-        /// A bitsandbytes 4-bit checkpoint: linears load as stored.
-        prequantized: bool,
-    },
-    Gguf(GgufModel),
-}
-
 fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
     if got != want {
         return Err(bad(name, format!("has shape {got:?}, expected {want:?}")));
@@ -117,7 +107,7 @@ fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
     Ok(())
 }
 
-impl Source {
+impl BaseWeights {
     /// A dense tensor, checked against the expected shape.
     fn dense(
         &self,
@@ -128,14 +118,14 @@ impl Source {
         dev: &Device,
     ) -> Result<Tensor> {
         match self {
-            Source::Safetensors { weights, .. } => {
-                let v = weights
+            BaseWeights::Safetensors { files, .. } => {
+                let v = files
                     .get(name)
                     .ok_or_else(|| bad(name, "missing from the checkpoint"))?;
                 check_shape(name, v.shape(), shape)?;
                 Ok(view_to_tensor(name, &v, dev)?.to_dtype(dtype)?)
             }
-            Source::Gguf(g) => {
+            BaseWeights::Gguf(g) => {
                 let t = g.tensor(name, config)?;
                 check_shape(name, t.dims(), shape)?;
                 Ok(t.to_dtype(dtype)?.to_device(dev)?)
@@ -154,11 +144,11 @@ impl Source {
     ) -> Result<FrozenWeight> {
         let dev = &opts.device;
         match self {
-            Source::Safetensors {
-                weights,
+            BaseWeights::Safetensors {
+                files,
                 prequantized: true,
             } => {
-                let q = from_bnb_tensors(name, |k| weights.get(k), dev).map_err(|source| {
+                let q = from_bnb_tensors(name, |k| files.get(k), dev).map_err(|source| {
                     ModelError::Tensor {
                         tensor: name.to_string(),
                         source,
@@ -167,8 +157,8 @@ impl Source {
                 check_shape(name, q.shape().dims(), &shape)?;
                 Ok(FrozenWeight::Quant(Arc::new(q)))
             }
-            Source::Safetensors { weights, .. } => {
-                let v = weights
+            BaseWeights::Safetensors { files, .. } => {
+                let v = files
                     .get(name)
                     .ok_or_else(|| bad(name, "missing from the checkpoint"))?;
                 check_shape(name, v.shape(), &shape)?;
@@ -179,7 +169,7 @@ impl Source {
                     }
                 })
             }
-            Source::Gguf(g) => {
+            BaseWeights::Gguf(g) => {
                 let t = g.tensor(name, config)?;
                 check_shape(name, t.dims(), &shape)?;
                 Ok(match &opts.quant {
@@ -250,25 +240,7 @@ impl CausalLm {
                 ),
             });
         }
-        let (config, weights) = if is_gguf(dir) {
-            let g = GgufModel::open(dir)?;
-            (g.config()?, Source::Gguf(g))
-        } else {
-            let config = ModelConfig::load(dir)?;
-            let prequantized = config
-                .raw
-                .get("quantization_config")
-                .and_then(parse_quantization_config)
-                .is_some();
-            let weights = WeightFiles::open(dir)?;
-            (
-                config,
-                Source::Safetensors {
-                    weights,
-                    prequantized,
-                },
-            )
-        };
+        let (config, weights) = BaseWeights::open(dir)?;
         let (dt, dev) = (opts.dtype, &opts.device);
         let c = &config;
         let embed = weights.dense(
