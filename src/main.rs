@@ -138,6 +138,13 @@ enum Command {
         /// Workers, one per device: cpu,cuda:0,...
         #[arg(long, value_delimiter = ',')]
         workers: Option<Vec<String>>,
+        /// API keys, one a line: NAME:SECRET or NAME:sha256:HEX, `:admin` at the end for a key
+        /// that sees everything.
+        #[arg(long)]
+        api_keys_file: Option<PathBuf>,
+        /// Serve without API keys on an address other than loopback.
+        #[arg(long)]
+        allow_anonymous: bool,
     },
     /// Benchmarks.
     #[command(subcommand)]
@@ -351,12 +358,16 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             model_root,
             workers,
+            api_keys_file,
+            allow_anonymous,
         } => {
             let overrides = qlorad::config::Overrides {
                 listen,
                 data_dir,
                 model_roots: model_root,
                 workers,
+                api_keys_file,
+                allow_anonymous_remote: allow_anonymous,
             };
             let cfg =
                 qlorad::config::Config::load(config.as_deref(), std::env::vars(), &overrides)?;

@@ -30,6 +30,7 @@ async fn start() -> Server {
         data_dir: Some(tmp.path().join("data")),
         model_roots: vec![models],
         workers: Some(vec!["cpu".into()]),
+        ..Default::default()
     };
     let cfg = Config::load(None, Vec::new(), &overrides).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
