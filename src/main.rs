@@ -154,6 +154,9 @@ enum Command {
         /// The service's URL.
         #[arg(long, global = true, default_value = DEFAULT_SERVER)]
         server: String,
+        /// The API key (default: the QLORAD_API_KEY environment variable).
+        #[arg(long, global = true)]
+        api_key: Option<String>,
         #[command(subcommand)]
         command: qlorad::client::JobsCommand,
     },
@@ -162,6 +165,9 @@ enum Command {
         /// The service's URL.
         #[arg(long, global = true, default_value = DEFAULT_SERVER)]
         server: String,
+        /// The API key (default: the QLORAD_API_KEY environment variable).
+        #[arg(long, global = true)]
+        api_key: Option<String>,
         #[command(subcommand)]
         command: qlorad::client::FilesCommand,
     },
@@ -377,11 +383,23 @@ fn main() -> anyhow::Result<()> {
                 qlorad::server::serve(cfg, token).await
             })?;
         }
-        Command::Jobs { server, command } => {
-            tokio::runtime::Runtime::new()?.block_on(qlorad::client::jobs(&server, command))?;
+        Command::Jobs {
+            server,
+            api_key,
+            command,
+        } => {
+            let key = api_key.or_else(|| std::env::var("QLORAD_API_KEY").ok());
+            tokio::runtime::Runtime::new()?
+                .block_on(qlorad::client::jobs(&server, key, command))?;
         }
-        Command::Files { server, command } => {
-            tokio::runtime::Runtime::new()?.block_on(qlorad::client::files(&server, command))?;
+        Command::Files {
+            server,
+            api_key,
+            command,
+        } => {
+            let key = api_key.or_else(|| std::env::var("QLORAD_API_KEY").ok());
+            tokio::runtime::Runtime::new()?
+                .block_on(qlorad::client::files(&server, key, command))?;
         }
         Command::Bench(BenchCommand::Train {
             model,

@@ -556,7 +556,9 @@ async fn metrics_openapi_and_dashboard() {
         .to_str()
         .unwrap()
         .starts_with("text/javascript"));
-    assert!(js.text().await.unwrap().contains("EventSource"));
+    // The event stream is read with fetch, so the API key can go in a header.
+    let js = js.text().await.unwrap();
+    assert!(js.contains("text/event-stream") && js.contains("Bearer"));
     let (status, _) = get(&c, format!("{}/dashboard/nope.js", s.base)).await;
     assert_eq!(status, 404);
 }

@@ -488,3 +488,26 @@ async fn handle_msg(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_training_thread_fails_the_run_with_its_message() {
+        let t = std::thread::spawn(|| -> RunOutcome { panic!("device lost: {}", 7) });
+        match join_run(t).await {
+            RunOutcome::Failed(m) => {
+                assert_eq!(m, "the training thread panicked: device lost: 7")
+            }
+            other => panic!("{other:?}"),
+        }
+        let t = std::thread::spawn(|| -> RunOutcome { std::panic::panic_any(3u8) });
+        assert_eq!(
+            join_run(t).await,
+            RunOutcome::Failed("the training thread panicked: no message".into())
+        );
+        let t = std::thread::spawn(|| RunOutcome::Succeeded);
+        assert_eq!(join_run(t).await, RunOutcome::Succeeded);
+    }
+}
