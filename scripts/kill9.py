@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--workers", default="cpu,cpu")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps of the shortest job")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = tempfile.mkdtemp(prefix="qlorad-kill9-")
@@ -82,8 +83,8 @@ def main():
     jobs = []
     for i in range(args.jobs):
         spec = {"model": "tiny", "training_file": fid, "lora": {"r": 4},
-                "hyperparameters": {"max_steps": 6 + (i % 4), "batch_size": 2, "seed": i},
-                "checkpoint_every": 2,
+                "hyperparameters": {"max_steps": args.steps + 5 * (i % 4), "batch_size": 2, "seed": i},
+                "checkpoint_every": 4,
                 "export": {"gguf_lora": i % 2 == 0, "merged_safetensors": i % 5 == 0}}
         jobs.append(srv.create_job(spec))
     followers = [Follower(srv.base, j) for j in jobs]
