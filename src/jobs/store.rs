@@ -159,6 +159,22 @@ impl Store {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    // A statement that failed on a full disk can leave its connection inside a
+                    // transaction SQLite did not end: reused, it would hold the write lock and a
+                    // stale snapshot. Close such a connection instead.
+                    let mut handle = conn.lock_handle().await?;
+                    // SAFETY: the handle is locked for the call and stays valid throughout.
+                    let autocommit = unsafe {
+                        libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr())
+                    } != 0;
+                    if !autocommit {
+                        tracing::warn!("closing a database connection left inside a transaction");
+                    }
+                    Ok(autocommit)
+                })
+            })
             .connect_with(opts)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
