@@ -4,7 +4,8 @@ base_url and api_key: upload, create, list, retrieve, events, checkpoints, cance
     pip install openai
     cargo run --release --example random_model -- models/tiny tiny
     cargo run --release -- serve --model-root models --data-dir /tmp/qlorad-data &
-    python scripts/check_openai_client.py [--base-url http://127.0.0.1:8080/v1] [--model tiny]
+    python scripts/check_openai_client.py [--base-url http://127.0.0.1:8080/v1] [--model tiny] \
+        [--api-key KEY]          # a key of the server's --api-keys-file (default: $QLORAD_API_KEY)
 
 Exits non-zero on the first check that fails.
 """
@@ -12,6 +13,7 @@ Exits non-zero on the first check that fails.
 import argparse
 import io
 import json
+import os
 import sys
 import time
 
@@ -46,8 +48,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--api-key", default=os.environ.get("QLORAD_API_KEY", "unused"))
     args = ap.parse_args()
-    client = OpenAI(base_url=args.base_url, api_key="unused")
+    client = OpenAI(base_url=args.base_url, api_key=args.api_key)
     print(f"openai {openai.__version__} against {args.base_url}")
 
     body = "".join(json.dumps(r) + "\n" for r in DATA).encode()

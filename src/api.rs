@@ -2,11 +2,14 @@
 //! metrics and the OpenAPI document. Handlers validate and call the store or the engine's
 //! validators; training itself happens in `jobs`.
 
+pub mod auth;
 pub mod dashboard;
 pub mod files;
 pub mod jobs;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
+pub mod paths;
 pub mod v1;
 
 use std::sync::Arc;
@@ -34,6 +37,10 @@ pub struct AppState {
     pub workers: WorkerHandle,
     /// Request counts and latencies, for `/metrics`.
     pub http_metrics: metrics::HttpMetrics,
+    /// The API keys; empty: no keys, one anonymous owner.
+    pub keys: Arc<auth::ApiKeys>,
+    /// Open event streams per key.
+    pub streams: limits::StreamSlots,
 }
 
 /// `{"error": {"message", "type", "param", "code"}}` with a fitting status: the same object on
@@ -129,7 +136,65 @@ impl From<JobsError> for ApiError {
                 message: m,
                 param: None,
             },
+            JobsError::Limit(m) => ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                code: "too_many_queued",
+                message: format!("{m} (limits.max_queued_jobs_per_key)"),
+                param: None,
+            },
+            JobsError::Db(e) => ApiError::database(e),
+            JobsError::Io(e) => ApiError::io("storage", e),
             other => ApiError::internal(other),
+        }
+    }
+}
+
+/// SQLite's primary result codes that mean "try again" and "the disk is full".
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_FULL: i32 = 13;
+
+impl ApiError {
+    /// A database error: busy or locked is a 503 to retry, a full disk a 507, the rest a 500.
+    pub fn database(e: sqlx::Error) -> Self {
+        let code = match &e {
+            sqlx::Error::Database(d) => d.code().and_then(|c| c.parse::<i32>().ok()),
+            _ => None,
+        };
+        match code.map(|c| c & 0xff) {
+            Some(SQLITE_BUSY | SQLITE_LOCKED) => ApiError::unavailable(&e),
+            Some(SQLITE_FULL) => ApiError::storage_full(&e),
+            _ if matches!(e, sqlx::Error::PoolTimedOut) => ApiError::unavailable(&e),
+            _ => ApiError::internal(e),
+        }
+    }
+
+    /// A filesystem error: a full disk is a 507, the rest a 500.
+    pub fn io(context: &str, e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
+            ApiError::storage_full(&format!("{context}: {e}"))
+        } else {
+            ApiError::internal(format!("{context}: {e}"))
+        }
+    }
+
+    fn unavailable(e: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(error = %e, "database busy");
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "database_busy",
+            message: "the database is busy; retry shortly".into(),
+            param: None,
+        }
+    }
+
+    fn storage_full(e: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "storage full");
+        ApiError {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            code: "storage_full",
+            message: "the server's storage is full; retry once space is freed".into(),
+            param: None,
         }
     }
 }
@@ -225,14 +290,17 @@ fn routes(upload_limit: usize, body_limit: usize) -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document of every route, as `GET /openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes(0, 0).into_openapi()
+    let mut doc = routes(0, 0).into_openapi();
+    openapi::secure(&mut doc);
+    doc
 }
 
 /// The application: every route, with the state attached.
 pub fn router(state: AppState) -> Router {
     let upload_limit = state.config.server.max_upload_bytes as usize;
     let body_limit = state.config.server.max_body_bytes;
-    let (app, doc) = routes(upload_limit, body_limit).split_for_parts();
+    let (app, mut doc) = routes(upload_limit, body_limit).split_for_parts();
+    openapi::secure(&mut doc);
     // The artifact route's wildcard cannot be an OpenAPI parameter; it is documented by hand.
     app.route(
         "/jobs/{id}/artifacts/{*name}",
@@ -241,6 +309,15 @@ pub fn router(state: AppState) -> Router {
     .fallback(route_missing)
     .method_not_allowed_fallback(method_missing)
     .layer(Extension(Arc::new(doc)))
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        limits::time_limit,
+    ))
+    // Before any handler, the fallbacks included: no request without a valid key reaches one.
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        auth::authenticate,
+    ))
     .layer(axum::middleware::from_fn_with_state(
         state.http_metrics.clone(),
         metrics::track_requests,

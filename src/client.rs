@@ -46,6 +46,17 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError 
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer`; never printed.
+    api_key: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Client {
@@ -54,6 +65,20 @@ impl Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
+            api_key: None,
+        }
+    }
+
+    /// Send `key` with every request.
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key.filter(|k| !k.is_empty());
+        self
+    }
+
+    fn authorized(&self, req: RequestBuilder) -> RequestBuilder {
+        match &self.api_key {
+            Some(k) => req.bearer_auth(k),
+            None => req,
         }
     }
 
@@ -62,11 +87,11 @@ impl Client {
     }
 
     pub fn get(&self, path: &str) -> RequestBuilder {
-        self.http.get(self.url(path))
+        self.authorized(self.http.get(self.url(path)))
     }
 
     pub fn post(&self, path: &str) -> RequestBuilder {
-        self.http.post(self.url(path))
+        self.authorized(self.http.post(self.url(path)))
     }
 
     /// Send; a non-2xx answer becomes `ClientError::Api` with the server's message.

@@ -15,6 +15,8 @@ pub struct Config {
     pub storage: StorageConfig,
     pub models: ModelsConfig,
     pub workers: WorkersConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +55,33 @@ pub struct WorkersConfig {
     pub heartbeat_seconds: u64,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// API keys, one a line: `NAME:SECRET` or `NAME:sha256:HEX`, `:admin` at the end for a key
+    /// that sees everything. Without it the server has one anonymous owner and listens only on
+    /// loopback (unless `allow_anonymous_remote`). The file's contents are never logged.
+    pub api_keys_file: Option<PathBuf>,
+    /// Serve without keys on an address other than loopback.
+    pub allow_anonymous_remote: bool,
+    /// Whether `GET /metrics` is served without a key (for a Prometheus scraper).
+    pub public_metrics: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Seconds a request may take to produce its response head (streams and downloads then
+    /// run as long as they need); over it the answer is 408.
+    pub request_timeout_seconds: u64,
+    /// The same for dataset uploads, which read their whole body first.
+    pub upload_timeout_seconds: u64,
+    /// Jobs one key may have waiting in the queue; one more is refused with 429.
+    pub max_queued_jobs_per_key: u64,
+    /// Server-Sent Event streams one key may hold open; one more is refused with 429.
+    pub max_event_streams_per_key: usize,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{source_name}: {message}")]
@@ -71,6 +100,9 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub model_roots: Vec<PathBuf>,
     pub workers: Option<Vec<String>>,
+    pub api_keys_file: Option<PathBuf>,
+    /// Serve without keys on a non-loopback address.
+    pub allow_anonymous_remote: bool,
 }
 
 fn merge(base: &mut toml::Value, over: toml::Value) {
@@ -151,6 +183,12 @@ impl Config {
         }
         if let Some(w) = &overrides.workers {
             cfg.workers.devices = w.clone();
+        }
+        if let Some(k) = &overrides.api_keys_file {
+            cfg.auth.api_keys_file = Some(k.clone());
+        }
+        if overrides.allow_anonymous_remote {
+            cfg.auth.allow_anonymous_remote = true;
         }
         Ok(cfg)
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub use stats::WorkerStats;
-pub use store::Store;
+pub use store::{Scope, Store};
 pub use worker::{spawn_workers, WorkerHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,9 @@ pub enum JobsError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A per-key limit (queued jobs) is reached.
+    #[error("{0}")]
+    Limit(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -138,6 +138,13 @@ enum Command {
         /// Workers, one per device: cpu,cuda:0,...
         #[arg(long, value_delimiter = ',')]
         workers: Option<Vec<String>>,
+        /// API keys, one a line: NAME:SECRET or NAME:sha256:HEX, `:admin` at the end for a key
+        /// that sees everything.
+        #[arg(long)]
+        api_keys_file: Option<PathBuf>,
+        /// Serve without API keys on an address other than loopback.
+        #[arg(long)]
+        allow_anonymous: bool,
     },
     /// Benchmarks.
     #[command(subcommand)]
@@ -147,6 +154,9 @@ enum Command {
         /// The service's URL.
         #[arg(long, global = true, default_value = DEFAULT_SERVER)]
         server: String,
+        /// The API key (default: the QLORAD_API_KEY environment variable).
+        #[arg(long, global = true)]
+        api_key: Option<String>,
         #[command(subcommand)]
         command: qlorad::client::JobsCommand,
     },
@@ -155,6 +165,9 @@ enum Command {
         /// The service's URL.
         #[arg(long, global = true, default_value = DEFAULT_SERVER)]
         server: String,
+        /// The API key (default: the QLORAD_API_KEY environment variable).
+        #[arg(long, global = true)]
+        api_key: Option<String>,
         #[command(subcommand)]
         command: qlorad::client::FilesCommand,
     },
@@ -351,12 +364,16 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             model_root,
             workers,
+            api_keys_file,
+            allow_anonymous,
         } => {
             let overrides = qlorad::config::Overrides {
                 listen,
                 data_dir,
                 model_roots: model_root,
                 workers,
+                api_keys_file,
+                allow_anonymous_remote: allow_anonymous,
             };
             let cfg =
                 qlorad::config::Config::load(config.as_deref(), std::env::vars(), &overrides)?;
@@ -366,11 +383,23 @@ fn main() -> anyhow::Result<()> {
                 qlorad::server::serve(cfg, token).await
             })?;
         }
-        Command::Jobs { server, command } => {
-            tokio::runtime::Runtime::new()?.block_on(qlorad::client::jobs(&server, command))?;
+        Command::Jobs {
+            server,
+            api_key,
+            command,
+        } => {
+            let key = api_key.or_else(|| std::env::var("QLORAD_API_KEY").ok());
+            tokio::runtime::Runtime::new()?
+                .block_on(qlorad::client::jobs(&server, key, command))?;
         }
-        Command::Files { server, command } => {
-            tokio::runtime::Runtime::new()?.block_on(qlorad::client::files(&server, command))?;
+        Command::Files {
+            server,
+            api_key,
+            command,
+        } => {
+            let key = api_key.or_else(|| std::env::var("QLORAD_API_KEY").ok());
+            tokio::runtime::Runtime::new()?
+                .block_on(qlorad::client::files(&server, key, command))?;
         }
         Command::Bench(BenchCommand::Train {
             model,

@@ -8,6 +8,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::api::auth::{ApiKeys, AuthError};
 use crate::api::{router, AppState};
 use crate::config::Config;
 use crate::jobs::{spawn_workers, EventHub, JobsError, Store, WorkerHandle};
@@ -16,6 +17,13 @@ use crate::jobs::{spawn_workers, EventHub, JobsError, Store, WorkerHandle};
 pub enum ServeError {
     #[error(transparent)]
     Jobs(#[from] JobsError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(
+        "refusing to listen on {0} without API keys: set auth.api_keys_file (--api-keys-file), \
+         listen on loopback, or pass --allow-anonymous to serve without keys anyway"
+    )]
+    NoKeys(std::net::SocketAddr),
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -40,19 +48,21 @@ pub async fn serve_on(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let keys = ApiKeys::from_config(&config)?;
+    let addr = listener.local_addr()?;
+    if keys.is_empty() && !addr.ip().is_loopback() && !config.auth.allow_anonymous_remote {
+        return Err(ServeError::NoKeys(addr));
+    }
+    if keys.is_empty() {
+        info!("no API keys configured: one anonymous owner");
+    } else {
+        info!(keys = keys.len(), "API keys loaded");
+    }
     let config = Arc::new(config);
     let store = Store::open(&config.storage.data_dir).await?;
+    remove_partial_uploads(&config.storage.data_dir.join("files"));
     // This process owns the database: whatever is "running" belonged to a process that died.
-    for id in store.requeue_stale(true).await? {
-        let e = store
-            .append_event(
-                &id,
-                "status",
-                "warning",
-                "queued again: its worker stopped; resumes from its last checkpoint",
-                serde_json::json!({"status": "queued"}),
-            )
-            .await?;
+    for (id, e) in store.requeue_stale(true).await? {
         info!(job.id = %id, seq = e.seq, "requeued");
     }
     let hub = EventHub::default();
@@ -68,6 +78,8 @@ pub async fn serve_on(
         hub,
         workers,
         http_metrics: Default::default(),
+        keys: Arc::new(keys),
+        streams: Default::default(),
     };
     info!("listening on http://{}", listener.local_addr()?);
     let stop = shutdown.clone();
@@ -79,6 +91,15 @@ pub async fn serve_on(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Uploads a previous process was receiving when it stopped.
+fn remove_partial_uploads(dir: &std::path::Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".partial") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// A token cancelled by SIGINT or SIGTERM.

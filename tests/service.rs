@@ -32,6 +32,7 @@ async fn start(workers: &[&str]) -> Server {
         data_dir: Some(data.clone()),
         model_roots: vec![models],
         workers: Some(workers.iter().map(|s| s.to_string()).collect()),
+        ..Default::default()
     };
     let cfg = Config::load(None, Vec::new(), &overrides).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -684,7 +685,7 @@ async fn graceful_shutdown_checkpoints_and_requeues_running_jobs() {
     s.stop.cancel(); // what SIGINT/SIGTERM do
     s.task.await.unwrap();
     let store = qlorad::jobs::Store::open(&s.data).await.unwrap();
-    let j = store.job(&id).await.unwrap();
+    let j = store.job(&id, qlorad::jobs::Scope::All).await.unwrap();
     assert_eq!(j.status, qlorad::jobs::Status::Queued, "back in the queue");
     assert_eq!(
         store.checkpoints(&id).await.unwrap().len(),

@@ -30,6 +30,7 @@ async fn start() -> Server {
         data_dir: Some(tmp.path().join("data")),
         model_roots: vec![models],
         workers: Some(vec!["cpu".into()]),
+        ..Default::default()
     };
     let cfg = Config::load(None, Vec::new(), &overrides).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -555,7 +556,9 @@ async fn metrics_openapi_and_dashboard() {
         .to_str()
         .unwrap()
         .starts_with("text/javascript"));
-    assert!(js.text().await.unwrap().contains("EventSource"));
+    // The event stream is read with fetch, so the API key can go in a header.
+    let js = js.text().await.unwrap();
+    assert!(js.contains("text/event-stream") && js.contains("Bearer"));
     let (status, _) = get(&c, format!("{}/dashboard/nope.js", s.base)).await;
     assert_eq!(status, 404);
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use utoipa::IntoParams;
 
+use super::auth::Principal;
 use super::{ApiError, ApiResult, AppState, ErrorBody};
 use crate::jobs::store::FileRow;
 use crate::jobs::worker::file_path;
@@ -40,7 +41,7 @@ where
     S: Stream<Item = Result<bytes_like::Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let mut f = tokio::fs::File::create(path).await.map_err(internal)?;
+    let mut f = tokio::fs::File::create(path).await.map_err(internal_io)?;
     let mut n = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk
@@ -54,9 +55,11 @@ where
                 param: Some("file".into()),
             });
         }
-        f.write_all(&chunk).await.map_err(internal)?;
+        f.write_all(&chunk).await.map_err(internal_io)?;
     }
-    f.flush().await.map_err(internal)?;
+    f.flush().await.map_err(internal_io)?;
+    // The bytes are on disk before the upload is recorded (a crash never lists a short file).
+    f.sync_all().await.map_err(internal_io)?;
     Ok(n)
 }
 
@@ -68,6 +71,11 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("upload: {e}"))
 }
 
+/// A filesystem error while storing an upload: a full disk is a 507 the client can retry.
+fn internal_io(e: std::io::Error) -> ApiError {
+    ApiError::io("upload", e)
+}
+
 /// `POST /files`: multipart with a `file` field, or the raw body (`?filename=`).
 #[utoipa::path(post, path = "/files", tag = "files", params(UploadQuery),
     request_body(description = "JSONL or a JSON array; raw, or the `file` part of multipart/form-data",
@@ -76,11 +84,12 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
         (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub async fn files_create(
     State(state): State<AppState>,
+    who: Principal,
     q: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     req: Request,
 ) -> ApiResult<(StatusCode, Json<FileRow>)> {
     let Query(q) = q.map_err(|e| ApiError::bad("invalid_query", e.body_text(), None))?;
-    let row = receive_upload(&state, q, req, |_| Ok(())).await?;
+    let row = receive_upload(&state, &who, q, req, |_| Ok(())).await?;
     Ok((StatusCode::CREATED, Json(row)))
 }
 
@@ -88,13 +97,14 @@ pub async fn files_create(
 /// before anything is recorded; an error from it (or any other) leaves nothing behind.
 pub(crate) async fn receive_upload(
     state: &AppState,
+    who: &Principal,
     q: UploadQuery,
     req: Request,
     check: impl FnOnce(&[(String, String)]) -> ApiResult<()>,
 ) -> ApiResult<FileRow> {
     let id = format!("file-{}", uuid::Uuid::new_v4().simple());
     let dir = state.config.storage.data_dir.join("files");
-    tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
+    tokio::fs::create_dir_all(&dir).await.map_err(internal_io)?;
     let partial = dir.join(format!(".{id}.partial"));
     let limit = state.config.server.max_upload_bytes;
     let is_multipart = req
@@ -230,8 +240,11 @@ pub(crate) async fn receive_upload(
         };
         tokio::fs::rename(&partial, file_path(&state.config, &id))
             .await
-            .map_err(internal)?;
-        state.store.insert_file(&row).await?;
+            .map_err(internal_io)?;
+        if let Err(e) = state.store.insert_file(&row, who.owner()).await {
+            let _ = tokio::fs::remove_file(file_path(&state.config, &id)).await;
+            return Err(e.into());
+        }
         Ok(row)
     }
     .await;
@@ -244,10 +257,17 @@ pub(crate) async fn receive_upload(
     }
 }
 
-/// Every uploaded file, newest first.
-#[utoipa::path(get, path = "/files", tag = "files", responses((status = 200, body = FileList)))]
-pub async fn files_list(State(state): State<AppState>) -> ApiResult<Json<FileList>> {
-    Ok(Json(FileList::new(state.store.files().await?, false)))
+/// Every uploaded file of the key, newest first.
+#[utoipa::path(get, path = "/files", tag = "files", responses((status = 200, body = FileList),
+    (status = 401, body = ErrorBody)))]
+pub async fn files_list(
+    State(state): State<AppState>,
+    who: Principal,
+) -> ApiResult<Json<FileList>> {
+    Ok(Json(FileList::new(
+        state.store.files(who.scope()).await?,
+        false,
+    )))
 }
 
 #[utoipa::path(get, path = "/files/{id}", tag = "files",
@@ -255,9 +275,10 @@ pub async fn files_list(State(state): State<AppState>) -> ApiResult<Json<FileLis
     responses((status = 200, body = FileRow), (status = 404, body = ErrorBody)))]
 pub async fn files_get(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<FileRow>> {
-    Ok(Json(state.store.file(&id).await?))
+    Ok(Json(state.store.file(&id, who.scope()).await?))
 }
 
 /// Delete a file that no queued or running job uses.
@@ -267,9 +288,10 @@ pub async fn files_get(
         (status = 409, body = ErrorBody)))]
 pub async fn files_delete(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.store.delete_file(&id).await?;
+    state.store.delete_file(&id, who.scope()).await?;
     let _ = tokio::fs::remove_file(file_path(&state.config, &id)).await;
     Ok(StatusCode::NO_CONTENT)
 }

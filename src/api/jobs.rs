@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use utoipa::IntoParams;
 
+use super::auth::Principal;
 use super::{ApiError, ApiResult, AppState, ErrorBody};
 use crate::jobs::store::{ArtifactRow, CheckpointRow, JobLabels, JobRow};
 use crate::jobs::worker::{job_dir, resolve_model};
@@ -69,15 +70,17 @@ pub(crate) fn json_body(
         (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn jobs_create(
     State(state): State<AppState>,
+    who: Principal,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<JobRow>)> {
-    let job = create_job(&state, json_body(body)?, JobLabels::default()).await?;
+    let job = create_job(&state, &who, json_body(body)?, JobLabels::default()).await?;
     Ok((StatusCode::CREATED, Json(job)))
 }
 
 /// Validate a spec (as JSON), check its model and files, queue it.
 pub(crate) async fn create_job(
     state: &AppState,
+    who: &Principal,
     body: serde_json::Value,
     labels: JobLabels,
 ) -> ApiResult<JobRow> {
@@ -132,7 +135,8 @@ pub(crate) async fn create_job(
         ("validation_file", spec.validation_file.as_deref()),
     ] {
         if let Some(id) = id {
-            if state.store.file(id).await.is_err() {
+            // Another key's file is as unknown as a missing one.
+            if state.store.file(id, who.scope()).await.is_err() {
                 return Err(ApiError::bad(
                     "unknown_file",
                     format!("file {id:?} does not exist (see GET /files)"),
@@ -145,7 +149,14 @@ pub(crate) async fn create_job(
     let spec_json = serde_json::to_value(&spec).expect("spec serializes");
     let job = state
         .store
-        .insert_job(&id, &spec_json, spec.priority, &labels)
+        .insert_job(
+            &id,
+            &spec_json,
+            spec.priority,
+            &labels,
+            who.owner(),
+            state.config.limits.max_queued_jobs_per_key as i64,
+        )
         .await?;
     state.workers.wake.notify_waiters();
     Ok(job)
@@ -189,6 +200,7 @@ pub(crate) fn query<T>(
     responses((status = 200, body = JobList), (status = 400, body = ErrorBody)))]
 pub async fn jobs_list(
     State(state): State<AppState>,
+    who: Principal,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<JobList>> {
     let q = query(q)?;
@@ -205,7 +217,7 @@ pub async fn jobs_list(
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
     let mut rows = state
         .store
-        .jobs(status, q.after.as_deref(), limit + 1)
+        .jobs(status, q.after.as_deref(), limit + 1, who.scope())
         .await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
@@ -218,9 +230,10 @@ pub async fn jobs_list(
     responses((status = 200, body = JobRow), (status = 404, body = ErrorBody)))]
 pub async fn jobs_get(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobRow>> {
-    Ok(Json(state.store.job(&id).await?))
+    Ok(Json(state.store.job(&id, who.scope()).await?))
 }
 
 /// Cancel: a queued job at once; a running one checkpoints and stops (its status follows).
@@ -229,18 +242,14 @@ pub async fn jobs_get(
     responses((status = 200, body = JobRow), (status = 404, body = ErrorBody)))]
 pub async fn jobs_cancel(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobRow>> {
-    if state.store.request_cancel(&id).await? {
-        // A queued job is cancelled here and now; record it as a worker would.
-        let data = serde_json::json!({"status": "cancelled"});
-        let e = state
-            .store
-            .append_event(&id, "status", "info", "cancelled", data)
-            .await?;
+    // A queued job is cancelled here and now, its event recorded with it.
+    if let Some(e) = state.store.request_cancel(&id, who.scope()).await? {
         state.hub.publish(&id, &e);
     }
-    Ok(Json(state.store.job(&id).await?))
+    Ok(Json(state.store.job(&id, who.scope()).await?))
 }
 
 /// Delete a finished job with its files.
@@ -250,9 +259,10 @@ pub async fn jobs_cancel(
         (status = 409, body = ErrorBody)))]
 pub async fn jobs_delete(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.store.delete_job(&id).await?;
+    state.store.delete_job(&id, who.scope()).await?;
     let _ = tokio::fs::remove_dir_all(job_dir(&state.config, &id)).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -290,12 +300,13 @@ fn sse(e: &Event) -> SseEvent {
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn events_list(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
     q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let q = query(q)?;
-    let job = state.store.job(&id).await?;
+    let job = state.store.job(&id, who.scope()).await?;
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -313,6 +324,9 @@ pub async fn events_list(
         data.truncate(limit as usize);
         return Ok(Json(EventList::new(data, has_more)).into_response());
     }
+    let slot = state
+        .streams
+        .acquire(who.owner(), state.config.limits.max_event_streams_per_key)?;
     // Subscribe before replaying so nothing falls between the two.
     let rx = state.hub.subscribe(&id);
     let replay = state.store.events(&id, after, i64::MAX).await?;
@@ -380,7 +394,11 @@ pub async fn events_list(
                 .flatten(),
             )
         };
-    let body = replayed.chain(live);
+    // The stream holds its slot until it ends or the client goes away.
+    let body = replayed.chain(live).map(move |e| {
+        let _held = &slot;
+        e
+    });
     Ok(Sse::new(body)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -391,9 +409,10 @@ pub async fn events_list(
     responses((status = 200, body = CheckpointList), (status = 404, body = ErrorBody)))]
 pub async fn checkpoints_list(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<CheckpointList>> {
-    state.store.job(&id).await?;
+    state.store.job(&id, who.scope()).await?;
     Ok(Json(CheckpointList::new(
         state.store.checkpoints(&id).await?,
         false,
@@ -405,9 +424,10 @@ pub async fn checkpoints_list(
     responses((status = 200, body = ArtifactList), (status = 404, body = ErrorBody)))]
 pub async fn artifacts_list(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ArtifactList>> {
-    state.store.job(&id).await?;
+    state.store.job(&id, who.scope()).await?;
     Ok(Json(ArtifactList::new(
         state.store.artifacts(&id).await?,
         false,
@@ -460,6 +480,7 @@ fn parse_range(h: &str, len: u64) -> Option<(u64, u64)> {
         (status = 416, description = "range not satisfiable")))]
 pub async fn artifacts_get(
     State(state): State<AppState>,
+    who: Principal,
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -470,7 +491,7 @@ pub async fn artifacts_get(
             Some("name"),
         ));
     }
-    state.store.job(&id).await?;
+    state.store.job(&id, who.scope()).await?;
     let art = state
         .store
         .artifacts(&id)
@@ -478,7 +499,10 @@ pub async fn artifacts_get(
         .into_iter()
         .find(|a| a.name == name)
         .ok_or_else(|| ApiError::not_found(format!("artifact {name} of job {id} not found")))?;
-    let path = job_dir(&state.config, &id).join("artifacts").join(&name);
+    let dir = job_dir(&state.config, &id).join("artifacts");
+    // A symlink planted in the directory must not lead out of it.
+    let path = super::paths::contained(&dir, &name)
+        .ok_or_else(|| ApiError::not_found(format!("artifact {name} is gone")))?;
     let etag = format!("\"{}\"", art.sha256);
     if headers
         .get(header::IF_NONE_MATCH)

@@ -31,6 +31,51 @@ pub fn base() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
+/// Declare the bearer scheme and, per operation, whether it needs a key: public routes need
+/// none, `/metrics` takes one or none, every other route needs one and may answer 401.
+pub fn secure(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+    use utoipa::openapi::{Content, Ref, ResponseBuilder};
+
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+    );
+    let bearer = || SecurityRequirement::new("bearer", Vec::<String>::new());
+    let unauthorized = ResponseBuilder::new()
+        .description("no API key, or not a valid one")
+        .content(
+            "application/json",
+            Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+        )
+        .build();
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+            &mut item.head,
+            &mut item.options,
+            &mut item.trace,
+        ];
+        for op in ops.into_iter().flatten() {
+            op.security = Some(match super::auth::public_path(path) {
+                Some(true) => vec![SecurityRequirement::default()],
+                Some(false) => vec![SecurityRequirement::default(), bearer()],
+                None => {
+                    op.responses
+                        .responses
+                        .insert("401".into(), unauthorized.clone().into());
+                    vec![bearer()]
+                }
+            });
+        }
+    }
+}
+
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "service",
     responses((status = 200, description = "the OpenAPI document", content_type = "application/json", body = Object)))]

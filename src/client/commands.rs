@@ -125,8 +125,8 @@ async fn file_id(client: &Client, arg: &str) -> Result<String> {
 }
 
 /// Run a `qlorad jobs` command against `server`.
-pub async fn jobs(server: &str, cmd: JobsCommand) -> Result<()> {
-    let client = Client::new(server);
+pub async fn jobs(server: &str, api_key: Option<String>, cmd: JobsCommand) -> Result<()> {
+    let client = Client::new(server).with_api_key(api_key);
     match cmd {
         JobsCommand::Create {
             model,
@@ -449,8 +449,8 @@ async fn download(client: &Client, id: &str, names: &[String], out: &Path) -> Re
 }
 
 /// Run a `qlorad files` command against `server`.
-pub async fn files(server: &str, cmd: FilesCommand) -> Result<()> {
-    let client = Client::new(server);
+pub async fn files(server: &str, api_key: Option<String>, cmd: FilesCommand) -> Result<()> {
+    let client = Client::new(server).with_api_key(api_key);
     match cmd {
         FilesCommand::Upload {
             path,

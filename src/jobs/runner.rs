@@ -22,7 +22,7 @@ pub struct RunPlan {
 }
 
 /// What the run thread reports.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum RunMsg {
     Log {
         message: String,
@@ -47,7 +47,28 @@ pub enum RunOutcome {
 pub fn run(plan: &RunPlan, cancel: &AtomicBool, tx: &mpsc::Sender<RunMsg>) -> RunOutcome {
     match run_inner(plan, cancel, tx) {
         Ok(o) => o,
-        Err(e) => RunOutcome::Failed(e),
+        Err(e) => {
+            // A failed write (a full disk) leaves half-written checkpoints and exports behind:
+            // remove them so they take no space and nothing mistakes them for complete ones.
+            remove_partials(&plan.job_dir.join("run"));
+            remove_partials(&plan.job_dir.join("artifacts"));
+            RunOutcome::Failed(e)
+        }
+    }
+}
+
+/// Remove `*.partial` files and directories directly under `dir`.
+fn remove_partials(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".partial") {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
     }
 }
 

@@ -159,14 +159,31 @@ impl Store {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    // A statement that failed on a full disk can leave its connection inside a
+                    // transaction SQLite did not end: reused, it would hold the write lock and a
+                    // stale snapshot. Close such a connection instead.
+                    let mut handle = conn.lock_handle().await?;
+                    // SAFETY: the handle is locked for the call and stays valid throughout.
+                    let autocommit = unsafe {
+                        libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr())
+                    } != 0;
+                    if !autocommit {
+                        tracing::warn!("closing a database connection left inside a transaction");
+                    }
+                    Ok(autocommit)
+                })
+            })
             .connect_with(opts)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Store { pool })
     }
 
-    pub async fn insert_file(&self, f: &FileRow) -> Result<()> {
-        sqlx::query("INSERT INTO files (id, filename, bytes, format, examples, tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+    /// Record an upload as `owner`'s.
+    pub async fn insert_file(&self, f: &FileRow, owner: &str) -> Result<()> {
+        sqlx::query("INSERT INTO files (id, filename, bytes, format, examples, tokens, created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
             .bind(&f.id)
             .bind(&f.filename)
             .bind(f.bytes)
@@ -174,57 +191,69 @@ impl Store {
             .bind(f.examples)
             .bind(f.tokens)
             .bind(f.created_at)
+            .bind(owner)
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    pub async fn files(&self) -> Result<Vec<FileRow>> {
-        self.select_files(None).await
+    /// Every file `scope` may see.
+    pub async fn files(&self, scope: Scope<'_>) -> Result<Vec<FileRow>> {
+        self.select_files(None, scope).await
     }
 
     /// Newest first; `after` is the id of the last file of the previous page.
-    pub async fn files_page(&self, after: Option<&str>, limit: i64) -> Result<Vec<FileRow>> {
+    pub async fn files_page(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+        scope: Scope<'_>,
+    ) -> Result<Vec<FileRow>> {
         let rows = sqlx::query(
             "SELECT id, filename, bytes, format, examples, tokens, created_at FROM files \
-             WHERE ?1 IS NULL OR rowid < (SELECT rowid FROM files WHERE id = ?1) ORDER BY rowid DESC LIMIT ?2",
+             WHERE (?1 IS NULL OR rowid < (SELECT rowid FROM files WHERE id = ?1)) AND (?3 IS NULL OR owner = ?3) \
+             ORDER BY rowid DESC LIMIT ?2",
         )
         .bind(after)
         .bind(limit)
+        .bind(scope.owner())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(file_from_row).collect()
     }
 
-    pub async fn file(&self, id: &str) -> Result<FileRow> {
-        self.select_files(Some(id))
+    /// A file `scope` may see; another owner's is not found.
+    pub async fn file(&self, id: &str, scope: Scope<'_>) -> Result<FileRow> {
+        self.select_files(Some(id), scope)
             .await?
             .pop()
             .ok_or_else(|| JobsError::NotFound(format!("file {id}")))
     }
 
-    async fn select_files(&self, id: Option<&str>) -> Result<Vec<FileRow>> {
+    async fn select_files(&self, id: Option<&str>, scope: Scope<'_>) -> Result<Vec<FileRow>> {
         let rows = sqlx::query(
             "SELECT id, filename, bytes, format, examples, tokens, created_at FROM files \
-             WHERE ?1 IS NULL OR id = ?1 ORDER BY created_at DESC, id",
+             WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR owner = ?2) ORDER BY created_at DESC, id",
         )
         .bind(id)
+        .bind(scope.owner())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(file_from_row).collect()
     }
 
     /// Delete a file unless a queued or running job uses it (checked in the same statement).
-    pub async fn delete_file(&self, id: &str) -> Result<()> {
+    pub async fn delete_file(&self, id: &str, scope: Scope<'_>) -> Result<()> {
         let r = sqlx::query(
-            "DELETE FROM files WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM jobs WHERE status IN ('queued', 'running') \
+            "DELETE FROM files WHERE id = ?1 AND (?2 IS NULL OR owner = ?2) AND NOT EXISTS (SELECT 1 FROM jobs WHERE status IN ('queued', 'running') \
              AND (json_extract(spec, '$.training_file') = ?1 OR json_extract(spec, '$.validation_file') = ?1))",
         )
         .bind(id)
+        .bind(scope.owner())
         .execute(&self.pool)
         .await?;
         if r.rows_affected() == 0 {
-            self.file(id).await?;
+            self.file(id, scope).await?;
             return Err(JobsError::Conflict(format!(
                 "file {id} is used by a queued or running job"
             )));
@@ -232,25 +261,39 @@ impl Store {
         Ok(())
     }
 
-    /// Insert a queued job and its first event in one transaction.
+    /// Insert a queued job of `owner` and its first event in one transaction, unless `owner`
+    /// already has `max_queued` jobs waiting (checked in the insert itself).
     pub async fn insert_job(
         &self,
         id: &str,
         spec: &serde_json::Value,
         priority: i64,
         labels: &JobLabels,
+        owner: &str,
+        max_queued: i64,
     ) -> Result<JobRow> {
         let mut tx = self.pool.begin().await?;
         let t = now();
-        sqlx::query("INSERT INTO jobs (id, spec, status, priority, created_at, suffix, metadata) VALUES (?, ?, 'queued', ?, ?, ?, ?)")
-            .bind(id)
-            .bind(spec.to_string())
-            .bind(priority)
-            .bind(t)
-            .bind(&labels.suffix)
-            .bind(labels.metadata.as_ref().map(|m| m.to_string()))
-            .execute(&mut *tx)
-            .await?;
+        let r = sqlx::query(
+            "INSERT INTO jobs (id, spec, status, priority, created_at, suffix, metadata, owner) \
+             SELECT ?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7 \
+             WHERE (SELECT COUNT(*) FROM jobs WHERE owner = ?7 AND status = 'queued') < ?8",
+        )
+        .bind(id)
+        .bind(spec.to_string())
+        .bind(priority)
+        .bind(t)
+        .bind(&labels.suffix)
+        .bind(labels.metadata.as_ref().map(|m| m.to_string()))
+        .bind(owner)
+        .bind(max_queued)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Err(JobsError::Limit(format!(
+                "{max_queued} jobs are already queued for this key; wait for some to start or cancel them"
+            )));
+        }
         sqlx::query("INSERT INTO job_events (job_id, seq, created_at, type, level, message, data) VALUES (?, 1, ?, 'status', 'info', 'queued', ?)")
             .bind(id)
             .bind(t)
@@ -258,15 +301,19 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        self.job(id).await
+        self.job(id, Scope::All).await
     }
 
-    pub async fn job(&self, id: &str) -> Result<JobRow> {
-        let r = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| JobsError::NotFound(format!("job {id}")))?;
+    /// A job `scope` may see; another owner's is not found.
+    pub async fn job(&self, id: &str, scope: Scope<'_>) -> Result<JobRow> {
+        let r = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)"
+        ))
+        .bind(id)
+        .bind(scope.owner())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| JobsError::NotFound(format!("job {id}")))?;
         job_from_row(&r)
     }
 
@@ -276,26 +323,30 @@ impl Store {
         status: Option<Status>,
         after: Option<&str>,
         limit: i64,
+        scope: Scope<'_>,
     ) -> Result<Vec<JobRow>> {
         let rows = sqlx::query(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR rowid < (SELECT rowid FROM jobs WHERE id = ?2)) \
-             ORDER BY rowid DESC LIMIT ?3"
+             AND (?4 IS NULL OR owner = ?4) ORDER BY rowid DESC LIMIT ?3"
         ))
         .bind(status.map(|s| s.as_str()))
         .bind(after)
         .bind(limit)
+        .bind(scope.owner())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(job_from_row).collect()
     }
 
-    /// Claim the highest-priority, oldest queued job for `worker`, in one statement.
+    /// Claim the highest-priority, oldest queued job for `worker` and record its `running`
+    /// event, in one transaction.
     pub async fn claim(
         &self,
         worker: &str,
         lease_seconds: i64,
-    ) -> Result<Option<(String, String)>> {
+    ) -> Result<Option<(String, String, Event)>> {
         let t = now();
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "UPDATE jobs SET status = 'running', worker = ?1, lease_until = ?2, started_at = COALESCE(started_at, ?3), \
              attempts = attempts + 1 \
@@ -305,12 +356,16 @@ impl Store {
         .bind(worker)
         .bind(t + lease_seconds)
         .bind(t)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(match r {
-            Some(r) => Some((r.try_get("id")?, r.try_get("spec")?)),
-            None => None,
-        })
+        let Some(r) = r else {
+            return Ok(None);
+        };
+        let (id, spec): (String, String) = (r.try_get("id")?, r.try_get("spec")?);
+        let data = serde_json::json!({"status": "running", "worker": worker});
+        let e = insert_event(&mut tx, &id, "status", "info", "running", data).await?;
+        tx.commit().await?;
+        Ok(Some((id, spec, e)))
     }
 
     /// Renew a lease; returns whether cancellation was requested (false if the job is not ours).
@@ -374,15 +429,18 @@ impl Store {
         Ok(counts)
     }
 
-    /// Move a running job of `worker` to `to` (final, or back to queued); false if it was not ours.
+    /// Move a running job of `worker` to `to` (final, or back to queued) and record its status
+    /// event, in one transaction; `None` if the job was not ours.
     pub async fn finish(
         &self,
         id: &str,
         worker: &str,
         to: Status,
         error: Option<&str>,
-    ) -> Result<bool> {
+        message: &str,
+    ) -> Result<Option<Event>> {
         let finished = if to.is_final() { Some(now()) } else { None };
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "UPDATE jobs SET status = ?, finished_at = ?, error = ?, worker = NULL, lease_until = NULL, cancel_requested = 0 \
              WHERE id = ? AND status = 'running' AND worker = ?",
@@ -392,55 +450,99 @@ impl Store {
         .bind(error)
         .bind(id)
         .bind(worker)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let mut data = serde_json::json!({"status": to.as_str()});
+        if let Some(e) = error {
+            data["error"] = e.into();
+        }
+        let level = if error.is_some() { "error" } else { "info" };
+        let e = insert_event(&mut tx, id, "status", level, message, data).await?;
+        tx.commit().await?;
+        Ok(Some(e))
+    }
+
+    /// Cancel: a queued job at once, with its `cancelled` event in the same transaction (returned
+    /// for broadcast); a running one is flagged for its worker, which records it when the run stops.
+    pub async fn request_cancel(&self, id: &str, scope: Scope<'_>) -> Result<Option<Event>> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', finished_at = ?1 WHERE id = ?2 AND status = 'queued' \
+             AND (?3 IS NULL OR owner = ?3)",
+        )
+        .bind(now())
+        .bind(id)
+        .bind(scope.owner())
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 1 {
+            let data = serde_json::json!({"status": "cancelled"});
+            let e = insert_event(&mut tx, id, "status", "info", "cancelled", data).await?;
+            tx.commit().await?;
+            return Ok(Some(e));
+        }
+        drop(tx);
+        sqlx::query(
+            "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND status = 'running' AND (?2 IS NULL OR owner = ?2)",
+        )
+        .bind(id)
+        .bind(scope.owner())
         .execute(&self.pool)
         .await?;
-        Ok(r.rows_affected() == 1)
+        self.job(id, scope).await?; // 404 for an unknown job or another owner's
+        Ok(None)
     }
 
-    /// Cancel: a queued job at once (returns true: the caller records the event); a running one
-    /// is flagged for its worker, which records it when the run stops.
-    pub async fn request_cancel(&self, id: &str) -> Result<bool> {
-        let r = sqlx::query("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued'")
-            .bind(now())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        if r.rows_affected() == 1 {
-            return Ok(true);
-        }
-        sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        self.job(id).await?; // 404 for an unknown job
-        Ok(false)
-    }
-
-    /// Jobs left running by a dead process (or an expired lease) go back to the queue.
-    pub async fn requeue_stale(&self, all_running: bool) -> Result<Vec<String>> {
+    /// Jobs left running by a dead process (or an expired lease) go back to the queue, each with
+    /// its `queued` event, in one transaction.
+    pub async fn requeue_stale(&self, all_running: bool) -> Result<Vec<(String, Event)>> {
+        let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
             "UPDATE jobs SET status = 'queued', worker = NULL, lease_until = NULL WHERE status = 'running' AND (?1 OR lease_until < ?2) RETURNING id",
         )
         .bind(all_running)
         .bind(now())
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            let data = serde_json::json!({"status": "queued"});
+            let message = "queued again: its worker stopped; resumes from its last checkpoint";
+            let e = insert_event(&mut tx, &id, "status", "warning", message, data).await?;
+            out.push((id, e));
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
-    pub async fn delete_job(&self, id: &str) -> Result<()> {
+    /// Delete a finished job of `scope`.
+    pub async fn delete_job(&self, id: &str, scope: Scope<'_>) -> Result<()> {
         let r = sqlx::query(
-            "DELETE FROM jobs WHERE id = ? AND status IN ('succeeded', 'failed', 'cancelled')",
+            "DELETE FROM jobs WHERE id = ?1 AND status IN ('succeeded', 'failed', 'cancelled') AND (?2 IS NULL OR owner = ?2)",
         )
         .bind(id)
+        .bind(scope.owner())
         .execute(&self.pool)
         .await?;
         if r.rows_affected() == 0 {
-            self.job(id).await?;
+            self.job(id, scope).await?;
             return Err(JobsError::Conflict(format!(
                 "job {id} has not finished; cancel it first"
             )));
         }
+        Ok(())
+    }
+
+    /// Forget a job's artifacts (a run about to produce them again).
+    pub async fn clear_artifacts(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM artifacts WHERE job_id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -453,27 +555,8 @@ impl Store {
         message: &str,
         data: serde_json::Value,
     ) -> Result<Event> {
-        let t = now();
-        let r = sqlx::query(
-            "INSERT INTO job_events (job_id, seq, created_at, type, level, message, data) \
-             VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?1), ?2, ?3, ?4, ?5, ?6) RETURNING seq",
-        )
-        .bind(id)
-        .bind(t)
-        .bind(kind)
-        .bind(level)
-        .bind(message)
-        .bind(data.to_string())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Event {
-            seq: r.try_get("seq")?,
-            created_at: t,
-            kind: kind.into(),
-            level: level.into(),
-            message: message.into(),
-            data,
-        })
+        let mut conn = self.pool.acquire().await?;
+        insert_event(&mut conn, id, kind, level, message, data).await
     }
 
     pub async fn events(&self, id: &str, after: i64, limit: i64) -> Result<Vec<Event>> {
@@ -569,5 +652,56 @@ impl Store {
                 })
             })
             .collect()
+    }
+}
+
+/// Insert an event with the next sequence number of its job: one statement, so numbers have no
+/// gaps and (the primary key) no duplicates.
+async fn insert_event(
+    conn: &mut sqlx::SqliteConnection,
+    id: &str,
+    kind: &str,
+    level: &str,
+    message: &str,
+    data: serde_json::Value,
+) -> Result<Event> {
+    let t = now();
+    let r = sqlx::query(
+        "INSERT INTO job_events (job_id, seq, created_at, type, level, message, data) \
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?1), ?2, ?3, ?4, ?5, ?6) RETURNING seq",
+    )
+    .bind(id)
+    .bind(t)
+    .bind(kind)
+    .bind(level)
+    .bind(message)
+    .bind(data.to_string())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Event {
+        seq: r.try_get("seq")?,
+        created_at: t,
+        kind: kind.into(),
+        level: level.into(),
+        message: message.into(),
+        data,
+    })
+}
+
+/// Whose rows a query may touch: every owner's (an admin key, or a server without keys), or
+/// one key's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    All,
+    Owner(&'a str),
+}
+
+impl Scope<'_> {
+    /// The owner to filter on, as a query binds it (NULL for every owner).
+    fn owner(&self) -> Option<&str> {
+        match self {
+            Scope::All => None,
+            Scope::Owner(o) => Some(o),
+        }
     }
 }

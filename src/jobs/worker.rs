@@ -14,7 +14,7 @@ use tracing::{info, info_span, warn, Instrument};
 use super::runner::{self, RunMsg, RunOutcome, RunPlan};
 use super::stats::{RunMeter, WorkerStats};
 use super::store::{ArtifactRow, Progress};
-use super::{now, EventHub, Result, Status, Store};
+use super::{now, EventHub, Result, Scope, Status, Store};
 use crate::config::Config;
 use crate::train::{JobSpec, TrainEvent};
 
@@ -102,19 +102,39 @@ async fn worker_task(
     handle: WorkerHandle,
 ) {
     info!(worker = %name, "worker started");
+    let mut last_reap = std::time::Instant::now();
     loop {
         if handle.shutdown.is_cancelled() {
             break;
         }
-        match store.claim(&name, cfg.workers.lease_seconds as i64).await {
-            Ok(Some((id, spec))) => {
-                let span = info_span!("job", job.id = %id, worker = %name);
-                if let Err(e) = run_claimed(&name, &device, &id, &spec, &cfg, &store, &hub, &handle)
-                    .instrument(span)
-                    .await
-                {
-                    warn!(job.id = %id, error = %e, "job bookkeeping failed");
+        // A job whose worker stopped renewing its lease (a hung or dead worker) goes back to the
+        // queue and resumes from its last checkpoint.
+        if last_reap.elapsed() >= Duration::from_secs(cfg.workers.lease_seconds.max(1)) {
+            last_reap = std::time::Instant::now();
+            match store.requeue_stale(false).await {
+                Ok(requeued) => {
+                    for (id, e) in requeued {
+                        warn!(job.id = %id, "lease expired; queued again");
+                        hub.publish(&id, &e);
+                    }
                 }
+                Err(e) => warn!(error = %e, "requeueing expired leases failed; retrying later"),
+            }
+        }
+        match store.claim(&name, cfg.workers.lease_seconds as i64).await {
+            Ok(Some((id, spec, running))) => {
+                hub.publish(&id, &running);
+                let span = info_span!("job", job.id = %id, worker = %name);
+                let job = Claimed {
+                    worker: &name,
+                    device: &device,
+                    id: &id,
+                    cfg: &cfg,
+                    store: &store,
+                    hub: &hub,
+                    handle: &handle,
+                };
+                run_claimed(&job, &spec).instrument(span).await;
             }
             Ok(None) => {
                 tokio::select! {
@@ -125,11 +145,25 @@ async fn worker_task(
             }
             Err(e) => {
                 warn!(error = %e, "claim failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = handle.shutdown.cancelled() => break,
+                }
             }
         }
     }
     info!(worker = %name, "worker stopped");
+}
+
+/// A job a worker has claimed, with what the worker runs it with.
+struct Claimed<'a> {
+    worker: &'a str,
+    device: &'a str,
+    id: &'a str,
+    cfg: &'a Config,
+    store: &'a Store,
+    hub: &'a EventHub,
+    handle: &'a WorkerHandle,
 }
 
 async fn record(
@@ -146,27 +180,19 @@ async fn record(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_claimed(
-    worker: &str,
-    device: &str,
-    id: &str,
-    spec_text: &str,
-    cfg: &Config,
-    store: &Store,
-    hub: &EventHub,
-    handle: &WorkerHandle,
-) -> Result<()> {
-    record(
+/// Run a claimed job to its end. Nothing here gives up on the job: a failure to record
+/// progress stops the run and fails the job, and the final status is retried until the store
+/// takes it (or the server shuts down, and the next start requeues the job).
+async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
+    let Claimed {
+        worker,
+        device,
+        id,
+        cfg,
         store,
         hub,
-        id,
-        "status",
-        "info",
-        "running",
-        serde_json::json!({"status": "running", "worker": worker}),
-    )
-    .await?;
+        handle,
+    } = *job;
     let plan = (|| -> std::result::Result<RunPlan, String> {
         let mut spec: JobSpec =
             serde_json::from_str(spec_text).map_err(|e| format!("stored spec: {e}"))?;
@@ -188,32 +214,65 @@ async fn run_claimed(
     })();
     let plan = match plan {
         Ok(p) => p,
-        Err(e) => return fail(store, hub, id, worker, &e).await,
+        Err(e) => return conclude(job, RunOutcome::Failed(e), false).await,
     };
+    // A rerun (after a restart) produces the artifacts again: forget any listed before, so no
+    // listing ever names a file being rewritten.
+    if let Err(e) = store.clear_artifacts(id).await {
+        let outcome = RunOutcome::Failed(format!("clearing earlier artifacts: {e}"));
+        return conclude(job, outcome, false).await;
+    }
     let cancel = runner::new_cancel();
     let (tx, mut rx) = mpsc::channel::<RunMsg>(256);
     let thread_cancel = cancel.clone();
     let span = tracing::Span::current();
-    let thread = std::thread::Builder::new()
+    let thread = match std::thread::Builder::new()
         .name(format!("job-{id}"))
         .spawn(move || {
             let _g = span.enter();
             runner::run(&plan, &thread_cancel, &tx)
-        })
-        .map_err(super::JobsError::Io)?;
+        }) {
+        Ok(t) => t,
+        Err(e) => {
+            let outcome = RunOutcome::Failed(format!("starting the training thread: {e}"));
+            return conclude(job, outcome, false).await;
+        }
+    };
     let mut meter = RunMeter::new(&handle.stats, &stats_name(worker), id);
     let mut heartbeat =
         tokio::time::interval(Duration::from_secs(cfg.workers.heartbeat_seconds.max(1)));
     let mut shutting_down = false;
+    // The first progress record that could not be stored: the run stops and the job fails.
+    let mut broken: Option<String> = None;
     loop {
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
-                handle_msg(store, hub, id, &mut meter, msg).await?;
+                if broken.is_some() {
+                    continue; // drain until the thread stops
+                }
+                // Retry through brief faults (a locked or busy database): three tries.
+                let mut result = handle_msg(store, hub, id, &mut meter, &msg).await;
+                let mut pause = Duration::from_millis(200);
+                for _ in 0..2 {
+                    let Err(e) = &result else { break };
+                    warn!(job.id = %id, error = %e, "recording progress failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                    result = handle_msg(store, hub, id, &mut meter, &msg).await;
+                }
+                if let Err(e) = result {
+                    warn!(job.id = %id, error = %e, "recording progress failed; stopping the run");
+                    broken = Some(format!("recording progress: {e}"));
+                    cancel.store(true, Ordering::Relaxed);
+                }
             }
             _ = heartbeat.tick() => {
-                if store.heartbeat(id, worker, cfg.workers.lease_seconds as i64).await? {
-                    cancel.store(true, Ordering::Relaxed);
+                match store.heartbeat(id, worker, cfg.workers.lease_seconds as i64).await {
+                    Ok(true) => cancel.store(true, Ordering::Relaxed),
+                    Ok(false) => {}
+                    // A busy or briefly unavailable database: the lease outlasts a few misses.
+                    Err(e) => warn!(job.id = %id, error = %e, "lease renewal failed; retrying"),
                 }
             }
             _ = handle.shutdown.cancelled(), if !shutting_down => {
@@ -224,59 +283,68 @@ async fn run_claimed(
     }
     // The worker is idle from here on; say so before the job's final status is visible.
     drop(meter);
-    let outcome = tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .map_err(|e| super::JobsError::Conflict(e.to_string()))?
-        .unwrap_or_else(|_| RunOutcome::Failed("the training thread panicked".into()));
-    match outcome {
-        RunOutcome::Succeeded => {
-            transition(store, hub, id, worker, Status::Succeeded, "succeeded", None).await
+    let outcome = join_run(thread).await;
+    let outcome = match broken {
+        Some(e) => RunOutcome::Failed(e),
+        None => outcome,
+    };
+    conclude(job, outcome, shutting_down).await
+}
+
+/// Wait for the training thread without blocking the runtime; a panic becomes a failure that
+/// carries the panic's message.
+pub(crate) async fn join_run(thread: std::thread::JoinHandle<RunOutcome>) -> RunOutcome {
+    match tokio::task::spawn_blocking(move || thread.join()).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(panic)) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            RunOutcome::Failed(format!("the training thread panicked: {what}"))
         }
+        Err(e) => RunOutcome::Failed(format!("waiting for the training thread: {e}")),
+    }
+}
+
+/// Record how the run ended, retrying until the store takes it: a full disk or an unavailable
+/// database must not leave the job running forever. On shutdown the retries stop and the next
+/// start requeues the job.
+async fn conclude(job: &Claimed<'_>, outcome: RunOutcome, shutting_down: bool) {
+    let (to, message, error) = match &outcome {
+        RunOutcome::Succeeded => (Status::Succeeded, "succeeded".to_string(), None),
         // Shutdown: the job checkpointed and waits for the next start.
-        RunOutcome::Stopped if shutting_down => {
-            let msg = "queued (server shutting down; resumes from its checkpoint)";
-            transition(store, hub, id, worker, Status::Queued, msg, None).await
+        RunOutcome::Stopped if shutting_down => (
+            Status::Queued,
+            "queued (server shutting down; resumes from its checkpoint)".to_string(),
+            None,
+        ),
+        RunOutcome::Stopped => (Status::Cancelled, "cancelled".to_string(), None),
+        RunOutcome::Failed(e) => {
+            warn!(job.id = %job.id, error = %e, "job failed");
+            (Status::Failed, format!("failed: {e}"), Some(e.as_str()))
         }
-        RunOutcome::Stopped => {
-            transition(store, hub, id, worker, Status::Cancelled, "cancelled", None).await
+    };
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match job
+            .store
+            .finish(job.id, job.worker, to, error, &message)
+            .await
+        {
+            Ok(Some(e)) => return job.hub.publish(job.id, &e),
+            Ok(None) => return, // no longer ours (requeued after a lost lease)
+            Err(e) => {
+                warn!(job.id = %job.id, error = %e, "recording the job's end failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = job.handle.shutdown.cancelled() => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
         }
-        RunOutcome::Failed(e) => fail(store, hub, id, worker, &e).await,
     }
-}
-
-async fn fail(store: &Store, hub: &EventHub, id: &str, worker: &str, error: &str) -> Result<()> {
-    warn!(job.id = %id, error, "job failed");
-    transition(
-        store,
-        hub,
-        id,
-        worker,
-        Status::Failed,
-        &format!("failed: {error}"),
-        Some(error),
-    )
-    .await
-}
-
-/// Move the job out of `running` and, if it was still ours, record the status event.
-async fn transition(
-    store: &Store,
-    hub: &EventHub,
-    id: &str,
-    worker: &str,
-    to: Status,
-    message: &str,
-    error: Option<&str>,
-) -> Result<()> {
-    if store.finish(id, worker, to, error).await? {
-        let mut data = serde_json::json!({"status": to.as_str()});
-        if let Some(e) = error {
-            data["error"] = e.into();
-        }
-        let level = if error.is_some() { "error" } else { "info" };
-        record(store, hub, id, "status", level, message, data).await?;
-    }
-    Ok(())
 }
 
 async fn handle_msg(
@@ -284,9 +352,9 @@ async fn handle_msg(
     hub: &EventHub,
     id: &str,
     meter: &mut RunMeter,
-    msg: RunMsg,
+    msg: &RunMsg,
 ) -> Result<()> {
-    match msg {
+    match msg.clone() {
         RunMsg::Log { message, data } => {
             record(store, hub, id, "log", "info", &message, data).await
         }
@@ -380,7 +448,7 @@ async fn handle_msg(
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let loss = store.job(id).await?.progress.last_loss;
+                let loss = store.job(id, Scope::All).await?.progress.last_loss;
                 store.add_checkpoint(id, step as i64, &name, loss).await?;
                 record(
                     store,
@@ -418,5 +486,28 @@ async fn handle_msg(
                 .await
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_training_thread_fails_the_run_with_its_message() {
+        let t = std::thread::spawn(|| -> RunOutcome { panic!("device lost: {}", 7) });
+        match join_run(t).await {
+            RunOutcome::Failed(m) => {
+                assert_eq!(m, "the training thread panicked: device lost: 7")
+            }
+            other => panic!("{other:?}"),
+        }
+        let t = std::thread::spawn(|| -> RunOutcome { std::panic::panic_any(3u8) });
+        assert_eq!(
+            join_run(t).await,
+            RunOutcome::Failed("the training thread panicked: no message".into())
+        );
+        let t = std::thread::spawn(|| RunOutcome::Succeeded);
+        assert_eq!(join_run(t).await, RunOutcome::Succeeded);
     }
 }

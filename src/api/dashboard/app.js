@@ -1,9 +1,88 @@
 // qlorad dashboard: hash routes (#/ jobs, #/new, #/jobs/<id>) over the native JSON API; a job's
 // page follows its Server-Sent Events and redraws an SVG chart of loss and learning rate.
+// The API key, if the server needs one, lives in localStorage and goes out as a bearer header on
+// every request (the event stream is read with fetch for that reason: EventSource cannot send
+// headers, and a key in a URL would end up in logs).
 "use strict";
 
 const app = document.getElementById("app");
 let cleanup = [];
+
+const KEY_ITEM = "qlorad.api_key";
+const keyForm = document.getElementById("key");
+keyForm.key.value = localStorage.getItem(KEY_ITEM) || "";
+keyForm.addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const k = keyForm.key.value.trim();
+  if (k) localStorage.setItem(KEY_ITEM, k); else localStorage.removeItem(KEY_ITEM);
+  route();
+});
+
+function authHeaders(extra = {}) {
+  const k = localStorage.getItem(KEY_ITEM);
+  return k ? { ...extra, authorization: `Bearer ${k}` } : extra;
+}
+
+// Read a Server-Sent Events stream with fetch; calls onEvent({id, event, data}) per event and
+// reconnects from the last id until stopped. Returns a function that stops it.
+function followEvents(url, onEvent, isDone) {
+  const ctl = new AbortController();
+  let last = null, stopped = false;
+  const run = async () => {
+    while (!stopped) {
+      try {
+        const headers = authHeaders({ accept: "text/event-stream" });
+        if (last !== null) headers["last-event-id"] = last;
+        const r = await fetch(url, { headers, signal: ctl.signal });
+        if (!r.ok) throw new Error(`${r.status}`);
+        const reader = r.body.getReader();
+        const dec = new TextDecoder();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += dec.decode(value, { stream: true }).replace(/\r\n/g, "\n");
+          let i;
+          while ((i = buf.indexOf("\n\n")) >= 0) {
+            const frame = buf.slice(0, i);
+            buf = buf.slice(i + 2);
+            const msg = { id: null, event: "message", data: [] };
+            for (const line of frame.split("\n")) {
+              if (line.startsWith(":")) continue;
+              const j = line.indexOf(":");
+              const field = j < 0 ? line : line.slice(0, j);
+              const v = j < 0 ? "" : line.slice(j + 1).replace(/^ /, "");
+              if (field === "data") msg.data.push(v);
+              else if (field === "event") msg.event = v;
+              else if (field === "id") msg.id = v;
+            }
+            if (!msg.data.length) continue;
+            if (msg.id !== null) last = msg.id;
+            onEvent({ ...msg, data: msg.data.join("\n") });
+          }
+        }
+      } catch (e) {
+        if (stopped || e.name === "AbortError") return;
+      }
+      if (isDone()) return;
+      await new Promise((res) => setTimeout(res, 2000));
+    }
+  };
+  run();
+  return () => { stopped = true; ctl.abort(); };
+}
+
+// Download through fetch so the key goes in a header, then hand the bytes to the browser.
+async function download(url, name) {
+  const r = await fetch(url, { headers: authHeaders() });
+  if (!r.ok) throw new Error(`${r.status} downloading ${name}`);
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(await r.blob());
+  a.download = name.split("/").pop();
+  document.body.appendChild(a);
+  a.click();
+  setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
+}
 
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
@@ -25,7 +104,7 @@ function fmtBytes(n) {
 }
 
 async function api(path, opts = {}) {
-  const r = await fetch(path, opts);
+  const r = await fetch(path, { ...opts, headers: authHeaders(opts.headers || {}) });
   const text = await r.text();
   let body = null;
   try { body = text ? JSON.parse(text) : null; } catch (_) { body = text; }
@@ -233,7 +312,7 @@ async function showJob(id) {
   const loadArtifacts = async () => {
     const a = await api(`/jobs/${encodeURIComponent(id)}/artifacts`);
     app.querySelector("#arts tbody").innerHTML = a.data.map((f) => `<tr>
-      <td><a class="mono" href="/jobs/${encodeURIComponent(id)}/artifacts/${f.name.split("/").map(encodeURIComponent).join("/")}" download>${esc(f.name)}</a></td>
+      <td><a class="mono artifact" href="/jobs/${encodeURIComponent(id)}/artifacts/${f.name.split("/").map(encodeURIComponent).join("/")}" data-name="${esc(f.name)}">${esc(f.name)}</a></td>
       <td class="num">${fmtBytes(f.bytes)}</td></tr>`).join("")
       || `<tr><td colspan="2" class="muted">none yet</td></tr>`;
   };
@@ -248,10 +327,17 @@ async function showJob(id) {
     try { job = await api(`/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); summary(); } catch (e) { app.querySelector("#err").textContent = e.message; }
   });
 
+  app.querySelector("#arts").addEventListener("click", (ev) => {
+    const a = ev.target.closest("a.artifact");
+    if (!a) return;
+    ev.preventDefault();
+    download(a.getAttribute("href"), a.dataset.name).catch((e) => { app.querySelector("#err").textContent = e.message; });
+  });
+
   const log = app.querySelector("#events tbody");
   const logBox = app.querySelector(".log");
-  const es = new EventSource(`/jobs/${encodeURIComponent(id)}/events`);
-  cleanup.push(() => es.close());
+  const finished = () => job && ["succeeded", "failed", "cancelled"].includes(job.status);
+  let stop = () => {};
   const onEvent = (msg) => {
     const e = JSON.parse(msg.data);
     const stick = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 4;
@@ -275,15 +361,13 @@ async function showJob(id) {
     } else if (e.type === "artifact") {
       loadArtifacts().catch(() => {});
     } else if (e.type === "status") {
+      if (job && ["succeeded", "failed", "cancelled"].includes(d.status)) job.status = d.status;
       loadJob().catch(() => {});
-      if (["succeeded", "failed", "cancelled"].includes(d.status)) es.close();
     }
   };
-  for (const t of ["status", "metrics", "checkpoint", "artifact", "log"]) es.addEventListener(t, onEvent);
-  es.onerror = () => {
-    // The stream ends with the job; stop reconnecting once it has.
-    if (job && ["succeeded", "failed", "cancelled"].includes(job.status)) es.close();
-  };
+  // The stream ends with the job; it reconnects (from the last id) only while the job runs.
+  stop = followEvents(`/jobs/${encodeURIComponent(id)}/events`, onEvent, finished);
+  cleanup.push(() => stop());
   redraw();
   const onResize = () => redraw();
   window.addEventListener("resize", onResize);

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{page_limit, query, Page};
+use crate::api::auth::Principal;
 use crate::api::files::{receive_upload, UploadQuery};
 use crate::api::{ApiError, ApiResult, AppState, ErrorBody};
 use crate::jobs::store::FileRow;
@@ -100,6 +101,7 @@ fn purpose_check(fields: &[(String, String)]) -> ApiResult<()> {
         (status = 413, body = ErrorBody)))]
 pub async fn v1_files_create(
     State(state): State<AppState>,
+    who: Principal,
     req: Request,
 ) -> ApiResult<Json<V1File>> {
     let is_multipart = req
@@ -114,7 +116,7 @@ pub async fn v1_files_create(
             Some("file"),
         ));
     }
-    let row = receive_upload(&state, UploadQuery::default(), req, purpose_check).await?;
+    let row = receive_upload(&state, &who, UploadQuery::default(), req, purpose_check).await?;
     Ok(Json(row.into()))
 }
 
@@ -136,6 +138,7 @@ pub struct FilesQuery {
     responses((status = 200, body = Page<V1File>), (status = 400, body = ErrorBody)))]
 pub async fn v1_files_list(
     State(state): State<AppState>,
+    who: Principal,
     q: Result<Query<FilesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Page<V1File>>> {
     let q = query(q)?;
@@ -145,7 +148,7 @@ pub async fn v1_files_list(
         _ => {
             state
                 .store
-                .files_page(q.after.as_deref(), limit + 1)
+                .files_page(q.after.as_deref(), limit + 1, who.scope())
                 .await?
         }
     };
@@ -153,10 +156,10 @@ pub async fn v1_files_list(
     Ok(Json(Page::new(rows, limit, |f| f.id.clone())))
 }
 
-async fn file(state: &AppState, id: &str) -> ApiResult<FileRow> {
+async fn file(state: &AppState, who: &Principal, id: &str) -> ApiResult<FileRow> {
     state
         .store
-        .file(id)
+        .file(id, who.scope())
         .await
         .map_err(|e| ApiError::from(e).with_param("file_id"))
 }
@@ -166,9 +169,10 @@ async fn file(state: &AppState, id: &str) -> ApiResult<FileRow> {
     responses((status = 200, body = V1File), (status = 404, body = ErrorBody)))]
 pub async fn v1_files_get(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<V1File>> {
-    Ok(Json(file(&state, &id).await?.into()))
+    Ok(Json(file(&state, &who, &id).await?.into()))
 }
 
 /// Delete a file no queued or running job uses.
@@ -178,10 +182,11 @@ pub async fn v1_files_get(
         (status = 409, body = ErrorBody)))]
 pub async fn v1_files_delete(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<V1FileDeleted>> {
-    file(&state, &id).await?;
-    state.store.delete_file(&id).await?;
+    file(&state, &who, &id).await?;
+    state.store.delete_file(&id, who.scope()).await?;
     let _ = tokio::fs::remove_file(file_path(&state.config, &id)).await;
     Ok(Json(V1FileDeleted {
         id,
@@ -197,9 +202,10 @@ pub async fn v1_files_delete(
         (status = 404, body = ErrorBody)))]
 pub async fn v1_files_content(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let row = file(&state, &id).await?;
+    let row = file(&state, &who, &id).await?;
     let f = tokio::fs::File::open(file_path(&state.config, &id))
         .await
         .map_err(|_| ApiError::not_found(format!("the content of file {id} is gone")))?;

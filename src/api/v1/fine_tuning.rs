@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{page_limit, query, Page};
+use crate::api::auth::Principal;
 use crate::api::jobs::{create_job, json_body};
 use crate::api::{ApiError, ApiResult, AppState, ErrorBody};
 use crate::jobs::store::{CheckpointRow, JobLabels, JobRow, Progress};
@@ -419,10 +420,11 @@ fn translate(body: Value) -> ApiResult<(Value, JobLabels)> {
         (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn fine_tuning_jobs_create(
     State(state): State<AppState>,
+    who: Principal,
     body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Json<V1Job>> {
     let (spec, labels) = translate(json_body(body)?)?;
-    let job = create_job(&state, spec, labels).await?;
+    let job = create_job(&state, &who, spec, labels).await?;
     Ok(Json(job_view(job)))
 }
 
@@ -441,22 +443,23 @@ pub struct CursorQuery {
     responses((status = 200, body = Page<V1Job>), (status = 400, body = ErrorBody)))]
 pub async fn fine_tuning_jobs_list(
     State(state): State<AppState>,
+    who: Principal,
     q: Result<Query<CursorQuery>, QueryRejection>,
 ) -> ApiResult<Json<Page<V1Job>>> {
     let q = query(q)?;
     let limit = page_limit(q.limit, 20, 100)?;
     let rows = state
         .store
-        .jobs(None, q.after.as_deref(), limit + 1)
+        .jobs(None, q.after.as_deref(), limit + 1, who.scope())
         .await?;
     let rows: Vec<V1Job> = rows.into_iter().map(job_view).collect();
     Ok(Json(Page::new(rows, limit, |j| j.id.clone())))
 }
 
-async fn job(state: &AppState, id: &str) -> ApiResult<JobRow> {
+async fn job(state: &AppState, who: &Principal, id: &str) -> ApiResult<JobRow> {
     state
         .store
-        .job(id)
+        .job(id, who.scope())
         .await
         .map_err(|e| ApiError::from(e).with_param("fine_tuning_job_id"))
 }
@@ -466,9 +469,10 @@ async fn job(state: &AppState, id: &str) -> ApiResult<JobRow> {
     responses((status = 200, body = V1Job), (status = 404, body = ErrorBody)))]
 pub async fn fine_tuning_jobs_get(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<V1Job>> {
-    Ok(Json(job_view(job(&state, &id).await?)))
+    Ok(Json(job_view(job(&state, &who, &id).await?)))
 }
 
 /// Cancel a queued or running job; cancelling a cancelled job returns it as it is.
@@ -478,9 +482,10 @@ pub async fn fine_tuning_jobs_get(
         (status = 409, description = "the job has already succeeded or failed", body = ErrorBody)))]
 pub async fn fine_tuning_jobs_cancel(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<V1Job>> {
-    let current = job(&state, &id).await?;
+    let current = job(&state, &who, &id).await?;
     if matches!(current.status, Status::Succeeded | Status::Failed) {
         return Err(ApiError {
             status: StatusCode::CONFLICT,
@@ -489,15 +494,10 @@ pub async fn fine_tuning_jobs_cancel(
             param: Some("fine_tuning_job_id".into()),
         });
     }
-    if state.store.request_cancel(&id).await? {
-        let data = json!({"status": "cancelled"});
-        let e = state
-            .store
-            .append_event(&id, "status", "info", "cancelled", data)
-            .await?;
+    if let Some(e) = state.store.request_cancel(&id, who.scope()).await? {
         state.hub.publish(&id, &e);
     }
-    Ok(Json(job_view(job(&state, &id).await?)))
+    Ok(Json(job_view(job(&state, &who, &id).await?)))
 }
 
 /// The numeric tail of a cursor id (`ftevent-<job>-<n>` gives n).
@@ -560,13 +560,14 @@ fn event_view(job: &str, e: Event) -> V1Event {
         (status = 404, body = ErrorBody)))]
 pub async fn fine_tuning_events_list(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
     q: Result<Query<CursorQuery>, QueryRejection>,
 ) -> ApiResult<Json<Page<V1Event>>> {
     let q = query(q)?;
     let limit = page_limit(q.limit, 20, 100)?;
     let before = cursor(q.after.as_deref())?;
-    job(&state, &id).await?;
+    job(&state, &who, &id).await?;
     let rows = state.store.events_desc(&id, before, limit + 1).await?;
     let rows: Vec<V1Event> = rows.into_iter().map(|e| event_view(&id, e)).collect();
     Ok(Json(Page::new(rows, limit, |e| e.id.clone())))
@@ -595,13 +596,14 @@ fn checkpoint_view(job: &JobRow, c: CheckpointRow) -> V1Checkpoint {
         (status = 404, body = ErrorBody)))]
 pub async fn fine_tuning_checkpoints_list(
     State(state): State<AppState>,
+    who: Principal,
     Path(id): Path<String>,
     q: Result<Query<CursorQuery>, QueryRejection>,
 ) -> ApiResult<Json<Page<V1Checkpoint>>> {
     let q = query(q)?;
     let limit = page_limit(q.limit, 10, 100)?;
     let before = cursor(q.after.as_deref())?;
-    let job = job(&state, &id).await?;
+    let job = job(&state, &who, &id).await?;
     let mut rows = state.store.checkpoints(&id).await?;
     rows.reverse();
     let rows: Vec<V1Checkpoint> = rows
