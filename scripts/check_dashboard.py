@@ -112,8 +112,8 @@ def main():
                 break
             time.sleep(0.1)
         time.sleep(3)
-        second = tab.eval(count) or 0
-        drawn = tab.eval(polyline)
+        # One evaluation reads both, so points arriving in between cannot make them differ.
+        second, drawn = tab.eval(f"[{count}, {polyline}]")
         status = tab.eval("document.querySelector('#summary .status') && document.querySelector('#summary .status').textContent")
         rows = tab.eval("document.querySelectorAll('#events tbody tr').length")
         print(f"chart points: {first} -> {second} after 3 s; polyline points: {drawn}; status: {status}; event rows: {rows}")

@@ -2,7 +2,7 @@
 # The README walkthrough, end to end: fetch SmolLM2-135M-Instruct (GGUF), start the server,
 # upload the Lumenfold dataset, train with a GGUF export, follow the events, download the GGUF.
 #
-#   scripts/walkthrough.sh [PORT]        # needs curl and python3; writes ./data, ./lumenfold-q8_0.gguf
+#   scripts/walkthrough.sh [PORT]        # needs curl and python3; writes ./data and ./runs/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port=${1:-8080}
@@ -38,12 +38,13 @@ curl -sN -H 'accept: text/event-stream' $api/jobs/$job/events | python3 scripts/
 echo "job took $(( $(date +%s) - start )) s"
 curl -s $api/jobs/$job; echo
 curl -s $api/jobs/$job/artifacts | python3 -c 'import json,sys; [print(a["name"], a["bytes"]) for a in json.load(sys.stdin)["data"]]'
-curl -s -o lumenfold-q8_0.gguf $api/jobs/$job/artifacts/SmolLM2-135M-Instruct.Q4_1-q8_0.gguf
-curl -s -o lumenfold-lora.gguf $api/jobs/$job/artifacts/SmolLM2-135M-Instruct.Q4_1-lora.gguf
-mkdir -p runs && rm -rf runs/lumenfold-adapter
+mkdir -p runs
+curl -s -o runs/lumenfold-q8_0.gguf $api/jobs/$job/artifacts/SmolLM2-135M-Instruct.Q4_1-q8_0.gguf
+curl -s -o runs/lumenfold-lora.gguf $api/jobs/$job/artifacts/SmolLM2-135M-Instruct.Q4_1-lora.gguf
+rm -rf runs/lumenfold-adapter
 # The adapter (PEFT format) too, file by file, for `qlorad generate --adapter`.
 for f in adapter_config.json adapter_model.safetensors; do
     mkdir -p runs/lumenfold-adapter
     curl -s -o runs/lumenfold-adapter/$f $api/jobs/$job/artifacts/adapter/$f
 done
-ls -la lumenfold-q8_0.gguf lumenfold-lora.gguf runs/lumenfold-adapter
+ls -la runs/lumenfold-q8_0.gguf runs/lumenfold-lora.gguf runs/lumenfold-adapter
