@@ -355,37 +355,19 @@ pub async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
 /// Models directly under each configured root: directories with a config.json, GGUF files.
 #[utoipa::path(get, path = "/models", tag = "service", responses((status = 200, body = ModelList)))]
 pub async fn models_list(State(state): State<AppState>) -> Json<ModelList> {
-    let mut data = Vec::new();
-    for root in &state.config.models.roots {
-        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            let p = e.path();
-            if crate::model::gguf::is_gguf(&p) && p.is_file() {
-                let arch = crate::model::gguf::GgufModel::open(&p)
-                    .ok()
-                    .and_then(|g| g.architecture().ok().map(String::from));
-                data.push(ModelInfo {
-                    id: e.file_name().to_string_lossy().into_owned(),
-                    path: p.display().to_string(),
-                    model_type: arch,
-                    format: "gguf".into(),
-                });
-            } else if p.join("config.json").is_file() {
-                let model_type = std::fs::read(p.join("config.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .and_then(|v| {
-                        v.get("model_type")
-                            .and_then(|t| t.as_str())
-                            .map(String::from)
-                    });
-                data.push(ModelInfo {
-                    id: e.file_name().to_string_lossy().into_owned(),
-                    path: p.display().to_string(),
-                    model_type,
-                    format: "safetensors".into(),
-                });
-            }
-        }
-    }
+    // Reading GGUF headers is file I/O: keep it off the async workers.
+    let roots = state.config.models.roots.clone();
+    let found = tokio::task::spawn_blocking(move || crate::model::list_models(&roots))
+        .await
+        .unwrap_or_default();
+    let data = found
+        .into_iter()
+        .map(|m| ModelInfo {
+            id: m.name,
+            path: m.path.display().to_string(),
+            model_type: m.model_type,
+            format: m.format.into(),
+        })
+        .collect();
     Json(ModelList::new(data, false))
 }

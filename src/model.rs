@@ -67,6 +67,55 @@ pub enum ModelError {
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
+/// A base model found under a model root.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelEntry {
+    /// The file or directory name, which a job's `model` uses.
+    pub name: String,
+    pub path: std::path::PathBuf,
+    /// `model_type` from config.json, or a GGUF file's `general.architecture`.
+    pub model_type: Option<String>,
+    /// `safetensors` (a Hugging Face directory) or `gguf`.
+    pub format: &'static str,
+}
+
+/// Models directly under each root, sorted by name: Hugging Face directories (with a
+/// config.json) and GGUF files. Unreadable entries are listed without a model type.
+pub fn list_models(roots: &[std::path::PathBuf]) -> Vec<ModelEntry> {
+    let mut found = Vec::new();
+    for root in roots {
+        let mut here = Vec::new();
+        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if gguf::is_gguf(&path) && path.is_file() {
+                let model_type = gguf::GgufModel::open(&path)
+                    .ok()
+                    .and_then(|g| g.architecture().ok().map(String::from));
+                here.push(ModelEntry {
+                    name,
+                    path,
+                    model_type,
+                    format: "gguf",
+                });
+            } else if path.join("config.json").is_file() {
+                let model_type = read_json(&path.join("config.json"))
+                    .ok()
+                    .and_then(|v| v.get("model_type")?.as_str().map(String::from));
+                here.push(ModelEntry {
+                    name,
+                    path,
+                    model_type,
+                    format: "safetensors",
+                });
+            }
+        }
+        here.sort_by(|a, b| a.name.cmp(&b.name));
+        found.extend(here);
+    }
+    found
+}
+
 /// Whether `path` is something a model loads from: a Hugging Face directory (with a
 /// `config.json`) or a GGUF file.
 pub fn is_model_path(path: &std::path::Path) -> bool {
@@ -112,4 +161,35 @@ pub fn parse_device(name: &str) -> std::result::Result<candle_core::Device, Stri
         ));
     }
     candle_core::Device::new_cuda(ordinal).map_err(|e| format!("{name}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_models_finds_directories_and_gguf_files_by_name() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("b-model");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"model_type": "qwen2"}"#).unwrap();
+        std::fs::write(root.path().join("a-model.gguf"), b"not a gguf").unwrap();
+        std::fs::write(root.path().join("notes.txt"), b"ignored").unwrap();
+        std::fs::create_dir(root.path().join("empty-dir")).unwrap();
+        let found = list_models(&[root.path().to_path_buf()]);
+        let summary: Vec<_> = found
+            .iter()
+            .map(|m| (m.name.as_str(), m.format, m.model_type.as_deref()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("a-model.gguf", "gguf", None),
+                ("b-model", "safetensors", Some("qwen2"))
+            ]
+        );
+        assert!(found
+            .iter()
+            .all(|m| is_model_path(&m.path) || m.format == "gguf"));
+    }
 }
