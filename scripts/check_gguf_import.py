@@ -2,7 +2,7 @@
 
     scripts/fetch_smollm2.sh
     cargo build --release --example gguf_check
-    /opt/refvenv/bin/python scripts/check_gguf_import.py models/SmolLM2-135M-Instruct.Q4_1.gguf
+    python3 scripts/check_gguf_import.py models/SmolLM2-135M-Instruct.Q4_1.gguf   # with llama-cpp-python and gguf installed
 
 With llama-cpp-python 0.3.36 (llama.cpp's CPU build, f32 KV cache): tokenizes sample strings
 (special tokens parsed, no BOS added) with both and requires identical ids; evaluates a chat

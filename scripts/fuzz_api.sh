@@ -4,11 +4,11 @@
 # server, and (from /metrics, asked with the admin key) no request without a valid key got
 # anything but 401 on a protected route, i.e. none reached a handler.
 #
-#   cargo build && scripts/fuzz_api.sh [MAX_EXAMPLES]          # schemathesis: /opt/refvenv/bin/st
+#   cargo build && scripts/fuzz_api.sh [MAX_EXAMPLES]          # needs schemathesis (its `st` command)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100}
-ST=${ST:-/opt/refvenv/bin/st}
+ST=${ST:-st}
 WORK=$(mktemp -d /tmp/qlorad-fuzz-XXXX)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 BASE=http://127.0.0.1:$PORT
