@@ -103,7 +103,13 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let v = super::gguf_vocab::gguf_vocab(&g)?;
+        Self::from_gguf_model(&g)
+    }
+
+    /// The tokenizer of an already open GGUF file, rebuilt from its metadata.
+    pub fn from_gguf_model(g: &crate::model::gguf::GgufModel) -> Result<Self> {
+        let path = g.path.as_path();
+        let v = super::gguf_vocab::gguf_vocab(g)?;
         let template = match &v.chat_template {
             Some(t) => Some(ChatTemplate::new(
                 t,

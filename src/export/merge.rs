@@ -276,8 +276,8 @@ pub fn export_safetensors(
             serde_json::to_string_pretty(&config).expect("json") + "\n",
         )
         .map_err(|e| ExportError::Io { path: p, source: e })?;
-        if src.gguf().is_some() {
-            super::vocab::write_hf_tokenizer(&src.dir, &staging)?;
+        if let Some(g) = src.gguf() {
+            super::vocab::write_hf_tokenizer(g, &staging)?;
             return Ok(());
         }
         for entry in std::fs::read_dir(&src.dir)

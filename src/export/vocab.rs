@@ -723,9 +723,9 @@ pub fn copy_tokenizer_metadata(g: &GgufModel) -> Result<Vec<(String, Value)>> {
 }
 
 /// `tokenizer.json` and `tokenizer_config.json` in `dir` for a model whose tokenizer lives in
-/// the GGUF file `gguf`, so the merged safetensors load in transformers with their tokenizer.
-pub fn write_hf_tokenizer(gguf: &Path, dir: &Path) -> Result<()> {
-    let tok = TextTokenizer::load(gguf)?;
+/// the GGUF file `g`, so the merged safetensors load in transformers with their tokenizer.
+pub fn write_hf_tokenizer(g: &GgufModel, dir: &Path) -> Result<()> {
+    let tok = TextTokenizer::from_gguf_model(g)?;
     let path = dir.join("tokenizer.json");
     tok.tokenizer
         .save(&path, false)
@@ -743,7 +743,6 @@ pub fn write_hf_tokenizer(gguf: &Path, dir: &Path) -> Result<()> {
     if let Some(t) = tok.tokenizer.id_to_token(tok.pad_id) {
         cfg["pad_token"] = Json::String(t);
     }
-    let g = GgufModel::open(gguf)?;
     if let Some(t) = g.meta_str("tokenizer.chat_template")? {
         cfg["chat_template"] = Json::String(t.to_string());
     }
