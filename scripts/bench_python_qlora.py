@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--model-dir", help="reuse or keep the random model here")
+    ap.add_argument("--make-only", action="store_true", help="write the random model and stop")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     cfg = LlamaConfig(**shape, rope_theta=500000.0, max_position_embeddings=8192, torch_dtype="bfloat16")
@@ -59,6 +60,9 @@ def main():
         del m
         torch.cuda.empty_cache()
     made = time.time() - t0
+    if args.make_only:
+        print(json.dumps({"model_dir": model_dir, "make_model_seconds": made}))
+        return
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(
@@ -97,6 +101,7 @@ def main():
         "shape": args.shape, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "steps_timed": len(times), "step_seconds_median": step_s, "tokens_per_second": tps,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         "mfu": tps * flops_per_token / 989e12,
         "make_model_seconds": made, "load_quantize_seconds": load,
     }))

@@ -308,11 +308,18 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
             tmp.0.clone()
         }
     };
+    let dev = device(&args.spec.device)?;
+    let meter = crate::bench::PeakMemory::start(&dev);
+    let loaded = Instant::now();
     let mut model = load_model(&model_dir, &args.spec)?;
     model.add_lora(&args.spec.lora.config(), 0)?;
+    crate::bench::sync(model.device())?;
+    let load_s = loaded.elapsed().as_secs_f64();
     let vocab = model.config.vocab_size as u32;
     let mut rng = Rng::new(7);
-    let examples: Vec<Example> = (0..args.batch_size * (args.steps + 1))
+    // Two warm-up steps (allocator pools, kernel loading), then the timed ones.
+    let warmup = 2;
+    let examples: Vec<Example> = (0..args.batch_size * (args.steps + warmup))
         .map(|_| {
             let ids: Vec<u32> = (0..args.seq_len)
                 .map(|_| (rng.next_u64() % vocab as u64) as u32)
@@ -324,7 +331,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         })
         .collect();
     let hyper = crate::train::Hyperparameters {
-        max_steps: Some(args.steps + 1),
+        max_steps: Some(args.steps + warmup),
         batch_size: args.batch_size,
         ..args.spec.hyperparameters.clone()
     };
@@ -341,36 +348,50 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
     };
     let mut trainer = Trainer::new(&model, &examples, None, 0, opts)?;
     let mut times = Vec::new();
+    let mut losses = Vec::new();
     let mut last = Instant::now();
     trainer.run(&AtomicBool::new(false), &mut |e| {
-        if let TrainEvent::Step { .. } = e {
+        if let TrainEvent::Step { loss, .. } = e {
             times.push(last.elapsed().as_secs_f64());
+            losses.push(*loss);
             last = Instant::now();
         }
         if let TrainEvent::Started { .. } = e {
             last = Instant::now();
         }
     })?;
-    // The first step warms caches and allocators; report the rest.
-    let steady = &times[1..];
-    let step_s = steady.iter().sum::<f64>() / steady.len() as f64;
+    let peak = meter.finish();
+    let mut steady = times[warmup.min(times.len() - 1)..].to_vec();
+    steady.sort_by(f64::total_cmp);
+    let step_s = steady[steady.len() / 2];
     let tokens = (args.batch_size * args.seq_len) as f64;
     let c = &model.config;
-    let params = c.num_hidden_layers
+    // Per token: 4·N_linear (forward and input gradient of the frozen linears, LM head
+    // included) plus attention, 6·layers·seq·hidden (QKᵀ and PV forward, twice that backward,
+    // halved by causality). Checkpointing's recomputation is not counted.
+    let linear = c.num_hidden_layers
         * (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
             + c.num_attention_heads * c.head_dim * c.hidden_size
             + 3 * c.hidden_size * c.intermediate_size)
         + c.vocab_size * c.hidden_size;
+    let flops_per_token =
+        4.0 * linear as f64 + 6.0 * (c.num_hidden_layers * args.seq_len * c.hidden_size) as f64;
+    let tps = tokens / step_s;
     Ok(json!({
         "device": args.spec.device,
         "compute_dtype": format!("{:?}", args.spec.quantization.dtype()).to_lowercase(),
         "quantization": args.spec.quantization.config().map(|q| q.quant_type.as_str()).unwrap_or("none"),
+        "gradient_checkpointing": args.spec.hyperparameters.gradient_checkpointing,
+        "lora_r": args.spec.lora.r,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "steps_timed": steady.len(),
-        "step_seconds": step_s,
-        "tokens_per_second": tokens / step_s,
-        "approx_train_tflops": 6.0 * params as f64 * tokens / step_s / 1e12,
+        "step_seconds_median": step_s,
+        "tokens_per_second": tps,
+        "peak_gpu_memory_gib": peak,
+        "mfu": tps * flops_per_token / 989e12,
+        "load_quantize_seconds": load_s,
+        "losses": losses,
     }))
 }
 

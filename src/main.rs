@@ -220,6 +220,21 @@ enum BenchCommand {
         #[command(flatten)]
         spec: SpecArg,
     },
+    /// The 4-bit kernels on a device: quantize and dequantize checked bit for bit against the
+    /// CPU, dequantization bandwidth against a plain copy, fused ops against the CPU.
+    Kernels {
+        /// cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Rows of the test weight (columns: 4096).
+        #[arg(long, default_value_t = 14336)]
+        rows: usize,
+        #[arg(long, default_value_t = 4096)]
+        cols: usize,
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
 }
 
 fn parse_quant_type(s: &str) -> Result<QuantType, String> {
@@ -419,6 +434,16 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 serde_json::to_string_pretty(&commands::bench_train(&args)?)?
             );
+        }
+        Command::Bench(BenchCommand::Kernels {
+            device,
+            rows,
+            cols,
+            iters,
+        }) => {
+            let dev = qlorad::model::parse_device(&device).map_err(anyhow::Error::msg)?;
+            let report = qlorad::bench::bench_kernels(&dev, rows, cols, iters.max(1))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
     }
     Ok(())

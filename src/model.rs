@@ -160,7 +160,16 @@ pub fn parse_device(name: &str) -> std::result::Result<candle_core::Device, Stri
             "{name}: this qlorad was built without the cuda feature"
         ));
     }
-    candle_core::Device::new_cuda(ordinal).map_err(|e| format!("{name}: {e}"))
+    let device = candle_core::Device::new_cuda(ordinal).map_err(|e| format!("{name}: {e}"))?;
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = &device {
+        // One stream per thread, and a job's tensors live and die on its one thread: the
+        // cross-stream events candle records around every kernel would only cost time.
+        // SAFETY: nothing has been allocated on this device yet; see above for the streams.
+        unsafe { d.disable_event_tracking() };
+        crate::cuda::keep_freed_memory(d).map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(device)
 }
 
 #[cfg(test)]

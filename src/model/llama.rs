@@ -85,12 +85,11 @@ pub(crate) struct LayerCtx {
     heads: usize,
     kv_heads: usize,
     eps: f64,
-    dtype: DType,
     /// `[seq, head_dim]` each.
     cos: Tensor,
     sin: Tensor,
-    /// `[batch, 1, seq, seq]` additive.
-    mask: Tensor,
+    /// u8 `[batch, seq]`: 1 for a real token a query may see (with causality), 0 for padding.
+    keep: Tensor,
 }
 
 fn bad(tensor: &str, message: impl Into<String>) -> ModelError {
@@ -524,10 +523,9 @@ impl CausalLm {
             .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
             .unsqueeze(0)?; // [1, n, hidden]
         let logits = crate::quant::linear::linear_frozen(&picked, self.head())?.squeeze(0)?; // [n, vocab]
-        let logp = log_softmax_last_dim(&logits)?;
-        let targets = Tensor::from_vec(targets, (n, 1), dev)?;
-        let nll = logp.gather(&targets, 1)?.squeeze(1)?; // [n]
-        Ok((nll.sum_all()? * (-1.0 / n as f64))?)
+        let targets = Tensor::from_vec(targets, n, dev)?;
+        let nll = crate::ops::cross_entropy(&logits, &targets)?; // [n], f32
+        Ok((nll.sum_all()? * (1.0 / n as f64))?)
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]`.
@@ -549,10 +547,9 @@ impl CausalLm {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             eps: c.rms_norm_eps,
-            dtype: self.dtype,
             cos,
             sin,
-            mask: self.attention_bias(b, s, attention_mask)?,
+            keep: self.key_mask(b, s, attention_mask)?,
         });
         for layer in &self.layers {
             x = if self.gradient_checkpointing {
@@ -586,18 +583,18 @@ impl CausalLm {
         ))
     }
 
-    /// Additive mask `[batch, 1, seq, seq]`: 0 where query i may see key j (j <= i and j is not
-    /// padding), the most negative float elsewhere. One value per cell, so a fully masked row
-    /// softmaxes to uniform instead of NaN.
-    fn attention_bias(
-        &self,
-        b: usize,
-        s: usize,
-        attention_mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let keep: Vec<f32> = match attention_mask {
-            Some(m) => m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-            None => vec![1.0; b * s],
+    /// Which keys are real tokens, u8 `[batch, seq]`; causality is applied in the softmax. A
+    /// query that sees no real key (left padding) gets a uniform row and no gradient.
+    fn key_mask(&self, b: usize, s: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let keep: Vec<u8> = match attention_mask {
+            Some(m) => m
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|&v| (v != 0.0) as u8)
+                .collect(),
+            None => vec![1; b * s],
         };
         if keep.len() != b * s {
             return Err(ModelError::Invalid {
@@ -605,17 +602,7 @@ impl CausalLm {
                 message: format!("has {} values for a [{b}, {s}] batch", keep.len()),
             });
         }
-        let mut bias = vec![0f32; b * s * s];
-        for bi in 0..b {
-            for i in 0..s {
-                for j in 0..s {
-                    if j > i || keep[bi * s + j] == 0.0 {
-                        bias[(bi * s + i) * s + j] = f32::MIN;
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(bias, (b, 1, s, s), &self.device)?)
+        Ok(Tensor::from_vec(keep, (b, s), &self.device)?)
     }
 
     /// Mean cross-entropy of next-token prediction: logits `[b, s, V]`, labels `[b, s]` (i64, -100
@@ -636,18 +623,25 @@ pub(crate) fn decoder_layer(
     let (hd, nh, nkv) = (ctx.head_dim, ctx.heads, ctx.kv_heads);
     let l = &layer.linears;
     let h = rms_norm(x, &layer.input_norm, ctx.eps)?;
-    let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-        t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous() // [b, n, s, hd]
-    };
-    let q = heads(l[0].forward(&h, rng.as_deref_mut())?, nh)?;
-    let k = heads(l[1].forward(&h, rng.as_deref_mut())?, nkv)?;
-    let v = heads(l[2].forward(&h, rng.as_deref_mut())?, nkv)?;
-    let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
-    let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
+    // Projections come out as [b, s, n*hd]; rope moves q and k to heads [b, n, s, hd] as it
+    // rotates them.
+    let split = |t: Tensor, n: usize| t.reshape((b, s, n, hd));
+    let q = crate::ops::rope(
+        &split(l[0].forward(&h, rng.as_deref_mut())?, nh)?,
+        &ctx.cos,
+        &ctx.sin,
+    )?;
+    let k = crate::ops::rope(
+        &split(l[1].forward(&h, rng.as_deref_mut())?, nkv)?,
+        &ctx.cos,
+        &ctx.sin,
+    )?;
+    let v = split(l[2].forward(&h, rng.as_deref_mut())?, nkv)?
+        .transpose(1, 2)?
+        .contiguous()?;
     let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?; // [b, nh, s, s]
-    let scores = scores.to_dtype(DType::F32)?.broadcast_add(&ctx.mask)?;
-    let probs = softmax_last_dim(&scores)?.to_dtype(ctx.dtype)?;
+    let scores = q.matmul(&k.t()?.contiguous()?)?; // [b, nh, s, s]
+    let probs = crate::ops::attn_softmax(&scores, &ctx.keep, 1.0 / (hd as f64).sqrt(), true)?;
     let attn = probs
         .matmul(&v)?
         .transpose(1, 2)?
@@ -656,7 +650,7 @@ pub(crate) fn decoder_layer(
     let h = rms_norm(&x, &layer.post_norm, ctx.eps)?;
     let gate = l[4].forward(&h, rng.as_deref_mut())?;
     let up = l[5].forward(&h, rng.as_deref_mut())?;
-    let mlp = l[6].forward(&(gate.silu()? * up)?, rng)?;
+    let mlp = l[6].forward(&crate::ops::swiglu(&gate, &up)?, rng)?;
     x + mlp
 }
 
@@ -728,29 +722,19 @@ struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// The stored output as CPU storage.
-    fn output(&self) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let out = self.out.contiguous()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => {
-                let (start, end) = layout.contiguous_offsets().expect("contiguous");
-                let s = match s {
-                    candle_core::CpuStorage::F32(v) => {
-                        candle_core::CpuStorage::F32(v[start..end].to_vec())
-                    }
-                    candle_core::CpuStorage::BF16(v) => {
-                        candle_core::CpuStorage::BF16(v[start..end].to_vec())
-                    }
-                    candle_core::CpuStorage::F16(v) => {
-                        candle_core::CpuStorage::F16(v[start..end].to_vec())
-                    }
-                    _ => candle_core::bail!("checkpoint: unsupported dtype"),
-                };
-                Ok((s, out.shape().clone()))
-            }
-            _ => candle_core::bail!("checkpoint: output is not on the CPU"),
+    /// A copy of the stored output's storage, on whichever backend holds it.
+    fn output<S: candle_core::backend::BackendStorage>(
+        &self,
+        pick: fn(&candle_core::Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, candle_core::Shape)> {
+        let (storage, layout) = self.out.storage_and_layout();
+        let Some(s) = pick(&storage) else {
+            candle_core::bail!("checkpoint: output is on another device than the input");
+        };
+        if layout.contiguous_offsets() != Some((0, layout.shape().elem_count())) {
+            candle_core::bail!("checkpoint: output is not a whole contiguous tensor");
         }
+        Ok((s.try_clone(layout)?, self.out.shape().clone()))
     }
 
     /// Replay the layer on `arg`; adapter gradients go to the sink, the input's is returned.
@@ -783,7 +767,16 @@ impl candle_core::CustomOp1 for Checkpoint {
         _s: &candle_core::CpuStorage,
         _l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.output()
+        self.output(cpu_storage)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s: &candle_core::CudaStorage,
+        _l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.output(cuda_storage)
     }
 
     fn bwd(
@@ -808,7 +801,18 @@ impl candle_core::CustomOp2 for Checkpoint {
         _s2: &candle_core::CpuStorage,
         _l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.output()
+        self.output(cpu_storage)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &candle_core::Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.output(cuda_storage)
     }
 
     fn bwd(
@@ -823,12 +827,24 @@ impl candle_core::CustomOp2 for Checkpoint {
     }
 }
 
+fn cpu_storage(s: &candle_core::Storage) -> Option<&candle_core::CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(c) => Some(c),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_storage(s: &candle_core::Storage) -> Option<&candle_core::CudaStorage> {
+    match s {
+        candle_core::Storage::Cuda(c) => Some(c),
+        _ => None,
+    }
+}
+
+/// RMSNorm with its weight (the fused op; see `crate::ops::rms_norm`).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
-    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(w)
+    crate::ops::rms_norm(x, w, eps)
 }
 
 fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {

@@ -62,17 +62,15 @@ impl FrozenMatmul {
     }
 }
 
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
+impl FrozenMatmul {
+    /// One 2-D matmul straight on the input's storage: no copy of x, none of y. On a GPU the
+    /// 4-bit weight is dequantized by qlorad's kernel and the product runs in cuBLAS.
+    fn forward<S: BackendStorage>(
         &self,
-        storage: &CpuStorage,
+        storage: &S,
         layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        // One 2-D matmul straight on the input's storage: no copy of x, none of y.
+        pick: fn(&Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, Shape)> {
         let w = self.weight(storage.dtype())?.contiguous()?; // [out, in]
         let dims = layout.shape().dims();
         let inner = dims[dims.len() - 1];
@@ -87,14 +85,43 @@ impl CustomOp1 for FrozenMatmul {
             );
         }
         let (ws, wl) = w.storage_and_layout();
-        let Storage::Cpu(ws) = &*ws else {
-            candle_core::bail!("frozen-linear: weight is not on the CPU");
+        let Some(ws) = pick(&ws) else {
+            candle_core::bail!("frozen-linear: weight and input are on different devices");
         };
         let x2 = Layout::contiguous_with_offset((rows, inner), layout.start_offset());
         let y = storage.matmul(ws, (1, rows, out, inner), &x2, &wl.transpose(0, 1)?)?;
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("x has a last dimension") = out;
         Ok((y, shape.into()))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward(storage, layout, |s| match s {
+            Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.forward(storage, layout, |s| match s {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
     }
 
     fn bwd(

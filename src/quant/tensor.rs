@@ -40,16 +40,52 @@ impl Absmax {
 pub struct Nf4Tensor {
     packed: Tensor,
     absmax: Absmax,
+    /// The absmax again on the packed codes' device when that is a GPU, for its kernels.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    device_absmax: Option<DeviceAbsmax>,
     quant_type: QuantType,
     block_size: usize,
     shape: Shape,
     dtype: FloatDType,
 }
 
+/// The quant state on a GPU: what the dequantization kernel reads.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum DeviceAbsmax {
+    Plain(Tensor),
+    Nested {
+        codes: Tensor,
+        scales: Tensor,
+        code: Tensor,
+    },
+}
+
+impl DeviceAbsmax {
+    /// None on the CPU, whose path reads the host copy.
+    fn new(absmax: &Absmax, device: &Device) -> Result<Option<Self>> {
+        if device.is_cpu() {
+            return Ok(None);
+        }
+        Ok(Some(match absmax {
+            Absmax::Plain(a) => DeviceAbsmax::Plain(Tensor::from_slice(a, a.len(), device)?),
+            Absmax::Nested(n) => DeviceAbsmax::Nested {
+                codes: Tensor::from_slice(&n.codes, n.codes.len(), device)?,
+                scales: Tensor::from_slice(&n.scales, n.scales.len(), device)?,
+                code: Tensor::from_slice(n.code.as_slice(), 256, device)?,
+            },
+        }))
+    }
+}
+
 impl Nf4Tensor {
     /// Quantize a dense f32/f16/bf16 tensor of any shape.
     pub fn quantize(t: &Tensor, config: &QuantConfig) -> Result<Self> {
         let dtype = FloatDType::from_candle(t.dtype())?;
+        #[cfg(feature = "cuda")]
+        if t.device().is_cuda() {
+            return Self::quantize_cuda(t, None, config, dtype);
+        }
         let flat = t.flatten_all()?;
         let (packed, absmax) = match dtype {
             FloatDType::F32 => {
@@ -66,6 +102,7 @@ impl Nf4Tensor {
         let packed = Tensor::from_vec(packed, n, t.device())?;
         Ok(Nf4Tensor {
             packed,
+            device_absmax: DeviceAbsmax::new(&absmax, t.device())?,
             absmax,
             quant_type: config.quant_type,
             block_size: config.block_size,
@@ -89,15 +126,76 @@ impl Nf4Tensor {
                 data.len()
             )));
         }
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            let t = match data {
+                FloatSlice::F32(d) => Tensor::from_slice(d, d.len(), device)?,
+                FloatSlice::F16(d) => Tensor::from_slice(d, d.len(), device)?,
+                FloatSlice::BF16(d) => Tensor::from_slice(d, d.len(), device)?,
+            };
+            let mut q = Self::quantize_cuda(&t, Some(&data), config, data.dtype())?;
+            q.shape = shape;
+            return Ok(q);
+        }
         let (packed, absmax) = Self::quantize_host(data, config)?;
         let n = packed.len();
         Ok(Nf4Tensor {
             packed: Tensor::from_vec(packed, n, device)?,
+            device_absmax: DeviceAbsmax::new(&absmax, device)?,
             absmax,
             quant_type: config.quant_type,
             block_size: config.block_size,
             shape,
             dtype: data.dtype(),
+        })
+    }
+
+    /// Quantize on the GPU holding `t`: the same bytes as the CPU path. Double quantization of
+    /// the absmax (a few bytes per block) runs on the host.
+    #[cfg(feature = "cuda")]
+    fn quantize_cuda(
+        t: &Tensor,
+        host: Option<&FloatSlice<'_>>,
+        config: &QuantConfig,
+        dtype: FloatDType,
+    ) -> Result<Self> {
+        super::check_block_size(config.block_size)?;
+        let b = super::codebook::Bucketizer::new(config.quant_type);
+        let mut tables = [0f32; 31];
+        tables[..15].copy_from_slice(&b.bounds);
+        for (t, &o) in tables[15..].iter_mut().zip(&b.order) {
+            *t = o as f32;
+        }
+        let flat = t.flatten_all()?;
+        let (packed, absmax) = match crate::cuda::quantize_4bit(&flat, config.block_size, &tables)?
+        {
+            Ok(r) => r,
+            Err(index) => {
+                let index = index as usize;
+                let value = match host {
+                    Some(h) => {
+                        let mut v = [0f32];
+                        h.read_f32(index, &mut v);
+                        v[0]
+                    }
+                    None => flat.get(index)?.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+                };
+                return Err(QuantError::NonFinite { index, value });
+            }
+        };
+        let absmax = if config.double_quant {
+            Absmax::Nested(NestedAbsmax::compress(&absmax))
+        } else {
+            Absmax::Plain(absmax)
+        };
+        Ok(Nf4Tensor {
+            packed,
+            device_absmax: DeviceAbsmax::new(&absmax, t.device())?,
+            absmax,
+            quant_type: config.quant_type,
+            block_size: config.block_size,
+            shape: t.shape().clone(),
+            dtype,
         })
     }
 
@@ -157,6 +255,7 @@ impl Nf4Tensor {
         let len = packed.len();
         Ok(Nf4Tensor {
             packed: Tensor::from_vec(packed, len, device)?,
+            device_absmax: DeviceAbsmax::new(&absmax, device)?,
             absmax,
             quant_type,
             block_size,
@@ -211,6 +310,36 @@ impl Nf4Tensor {
     /// Dequantize to a dense tensor of this weight's shape on its device.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         let out = FloatDType::from_candle(dtype)?;
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.device_absmax {
+            use crate::cuda::DeviceAbsmax as K;
+            let absmax = match (d, &self.absmax) {
+                (DeviceAbsmax::Plain(a), _) => K::Plain(a),
+                (
+                    DeviceAbsmax::Nested {
+                        codes,
+                        scales,
+                        code,
+                    },
+                    Absmax::Nested(n),
+                ) => K::Nested {
+                    codes,
+                    scales,
+                    code,
+                    offset: n.offset,
+                    block_size: n.block_size,
+                },
+                _ => unreachable!("device absmax mirrors the host's"),
+            };
+            return Ok(crate::cuda::dequant_4bit(
+                &self.packed,
+                &absmax,
+                self.quant_type == QuantType::Fp4,
+                self.block_size,
+                &self.shape,
+                dtype,
+            )?);
+        }
         let packed = self.packed_bytes()?;
         let absmax = self.absmax.to_f32()?;
         let n = self.shape.elem_count();

@@ -65,7 +65,8 @@ pub fn write_state(
     optimizer: &AdamW,
 ) -> Result<()> {
     let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, m) in names.iter().zip(&optimizer.state) {
+    let moments = optimizer.moments()?;
+    for (name, m) in names.iter().zip(moments.iter()) {
         for (kind, v) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
             bytes.push((
                 format!("{kind}.{name}"),
@@ -127,7 +128,12 @@ pub fn read_state(dir: &Path, names: &[String], optimizer: &mut AdamW) -> Result
             message: "no optimizer_step".into(),
         })?;
     let mut moments = Vec::with_capacity(names.len());
-    for (name, m) in names.iter().zip(&optimizer.state) {
+    let sizes: Vec<usize> = optimizer
+        .moments()?
+        .iter()
+        .map(|m| m.exp_avg.len())
+        .collect();
+    for (name, &size) in names.iter().zip(&sizes) {
         let read = |kind: &str| -> Result<Vec<f32>> {
             let key = format!("{kind}.{name}");
             let t = st.tensor(&key).map_err(|_| TrainError::Checkpoint {
@@ -137,7 +143,7 @@ pub fn read_state(dir: &Path, names: &[String], optimizer: &mut AdamW) -> Result
                 ),
             })?;
             let v: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
-            if v.len() != m.exp_avg.len() {
+            if v.len() != size {
                 return Err(TrainError::Checkpoint {
                     path: path.clone(),
                     message: format!("{key} has the wrong size"),
@@ -150,8 +156,7 @@ pub fn read_state(dir: &Path, names: &[String], optimizer: &mut AdamW) -> Result
             exp_avg_sq: read("exp_avg_sq")?,
         });
     }
-    optimizer.state = moments;
-    optimizer.step = step;
+    optimizer.set_moments(moments, step);
     Ok(state)
 }
 

@@ -1,5 +1,6 @@
 //! AdamW with torch's semantics (`torch.optim.AdamW`, single-tensor path): decoupled weight
-//! decay, bias correction, f32 state. State lives on the host next to the parameters' copies.
+//! decay, bias correction, f32 state. On the CPU the state is host vectors; on a GPU it lives on
+//! the device beside the parameters and one fused kernel per parameter updates all three.
 
 use candle_core::{Tensor, Var};
 
@@ -36,8 +37,10 @@ pub struct AdamW {
     pub config: AdamWConfig,
     /// Optimizer steps taken.
     pub step: u64,
-    /// In the order of the parameters passed to `step`.
-    pub state: Vec<Moments>,
+    /// In the order of the parameters passed to `step`. Stale while `device` holds the state.
+    state: Vec<Moments>,
+    /// `(exp_avg, exp_avg_sq)` per parameter on its GPU, once a device step has run.
+    device: Option<Vec<(Tensor, Tensor)>>,
 }
 
 impl AdamW {
@@ -53,19 +56,96 @@ impl AdamW {
             config,
             step: 0,
             state,
+            device: None,
         }
+    }
+
+    /// The moments, fetched from the GPU when they live there.
+    pub fn moments(&self) -> Result<std::borrow::Cow<'_, [Moments]>> {
+        match &self.device {
+            None => Ok(std::borrow::Cow::Borrowed(&self.state)),
+            Some(d) => Ok(std::borrow::Cow::Owned(
+                d.iter()
+                    .map(|(m, v)| {
+                        Ok(Moments {
+                            exp_avg: m.to_vec1::<f32>()?,
+                            exp_avg_sq: v.to_vec1::<f32>()?,
+                        })
+                    })
+                    .collect::<candle_core::Result<_>>()?,
+            )),
+        }
+    }
+
+    /// Replace the moments (a resumed checkpoint); a GPU copy is made at the next device step.
+    pub fn set_moments(&mut self, state: Vec<Moments>, step: u64) {
+        self.state = state;
+        self.step = step;
+        self.device = None;
+    }
+
+    /// The scalars of step `self.step` at learning rate `lr`: step size, sqrt of the second
+    /// bias correction, and the decay factor.
+    fn scalars(&self, lr: f64) -> (f32, f32, f32) {
+        let c = self.config;
+        let t = self.step as i32;
+        let bias_correction1 = 1.0 - c.beta1.powi(t);
+        let bias_correction2 = 1.0 - c.beta2.powi(t);
+        (
+            (lr / bias_correction1) as f32,
+            bias_correction2.sqrt() as f32,
+            (1.0 - lr * c.weight_decay) as f32,
+        )
+    }
+
+    /// One update on the GPU holding the parameters: gradients (f32, contiguous, any shape) are
+    /// scaled by `grad_scale` (clipping) inside the kernel. The same arithmetic as `step`.
+    #[cfg(feature = "cuda")]
+    pub fn step_device(
+        &mut self,
+        params: &[Var],
+        grads: &[Tensor],
+        grad_scale: f32,
+        lr: f64,
+    ) -> Result<()> {
+        if self.device.is_none() {
+            let d = params
+                .iter()
+                .zip(&self.state)
+                .map(|(p, m)| {
+                    Ok((
+                        Tensor::from_slice(&m.exp_avg, m.exp_avg.len(), p.device())?,
+                        Tensor::from_slice(&m.exp_avg_sq, m.exp_avg_sq.len(), p.device())?,
+                    ))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            self.device = Some(d);
+        }
+        self.step += 1;
+        let (step_size, bc2_sqrt, decay) = self.scalars(lr);
+        let c = self.config;
+        let a = crate::cuda::AdamWStep {
+            grad_scale,
+            decay,
+            w1: (1.0 - c.beta1) as f32,
+            b2: c.beta2 as f32,
+            w2: (1.0 - c.beta2) as f32,
+            step_size,
+            bc2_sqrt,
+            eps: c.eps as f32,
+        };
+        let state = self.device.as_ref().expect("made above");
+        for ((p, g), (m, v)) in params.iter().zip(grads).zip(state) {
+            crate::cuda::adamw(p.as_tensor(), m, v, &g.flatten_all()?, a)?;
+        }
+        Ok(())
     }
 
     /// One update of every parameter with its (already accumulated and clipped) gradient.
     pub fn step(&mut self, params: &[Var], grads: &[Vec<f32>], lr: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        let t = self.step as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(t);
-        let bias_correction2 = 1.0 - c.beta2.powi(t);
-        let step_size = (lr / bias_correction1) as f32;
-        let bc2_sqrt = bias_correction2.sqrt() as f32;
-        let decay = (1.0 - lr * c.weight_decay) as f32;
+        let (step_size, bc2_sqrt, decay) = self.scalars(lr);
         let (w1, b2, w2, eps) = (
             (1.0 - c.beta1) as f32,
             c.beta2 as f32,

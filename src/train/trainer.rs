@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use serde::Serialize;
 
 use super::checkpoint::{self, TrainState};
@@ -244,6 +244,42 @@ impl<'a> Trainer<'a> {
     }
 
     /// Write `checkpoint-<step>` under the output directory, atomically, then prune old ones.
+    /// Clip and apply the summed gradients on the GPU; returns the norm before clipping.
+    #[cfg(feature = "cuda")]
+    fn device_step(&mut self, grads: Vec<Option<Tensor>>, lr: f64) -> Result<f32> {
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&self.params)
+            .map(|(g, p)| match g {
+                Some(g) => g.contiguous(),
+                None => p.as_tensor().zeros_like(),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        // torch's clip_grad_norm_: the norm of the per-parameter norms, one sync for all.
+        let squares = grads
+            .iter()
+            .map(|g| g.sqr()?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = Tensor::stack(&squares, 0)?
+            .sum_all()?
+            .sqrt()?
+            .to_scalar::<f32>()?;
+        let max_norm = self.opts.hyper.max_grad_norm;
+        let scale = if max_norm > 0.0 {
+            (max_norm as f32 / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        self.optimizer
+            .step_device(&self.params, &grads, scale, lr)?;
+        Ok(norm)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn device_step(&mut self, _grads: Vec<Option<Tensor>>, _lr: f64) -> Result<f32> {
+        unreachable!("no GPU device exists without the cuda feature")
+    }
+
     pub fn save_checkpoint(&self) -> Result<Option<PathBuf>> {
         let Some(out) = &self.opts.out_dir else {
             return Ok(None);
@@ -297,11 +333,18 @@ impl<'a> Trainer<'a> {
                     step: self.state.step,
                 });
             }
-            let mut grads: Vec<Vec<f32>> = self
-                .params
-                .iter()
-                .map(|p| vec![0f32; p.elem_count()])
-                .collect();
+            let on_gpu = self.model.device().is_cuda();
+            // Gradients summed over the micro-batches: host vectors on the CPU, f32 tensors on
+            // a GPU (where the optimizer runs too).
+            let mut grads: Vec<Vec<f32>> = if on_gpu {
+                Vec::new()
+            } else {
+                self.params
+                    .iter()
+                    .map(|p| vec![0f32; p.elem_count()])
+                    .collect()
+            };
+            let mut device_grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
             let mut loss_sum = 0f32;
             let mut step_tokens = 0;
             for _ in 0..accum {
@@ -330,11 +373,23 @@ impl<'a> Trainer<'a> {
                 self.state.rng_state = rng.state;
                 let scaled = (&loss / accum as f64)?;
                 let g = self.model.backward(&scaled)?;
-                for (acc, p) in grads.iter_mut().zip(&self.params) {
-                    if let Some(gp) = g.get(p.as_tensor()) {
-                        let v = gp.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                        for (a, x) in acc.iter_mut().zip(v) {
-                            *a += x;
+                if on_gpu {
+                    for (acc, p) in device_grads.iter_mut().zip(&self.params) {
+                        if let Some(gp) = g.get(p.as_tensor()) {
+                            let gp = gp.to_dtype(DType::F32)?;
+                            *acc = Some(match acc.take() {
+                                Some(a) => (a + gp)?,
+                                None => gp,
+                            });
+                        }
+                    }
+                } else {
+                    for (acc, p) in grads.iter_mut().zip(&self.params) {
+                        if let Some(gp) = g.get(p.as_tensor()) {
+                            let v = gp.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                            for (a, x) in acc.iter_mut().zip(v) {
+                                *a += x;
+                            }
                         }
                     }
                 }
@@ -346,9 +401,14 @@ impl<'a> Trainer<'a> {
             if !loss.is_finite() {
                 return Err(TrainError::Diverged(loss));
             }
-            let grad_norm = clip_grad_norm(&mut grads, self.opts.hyper.max_grad_norm);
             let lr = self.learning_rate(self.state.step);
-            self.optimizer.step(&self.params, &grads, lr)?;
+            let grad_norm = if on_gpu {
+                self.device_step(device_grads, lr)?
+            } else {
+                let grad_norm = clip_grad_norm(&mut grads, self.opts.hyper.max_grad_norm);
+                self.optimizer.step(&self.params, &grads, lr)?;
+                grad_norm
+            };
             self.state.step += 1;
             self.state.tokens_seen += step_tokens;
             self.state.last_loss = Some(loss);
