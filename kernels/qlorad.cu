@@ -29,8 +29,22 @@ __constant__ float FP4_TABLE[16] = {
     -0.0f, -0.0625f / 12.0f, -8.0f / 12.0f, -1.0f, -4.0f / 12.0f, -6.0f / 12.0f, -2.0f / 12.0f, -3.0f / 12.0f};
 
 // ---------------------------------------------------------------------------------------------
-// Dequantize. Each thread turns 16 packed bytes into 32 values of one quantization block. The
-// block's absmax is plain f32, or double-quantized: code[q] * scale + offset, in that order.
+// Dequantize. Each thread turns 8 packed bytes into 16 values of one quantization block; its
+// codes' load goes out before the absmax chain so the two are in flight together. The block's
+// absmax is plain f32, or double-quantized: code[q] * scale + offset, in that order.
+
+template <typename T, bool NESTED>
+__device__ __forceinline__ float block_absmax(long long blk, const float *__restrict__ absmax,
+                                              const uint8_t *__restrict__ codes,
+                                              const float *__restrict__ scales,
+                                              const float *__restrict__ code, float offset,
+                                              int nested_block) {
+  if (NESTED) {
+    float am = code[codes[blk]] * scales[blk / nested_block];
+    return am + offset;
+  }
+  return absmax[blk];
+}
 
 template <typename T, bool NESTED>
 __device__ void dequant_4bit(const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
@@ -41,42 +55,27 @@ __device__ void dequant_4bit(const uint8_t *__restrict__ packed, const float *__
   __shared__ float table[16];
   if (threadIdx.x < 16) table[threadIdx.x] = fp4 ? FP4_TABLE[threadIdx.x] : NF4_TABLE[threadIdx.x];
   __syncthreads();
-  long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  long long e0 = t * 32;
+  long long e0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 16;
   if (e0 >= n) return;
-  bool whole = e0 + 32 <= n;
-  // The codes' load goes out before the absmax chain so both are in flight together.
-  uint4 q = whole ? *reinterpret_cast<const uint4 *>(packed + e0 / 2) : make_uint4(0, 0, 0, 0);
-  long long blk = e0 / block_size;
-  float am;
-  if (NESTED) {
-    am = code[codes[blk]] * scales[blk / nested_block];
-    am = am + offset;
-  } else {
-    am = absmax[blk];
-  }
-  if (whole) {
-    uint32_t words[4] = {q.x, q.y, q.z, q.w};
-    uint4 *dst = reinterpret_cast<uint4 *>(out + e0);
+  if (e0 + 16 <= n) {
+    uint2 q = *reinterpret_cast<const uint2 *>(packed + e0 / 2);
+    float am = block_absmax<T, NESTED>(e0 / block_size, absmax, codes, scales, code, offset,
+                                       nested_block);
+    T v[16];
 #pragma unroll
-    for (int w = 0; w < 4; w++) {
-      T v[8];
-#pragma unroll
-      for (int b = 0; b < 4; b++) {
-        uint32_t byte = (words[w] >> (8 * b)) & 0xff;
-        v[2 * b] = from_f32<T>(table[byte >> 4] * am);
-        v[2 * b + 1] = from_f32<T>(table[byte & 0xf] * am);
-      }
-      const uint4 *src = reinterpret_cast<const uint4 *>(v);
-#pragma unroll
-      for (int k = 0; k < (int)(8 * sizeof(T) / 16); k++) dst[w * (8 * sizeof(T) / 16) + k] = src[k];
+    for (int b = 0; b < 8; b++) {
+      uint32_t byte = ((b < 4 ? q.x : q.y) >> (8 * (b % 4))) & 0xff;
+      v[2 * b] = from_f32<T>(table[byte >> 4] * am);
+      v[2 * b + 1] = from_f32<T>(table[byte & 0xf] * am);
     }
+    uint4 *dst = reinterpret_cast<uint4 *>(out + e0);
+    const uint4 *src = reinterpret_cast<const uint4 *>(v);
+#pragma unroll
+    for (int k = 0; k < (int)(16 * sizeof(T) / 16); k++) dst[k] = src[k];
   } else {
     for (long long e = e0; e < n; e++) {
-      if (e / block_size != blk) {
-        blk = e / block_size;
-        am = NESTED ? code[codes[blk]] * scales[blk / nested_block] + offset : absmax[blk];
-      }
+      float am = block_absmax<T, NESTED>(e / block_size, absmax, codes, scales, code, offset,
+                                         nested_block);
       uint8_t byte = packed[e / 2];
       uint8_t nib = (e % 2 == 0) ? (byte >> 4) : (byte & 0xf);
       out[e] = from_f32<T>(table[nib] * am);
@@ -295,6 +294,144 @@ __device__ void attn_softmax_bwd(const T *__restrict__ p, const T *__restrict__ 
   }
 }
 
+// The same two kernels for rows of k % 8 == 0 and k <= 256 * 8 * 4: 256 threads, each loading
+// its values once (16-byte loads) into registers. Same arithmetic, same results.
+#define VEC_CHUNKS 4
+
+template <typename T>
+__device__ __forceinline__ void load8(const T *p, float *v) {
+  uint4 raw[sizeof(T) / 2];
+#pragma unroll
+  for (int k = 0; k < (int)(sizeof(T) / 2); k++) raw[k] = reinterpret_cast<const uint4 *>(p)[k];
+  const T *t = reinterpret_cast<const T *>(raw);
+#pragma unroll
+  for (int k = 0; k < 8; k++) v[k] = to_f32(t[k]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T *p, const float *v) {
+  T t[8];
+#pragma unroll
+  for (int k = 0; k < 8; k++) t[k] = from_f32<T>(v[k]);
+#pragma unroll
+  for (int k = 0; k < (int)(sizeof(T) / 2); k++)
+    reinterpret_cast<uint4 *>(p)[k] = reinterpret_cast<const uint4 *>(t)[k];
+}
+
+template <typename T>
+__device__ void attn_softmax_vec(const T *__restrict__ s, const uint8_t *__restrict__ keep,
+                                 T *__restrict__ p, int heads, int q, int k, float scale,
+                                 int causal) {
+  __shared__ float shared[32];
+  long long row = blockIdx.x;
+  int i = (int)(row % q);
+  int b = (int)(row / q / heads);
+  const T *sr = s + row * k;
+  T *pr = p + row * k;
+  const uint8_t *kb = keep + (long long)b * k;
+  int last = causal ? min(k - 1, i + k - q) : k - 1;
+  float v[VEC_CHUNKS][8];
+  float m = -INFINITY;
+#pragma unroll
+  for (int c = 0; c < VEC_CHUNKS; c++) {
+    int j0 = (c * blockDim.x + threadIdx.x) * 8;
+    if (j0 < k && j0 <= last) {
+      load8(sr + j0, v[c]);
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        int j = j0 + e;
+        v[c][e] = (j <= last && kb[j]) ? v[c][e] * scale : -INFINITY;
+        m = fmaxf(m, v[c][e]);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; e++) v[c][e] = -INFINITY;
+    }
+  }
+  m = block_max(m, shared);
+  if (m == -INFINITY) {
+    float u[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) u[e] = 1.0f / (float)k;
+#pragma unroll
+    for (int c = 0; c < VEC_CHUNKS; c++) {
+      int j0 = (c * blockDim.x + threadIdx.x) * 8;
+      if (j0 < k) store8(pr + j0, u);
+    }
+    return;
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int c = 0; c < VEC_CHUNKS; c++)
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      v[c][e] = v[c][e] == -INFINITY ? 0.0f : expf(v[c][e] - m);
+      sum += v[c][e];
+    }
+  sum = block_sum(sum, shared);
+#pragma unroll
+  for (int c = 0; c < VEC_CHUNKS; c++) {
+    int j0 = (c * blockDim.x + threadIdx.x) * 8;
+    if (j0 < k) {
+#pragma unroll
+      for (int e = 0; e < 8; e++) v[c][e] = v[c][e] / sum;
+      store8(pr + j0, v[c]);
+    }
+  }
+}
+
+template <typename T>
+__device__ void attn_softmax_bwd_vec(const T *__restrict__ p, const T *__restrict__ dp,
+                                     const uint8_t *__restrict__ keep, T *__restrict__ ds,
+                                     int heads, int q, int k, float scale, int causal) {
+  __shared__ float shared[32];
+  long long row = blockIdx.x;
+  int i = (int)(row % q);
+  int b = (int)(row / q / heads);
+  const T *pr = p + row * k;
+  const T *dr = dp + row * k;
+  T *out = ds + row * k;
+  const uint8_t *kb = keep + (long long)b * k;
+  int last = causal ? min(k - 1, i + k - q) : k - 1;
+  float pv[VEC_CHUNKS][8], dv[VEC_CHUNKS][8];
+  int any = 0;
+  float dot = 0.0f;
+#pragma unroll
+  for (int c = 0; c < VEC_CHUNKS; c++) {
+    int j0 = (c * blockDim.x + threadIdx.x) * 8;
+    if (j0 < k && j0 <= last) {
+      load8(pr + j0, pv[c]);
+      load8(dr + j0, dv[c]);
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        int j = j0 + e;
+        bool vis = j <= last;
+        any |= vis && kb[j];
+        if (!vis) pv[c][e] = 0.0f;
+        dot += pv[c][e] * dv[c][e];
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; e++) pv[c][e] = dv[c][e] = 0.0f;
+    }
+  }
+  any = __syncthreads_or(any);
+  dot = block_sum(dot, shared);
+#pragma unroll
+  for (int c = 0; c < VEC_CHUNKS; c++) {
+    int j0 = (c * blockDim.x + threadIdx.x) * 8;
+    if (j0 < k) {
+      float g[8];
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        int j = j0 + e;
+        g[e] = (any && j <= last && kb[j]) ? scale * pv[c][e] * (dv[c][e] - dot) : 0.0f;
+      }
+      store8(out + j0, g);
+    }
+  }
+}
+
 #define SOFTMAX(NAME, BWD, T)                                                                    \
   extern "C" __global__ void NAME(const T *s, const uint8_t *keep, T *p, int heads, int q, int k, \
                                   float scale, int causal) {                                     \
@@ -303,6 +440,14 @@ __device__ void attn_softmax_bwd(const T *__restrict__ p, const T *__restrict__ 
   extern "C" __global__ void BWD(const T *p, const T *dp, const uint8_t *keep, T *ds, int heads, \
                                  int q, int k, float scale, int causal) {                        \
     attn_softmax_bwd<T>(p, dp, keep, ds, heads, q, k, scale, causal);                            \
+  }                                                                                              \
+  extern "C" __global__ void NAME##_vec(const T *s, const uint8_t *keep, T *p, int heads, int q, \
+                                        int k, float scale, int causal) {                        \
+    attn_softmax_vec<T>(s, keep, p, heads, q, k, scale, causal);                                 \
+  }                                                                                              \
+  extern "C" __global__ void BWD##_vec(const T *p, const T *dp, const uint8_t *keep, T *ds,      \
+                                       int heads, int q, int k, float scale, int causal) {       \
+    attn_softmax_bwd_vec<T>(p, dp, keep, ds, heads, q, k, scale, causal);                        \
   }
 SOFTMAX(attn_softmax_f32, attn_softmax_bwd_f32, float)
 SOFTMAX(attn_softmax_bf16, attn_softmax_bwd_bf16, bf16)

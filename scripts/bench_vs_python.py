@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--work", default=tempfile.gettempdir(), help="where the random models go")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the reports go")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run qlorad once more with --profile: where its step time goes")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     try:
@@ -79,6 +81,14 @@ def main():
         q = run_json([args.qlorad, "bench", "train", "--model", model_dir, "--device", "cuda:0", "--spec", spec,
                       "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
                      os.path.join(args.out, f"qlorad-{shape}.json"))
+        if args.profile:
+            prof = run_json([args.qlorad, "bench", "train", "--model", model_dir, "--device", "cuda:0", "--spec", spec,
+                             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--steps", "3",
+                             "--profile"], os.path.join(args.out, f"qlorad-profile-{shape}.json"))
+            step = prof["step_seconds_median"]
+            print(f"\nqlorad {shape}: where a step goes (profiled run, {step:.3f} s/step with a sync around each group)")
+            for name, v in sorted(prof["profile_seconds_per_step"].items(), key=lambda kv: -kv[1]["seconds"]):
+                print(f"  {v['seconds'] * 1e3:8.1f} ms  {v['seconds'] / step * 100:5.1f}%  {name}")
         p = run_json(py, os.path.join(args.out, f"python-{shape}.json"))
         rows.append((shape, q, p))
     print(f"\ncard: {card}; seq {args.seq_len}, batch {args.batch_size}, median of {args.steps} steps after 2 warm-up")

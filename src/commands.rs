@@ -284,6 +284,8 @@ pub struct BenchArgs {
     pub batch_size: usize,
     pub steps: usize,
     pub spec: JobSpec,
+    /// Attribute step time to kernel groups (synchronizing around each; slower).
+    pub profile: bool,
 }
 
 /// Time forward + backward + optimizer steps on random tokens and report throughput.
@@ -354,6 +356,9 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         if let TrainEvent::Step { loss, .. } = e {
             times.push(last.elapsed().as_secs_f64());
             losses.push(*loss);
+            if args.profile && times.len() == warmup {
+                crate::bench::profile::start(model.device());
+            }
             last = Instant::now();
         }
         if let TrainEvent::Started { .. } = e {
@@ -361,6 +366,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         }
     })?;
     let peak = meter.finish();
+    let spans = crate::bench::profile::stop();
     let mut steady = times[warmup.min(times.len() - 1)..].to_vec();
     steady.sort_by(f64::total_cmp);
     let step_s = steady[steady.len() / 2];
@@ -392,6 +398,16 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         "mfu": tps * flops_per_token / 989e12,
         "load_quantize_seconds": load_s,
         "losses": losses,
+        "profile_seconds_per_step": args.profile.then(|| {
+            let steps = steady.len() as f64;
+            let mut m = serde_json::Map::new();
+            for (name, calls, secs) in &spans {
+                m.insert(name.to_string(), json!({"seconds": secs / steps, "calls": *calls as f64 / steps}));
+            }
+            let attributed: f64 = spans.iter().map(|s| s.2).sum::<f64>() / steps;
+            m.insert("everything else (autograd's own ops, launches)".into(), json!({"seconds": step_s - attributed}));
+            m
+        }),
     }))
 }
 

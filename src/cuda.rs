@@ -96,8 +96,8 @@ pub fn dequant_4bit(
     dtype: DType,
 ) -> Result<Tensor> {
     let n = shape.elem_count();
-    if !block_size.is_multiple_of(32) {
-        bail!("dequant_4bit: block size {block_size} is not a multiple of 32");
+    if !block_size.is_multiple_of(16) {
+        bail!("dequant_4bit: block size {block_size} is not a multiple of 16");
     }
     let name = match absmax {
         DeviceAbsmax::Plain(_) => format!("dequant_4bit_{}", suffix(dtype)?),
@@ -144,7 +144,7 @@ pub fn dequant_4bit(
     };
     let scales_v = view::<f32>(ss, sl)?;
     let code_v = view::<f32>(ks, kl)?;
-    let cfg = grid(n.div_ceil(32), 256);
+    let cfg = grid(n.div_ceil(16), 256); // 16 values per thread
     let f = func!(dev, &name)?;
     let (fp4, bs, n64) = (fp4 as i32, block_size as i32, n as i64);
     macro_rules! launch {
@@ -283,6 +283,12 @@ fn row_block(k: usize) -> u32 {
     (k.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
+/// Rows the register-resident softmax kernels take: 16-byte aligned, at most 256 threads × 4
+/// chunks of 8 values.
+fn vectorizable(l: &Layout, k: usize) -> bool {
+    k.is_multiple_of(8) && k <= 256 * 8 * 4 && l.start_offset().is_multiple_of(8)
+}
+
 /// Masked, scaled softmax of attention scores; `keep` is u8 `[b, k]`.
 pub fn attn_softmax(
     s: &CudaStorage,
@@ -292,7 +298,16 @@ pub fn attn_softmax(
 ) -> Result<CudaStorage> {
     let dev = s.device().clone();
     let n = l.shape().elem_count();
-    let f = func!(dev, &format!("attn_softmax_{}", suffix(s.dtype())?))?;
+    let vec = vectorizable(l, r.k);
+    let f = func!(
+        dev,
+        &format!(
+            "attn_softmax_{}{}",
+            suffix(s.dtype())?,
+            if vec { "_vec" } else { "" }
+        )
+    )?;
+    let block = if vec { 256 } else { row_block(r.k) };
     let (h, q, k, c) = (r.heads as i32, r.q as i32, r.k as i32, r.causal as i32);
     with_cuda(keep, |ks, kl| {
         let keep = view::<u8>(ks, kl)?;
@@ -310,7 +325,7 @@ pub fn attn_softmax(
                     .arg(&r.scale)
                     .arg(&c);
                 // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(rows(n / r.k, row_block(r.k))) }.w()?;
+                unsafe { b.launch(rows(n / r.k, block)) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
@@ -341,7 +356,16 @@ pub fn attn_softmax_bwd(
             dp.dtype()
         );
     }
-    let f = func!(dev, &format!("attn_softmax_bwd_{}", suffix(p.dtype())?))?;
+    let vec = vectorizable(pl, r.k) && vectorizable(dl, r.k);
+    let f = func!(
+        dev,
+        &format!(
+            "attn_softmax_bwd_{}{}",
+            suffix(p.dtype())?,
+            if vec { "_vec" } else { "" }
+        )
+    )?;
+    let block = if vec { 256 } else { row_block(r.k) };
     let (h, q, k, c) = (r.heads as i32, r.q as i32, r.k as i32, r.causal as i32);
     with_cuda(keep, |ks, kl| {
         let keep = view::<u8>(ks, kl)?;
@@ -361,7 +385,7 @@ pub fn attn_softmax_bwd(
                     .arg(&r.scale)
                     .arg(&c);
                 // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(rows(n / r.k, row_block(r.k))) }.w()?;
+                unsafe { b.launch(rows(n / r.k, block)) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }

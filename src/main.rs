@@ -214,9 +214,12 @@ enum BenchCommand {
         seq_len: usize,
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
-        /// Timed steps (after one warm-up step).
+        /// Timed steps (after two warm-up steps).
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// Attribute the step time to kernel groups, synchronizing around each (slower steps).
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         spec: SpecArg,
     },
@@ -421,6 +424,7 @@ fn main() -> anyhow::Result<()> {
             seq_len,
             batch_size,
             steps,
+            profile,
             spec,
         }) => {
             let args = BenchArgs {
@@ -429,6 +433,7 @@ fn main() -> anyhow::Result<()> {
                 batch_size,
                 steps: steps.max(1),
                 spec: spec.load()?,
+                profile,
             };
             println!(
                 "{}",

@@ -133,6 +133,8 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Dropout::new(p, seed))
 }
 
+use crate::bench::profile::span;
+
 impl CustomOp1 for Dropout {
     fn name(&self) -> &'static str {
         "hash-dropout"
@@ -154,7 +156,9 @@ impl CustomOp1 for Dropout {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(*self)?))
+        span("LoRA dropout backward", || {
+            Ok(Some(grad.contiguous()?.apply_op1(*self)?))
+        })
     }
 }
 
@@ -173,13 +177,16 @@ pub fn attn_softmax(scores: &Tensor, keep: &Tensor, scale: f64, causal: bool) ->
             keep.dims()
         );
     }
-    scores.contiguous()?.apply_op1(AttnSoftmax {
-        keep: keep.contiguous()?,
-        heads: h,
-        q,
-        k,
-        scale: scale as f32,
-        causal,
+    let scores = scores.contiguous()?;
+    span("attention softmax", || {
+        scores.apply_op1(AttnSoftmax {
+            keep: keep.contiguous()?,
+            heads: h,
+            q,
+            k,
+            scale: scale as f32,
+            causal,
+        })
     })
 }
 
@@ -309,10 +316,12 @@ impl CustomOp1 for AttnSoftmax {
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.to_dtype(res.dtype())?.contiguous()?;
-        Ok(Some(
-            res.contiguous()?
-                .apply_op2_no_bwd(&grad, &AttnSoftmaxBwd(self.clone()))?,
-        ))
+        span("attention softmax", || {
+            Ok(Some(
+                res.contiguous()?
+                    .apply_op2_no_bwd(&grad, &AttnSoftmaxBwd(self.clone()))?,
+            ))
+        })
     }
 }
 
@@ -365,9 +374,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.dims()
         );
     }
-    logits.contiguous()?.apply_op1(CrossEntropy {
+    let op = CrossEntropy {
         targets: targets.contiguous()?,
-    })
+    };
+    span("cross-entropy", || logits.contiguous()?.apply_op1(op))
 }
 
 #[derive(Clone)]
@@ -441,10 +451,12 @@ impl CustomOp1 for CrossEntropy {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.to_dtype(DType::F32)?.contiguous()?;
-        Ok(Some(
-            arg.contiguous()?
-                .apply_op2_no_bwd(&g, &CrossEntropyBwd(self.clone()))?,
-        ))
+        span("cross-entropy", || {
+            Ok(Some(
+                arg.contiguous()?
+                    .apply_op2_no_bwd(&g, &CrossEntropyBwd(self.clone()))?,
+            ))
+        })
     }
 }
 
@@ -494,10 +506,11 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if w.dims() != [h] {
         candle_core::bail!("rms_norm: weight {:?} for rows of {h}", w.dims());
     }
-    x.contiguous()?.apply_op1(RmsNorm {
+    let op = RmsNorm {
         w: w.to_dtype(x.dtype())?.contiguous()?.detach(),
         eps: eps as f32,
-    })
+    };
+    span("rmsnorm", || x.contiguous()?.apply_op1(op))
 }
 
 #[derive(Clone)]
@@ -573,10 +586,12 @@ impl CustomOp1 for RmsNorm {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.to_dtype(arg.dtype())?.contiguous()?;
-        Ok(Some(
-            arg.contiguous()?
-                .apply_op2_no_bwd(&grad, &RmsNormBwd(self.clone()))?,
-        ))
+        span("rmsnorm", || {
+            Ok(Some(
+                arg.contiguous()?
+                    .apply_op2_no_bwd(&grad, &RmsNormBwd(self.clone()))?,
+            ))
+        })
     }
 }
 
@@ -625,11 +640,12 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if cos.dims() != [s, d] || sin.dims() != [s, d] || d % 2 != 0 {
         candle_core::bail!("rope: cos/sin {:?} for x {:?}", cos.dims(), x.dims());
     }
-    x.contiguous()?.apply_op1(Rope {
+    let op = Rope {
         cos: cos.to_dtype(x.dtype())?.contiguous()?,
         sin: sin.to_dtype(x.dtype())?.contiguous()?,
         dims: x.dims4()?,
-    })
+    };
+    span("rope", || x.contiguous()?.apply_op1(op))
 }
 
 #[derive(Clone)]
@@ -727,7 +743,9 @@ impl CustomOp1 for Rope {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.to_dtype(arg.dtype())?.contiguous()?;
-        Ok(Some(grad.apply_op1_no_bwd(&RopeBwd(self.clone()))?))
+        span("rope", || {
+            Ok(Some(grad.apply_op1_no_bwd(&RopeBwd(self.clone()))?))
+        })
     }
 }
 
@@ -766,7 +784,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             up.dims()
         );
     }
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    span("swiglu", || {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    })
 }
 
 struct SwiGlu;
@@ -816,9 +836,10 @@ impl CustomOp2 for SwiGlu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.to_dtype(g.dtype())?.contiguous()?;
-        let both = g
-            .contiguous()?
-            .apply_op3_no_bwd(&u.contiguous()?, &grad, &SwiGluBwd)?;
+        let both = span("swiglu", || {
+            g.contiguous()?
+                .apply_op3_no_bwd(&u.contiguous()?, &grad, &SwiGluBwd)
+        })?;
         Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }

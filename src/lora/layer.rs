@@ -102,7 +102,8 @@ impl LoraAdapter {
         self.a.dims()[0]
     }
 
-    /// `dropout(x) · Aᵀ · Bᵀ · scale`, in x's dtype.
+    /// `dropout(x) · Aᵀ · (scale · B)ᵀ`, in x's dtype: the scale goes on the small B, not on the
+    /// `[tokens, out]` product.
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let x = match rng {
             Some(rng) if self.dropout > 0.0 => {
@@ -111,8 +112,12 @@ impl LoraAdapter {
             _ => x.clone(),
         };
         let a = self.a.as_tensor().to_dtype(x.dtype())?;
-        let b = self.b.as_tensor().to_dtype(x.dtype())?;
-        matmul_t(&matmul_t(&x, &a)?, &b)?.affine(self.scale, 0.0)
+        let b = self
+            .b
+            .as_tensor()
+            .affine(self.scale, 0.0)?
+            .to_dtype(x.dtype())?;
+        matmul_t(&matmul_t(&x, &a)?, &b)
     }
 
     /// The dense update `scale · B · A` `[out, in]` in f32.
@@ -136,7 +141,9 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let y = self.base.forward(x)?;
         match &self.adapter {
-            Some(a) => y + a.forward(x, rng)?,
+            Some(a) => {
+                y + crate::bench::profile::span("LoRA adapter forwards", || a.forward(x, rng))?
+            }
             None => Ok(y),
         }
     }

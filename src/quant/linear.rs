@@ -11,6 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
 use super::Nf4Tensor;
+use crate::bench::profile::span;
 
 /// `x · Wᵀ` for x `[..., in]` and W `[out, in]`, as one 2-D matmul over the flattened leading
 /// dimensions: a transposed 2-D operand needs no copy, a broadcast one does (and autograd would
@@ -56,8 +57,17 @@ impl FrozenMatmul {
     /// W `[out, in]` in `dtype`: a temporary dequantization for a packed weight.
     fn weight(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
         match &self.w {
-            Frozen::Packed(q) => q.dequantize(dtype).map_err(quant_err),
+            Frozen::Packed(q) => span("4-bit dequantize", || {
+                q.dequantize(dtype).map_err(quant_err)
+            }),
             Frozen::Dense(w) => w.to_dtype(dtype),
+        }
+    }
+
+    fn matmul_name(&self) -> &'static str {
+        match &self.w {
+            Frozen::Packed(_) => "frozen linear matmuls (cuBLAS)",
+            Frozen::Dense(_) => "LM head matmuls (cuBLAS)",
         }
     }
 }
@@ -89,7 +99,9 @@ impl FrozenMatmul {
             candle_core::bail!("frozen-linear: weight and input are on different devices");
         };
         let x2 = Layout::contiguous_with_offset((rows, inner), layout.start_offset());
-        let y = storage.matmul(ws, (1, rows, out, inner), &x2, &wl.transpose(0, 1)?)?;
+        let y = span(self.matmul_name(), || {
+            storage.matmul(ws, (1, rows, out, inner), &x2, &wl.transpose(0, 1)?)
+        })?;
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("x has a last dimension") = out;
         Ok((y, shape.into()))
@@ -131,7 +143,9 @@ impl CustomOp1 for FrozenMatmul {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let w = self.weight(grad_res.dtype())?; // [out, in]
-        Ok(Some(matmul_t(grad_res, &w.t()?)?))
+        Ok(Some(span(self.matmul_name(), || {
+            matmul_t(grad_res, &w.t()?)
+        })?))
     }
 }
 

@@ -402,13 +402,15 @@ impl<'a> Trainer<'a> {
                 return Err(TrainError::Diverged(loss));
             }
             let lr = self.learning_rate(self.state.step);
-            let grad_norm = if on_gpu {
-                self.device_step(device_grads, lr)?
-            } else {
-                let grad_norm = clip_grad_norm(&mut grads, self.opts.hyper.max_grad_norm);
-                self.optimizer.step(&self.params, &grads, lr)?;
-                grad_norm
-            };
+            let grad_norm = crate::bench::profile::span("optimizer (clip + AdamW)", || {
+                if on_gpu {
+                    self.device_step(device_grads, lr)
+                } else {
+                    let grad_norm = clip_grad_norm(&mut grads, self.opts.hyper.max_grad_norm);
+                    self.optimizer.step(&self.params, &grads, lr)?;
+                    Ok(grad_norm)
+                }
+            })?;
             self.state.step += 1;
             self.state.tokens_seen += step_tokens;
             self.state.last_loss = Some(loss);
