@@ -29,9 +29,10 @@ __constant__ float FP4_TABLE[16] = {
     -0.0f, -0.0625f / 12.0f, -8.0f / 12.0f, -1.0f, -4.0f / 12.0f, -6.0f / 12.0f, -2.0f / 12.0f, -3.0f / 12.0f};
 
 // ---------------------------------------------------------------------------------------------
-// Dequantize. Each thread turns 8 packed bytes into 16 values of one quantization block; its
-// codes' load goes out before the absmax chain so the two are in flight together. The block's
-// absmax is plain f32, or double-quantized: code[q] * scale + offset, in that order.
+// Dequantize. A chunk is 4 packed bytes -> 8 values of one quantization block. A thread takes
+// two chunks a block's width apart, so every load and every 16-byte store of a warp is
+// contiguous, and issues both chunks' loads before the absmax chains. The block's absmax is
+// plain f32, or double-quantized: code[q] * scale + offset, in that order.
 
 template <typename T, bool NESTED>
 __device__ __forceinline__ float block_absmax(long long blk, const float *__restrict__ absmax,
@@ -46,6 +47,20 @@ __device__ __forceinline__ float block_absmax(long long blk, const float *__rest
   return absmax[blk];
 }
 
+template <typename T>
+__device__ __forceinline__ void decode8(uint32_t q, float am, const float *table, T *dst) {
+  T v[8];
+#pragma unroll
+  for (int b = 0; b < 4; b++) {
+    uint32_t byte = (q >> (8 * b)) & 0xff;
+    v[2 * b] = from_f32<T>(table[byte >> 4] * am);
+    v[2 * b + 1] = from_f32<T>(table[byte & 0xf] * am);
+  }
+#pragma unroll
+  for (int k = 0; k < (int)(8 * sizeof(T) / 16); k++)
+    reinterpret_cast<uint4 *>(dst)[k] = reinterpret_cast<const uint4 *>(v)[k];
+}
+
 template <typename T, bool NESTED>
 __device__ void dequant_4bit(const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
                              const uint8_t *__restrict__ codes, const float *__restrict__ scales,
@@ -55,25 +70,26 @@ __device__ void dequant_4bit(const uint8_t *__restrict__ packed, const float *__
   __shared__ float table[16];
   if (threadIdx.x < 16) table[threadIdx.x] = fp4 ? FP4_TABLE[threadIdx.x] : NF4_TABLE[threadIdx.x];
   __syncthreads();
-  long long e0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 16;
-  if (e0 >= n) return;
-  if (e0 + 16 <= n) {
-    uint2 q = *reinterpret_cast<const uint2 *>(packed + e0 / 2);
-    float am = block_absmax<T, NESTED>(e0 / block_size, absmax, codes, scales, code, offset,
+  const uint32_t *words = reinterpret_cast<const uint32_t *>(packed);
+  long long chunks = n / 8;
+  long long c0 = (long long)blockIdx.x * blockDim.x * 2 + threadIdx.x;
+  long long c1 = c0 + blockDim.x;
+  if (c1 < chunks) {
+    uint32_t q0 = words[c0], q1 = words[c1];
+    float a0 = block_absmax<T, NESTED>(c0 * 8 / block_size, absmax, codes, scales, code, offset,
                                        nested_block);
-    T v[16];
-#pragma unroll
-    for (int b = 0; b < 8; b++) {
-      uint32_t byte = ((b < 4 ? q.x : q.y) >> (8 * (b % 4))) & 0xff;
-      v[2 * b] = from_f32<T>(table[byte >> 4] * am);
-      v[2 * b + 1] = from_f32<T>(table[byte & 0xf] * am);
-    }
-    uint4 *dst = reinterpret_cast<uint4 *>(out + e0);
-    const uint4 *src = reinterpret_cast<const uint4 *>(v);
-#pragma unroll
-    for (int k = 0; k < (int)(16 * sizeof(T) / 16); k++) dst[k] = src[k];
-  } else {
-    for (long long e = e0; e < n; e++) {
+    float a1 = block_absmax<T, NESTED>(c1 * 8 / block_size, absmax, codes, scales, code, offset,
+                                       nested_block);
+    decode8<T>(q0, a0, table, out + c0 * 8);
+    decode8<T>(q1, a1, table, out + c1 * 8);
+  } else if (c0 < chunks) {
+    float a0 = block_absmax<T, NESTED>(c0 * 8 / block_size, absmax, codes, scales, code, offset,
+                                       nested_block);
+    decode8<T>(words[c0], a0, table, out + c0 * 8);
+  }
+  // The last n % 8 values, by the grid's first thread.
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    for (long long e = chunks * 8; e < n; e++) {
       float am = block_absmax<T, NESTED>(e / block_size, absmax, codes, scales, code, offset,
                                          nested_block);
       uint8_t byte = packed[e / 2];

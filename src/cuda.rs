@@ -96,8 +96,8 @@ pub fn dequant_4bit(
     dtype: DType,
 ) -> Result<Tensor> {
     let n = shape.elem_count();
-    if !block_size.is_multiple_of(16) {
-        bail!("dequant_4bit: block size {block_size} is not a multiple of 16");
+    if !block_size.is_multiple_of(8) {
+        bail!("dequant_4bit: block size {block_size} is not a multiple of 8");
     }
     let name = match absmax {
         DeviceAbsmax::Plain(_) => format!("dequant_4bit_{}", suffix(dtype)?),
@@ -144,7 +144,7 @@ pub fn dequant_4bit(
     };
     let scales_v = view::<f32>(ss, sl)?;
     let code_v = view::<f32>(ks, kl)?;
-    let cfg = grid(n.div_ceil(16), 256); // 16 values per thread
+    let cfg = grid(n.div_ceil(16), 256); // two chunks of 8 values per thread
     let f = func!(dev, &name)?;
     let (fp4, bs, n64) = (fp4 as i32, block_size as i32, n as i64);
     macro_rules! launch {
