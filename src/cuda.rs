@@ -652,11 +652,6 @@ pub fn adamw(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, a: AdamWStep) -> Re
     })
 }
 
-/// Wait for the device's stream.
-pub fn synchronize(dev: &CudaDevice) -> Result<()> {
-    dev.cuda_stream().synchronize().w()
-}
-
 /// A device-to-device copy of `t` into fresh memory (for bandwidth comparisons).
 pub fn copy(t: &Tensor) -> Result<Tensor> {
     with_cuda(t, |s, l| {
