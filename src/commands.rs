@@ -357,7 +357,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
             times.push(last.elapsed().as_secs_f64());
             losses.push(*loss);
             if args.profile && times.len() == warmup {
-                crate::bench::profile::start(model.device());
+                crate::profile::start(model.device());
             }
             last = Instant::now();
         }
@@ -366,7 +366,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         }
     })?;
     let peak = meter.finish();
-    let spans = crate::bench::profile::stop();
+    let spans = crate::profile::stop();
     let mut steady = times[warmup.min(times.len() - 1)..].to_vec();
     steady.sort_by(f64::total_cmp);
     let step_s = steady[steady.len() / 2];

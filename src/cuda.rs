@@ -463,27 +463,6 @@ pub fn cross_entropy_bwd(
     })
 }
 
-/// Run `$body` with `$t` bound to the Rust type of a float dtype.
-macro_rules! typed {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            other => bail!("qlorad kernels: dtype {other:?} is not f32, bf16 or f16"),
-        }
-    };
-}
-
 /// RMSNorm of rows of `h` with weight `w` (same dtype).
 pub fn rms_norm(s: &CudaStorage, l: &Layout, w: &Tensor, eps: f32) -> Result<CudaStorage> {
     let dev = s.device().clone();
@@ -492,7 +471,7 @@ pub fn rms_norm(s: &CudaStorage, l: &Layout, w: &Tensor, eps: f32) -> Result<Cud
     let f = func!(dev, &format!("rms_norm_{}", suffix(s.dtype())?))?;
     let h32 = h as i32;
     with_cuda(w, |ws, wl| {
-        typed!(s.dtype(), T => {
+        float_dispatch!("qlorad kernels", s.dtype(), T => {
             let (x, w) = (view::<T>(s, l)?, view::<T>(ws, wl)?);
             let out = alloc::<T>(&dev, n)?;
             let mut b = f.builder();
@@ -519,7 +498,7 @@ pub fn rms_norm_bwd(
     let f = func!(dev, &format!("rms_norm_bwd_{}", suffix(x.dtype())?))?;
     let h32 = h as i32;
     with_cuda(w, |ws, wl| {
-        typed!(x.dtype(), T => {
+        float_dispatch!("qlorad kernels", x.dtype(), T => {
             let (xv, dv, wv) = (view::<T>(x, xl)?, view::<T>(dy, dl)?, view::<T>(ws, wl)?);
             let out = alloc::<T>(&dev, n)?;
             let mut b = f.builder();
@@ -548,7 +527,7 @@ pub fn rope(
     let dims = [b as i32, s as i32, n as i32, d as i32];
     with_cuda(cos, |cs, cl| {
         with_cuda(sin, |ss, sl| {
-            typed!(x.dtype(), T => {
+            float_dispatch!("qlorad kernels", x.dtype(), T => {
                 let (xv, cv, sv) = (view::<T>(x, l)?, view::<T>(cs, cl)?, view::<T>(ss, sl)?);
                 let out = alloc::<T>(&dev, total)?;
                 let mut bld = f.builder();
@@ -577,7 +556,7 @@ pub fn swiglu(
     let n64 = n as i64;
     let name = if dy.is_some() { "swiglu_bwd" } else { "swiglu" };
     let f = func!(dev, &format!("{name}_{}", suffix(g.dtype())?))?;
-    typed!(g.dtype(), T => {
+    float_dispatch!("qlorad kernels", g.dtype(), T => {
         let (gv, uv) = (view::<T>(g, gl)?, view::<T>(u, ul)?);
         let mut b = f.builder();
         b.arg(&gv).arg(&uv);

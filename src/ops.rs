@@ -59,27 +59,6 @@ fn owned<T: candle_core::WithDType>(v: Vec<T>) -> CpuStorage {
     T::to_cpu_storage_owned(v)
 }
 
-/// Run `$body` with `$t` bound to the storage's float type.
-macro_rules! dispatch {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            other => candle_core::bail!("fused op: dtype {other:?} is not f32, bf16 or f16"),
-        }
-    };
-}
-
 // ---------------------------------------------------------------------------------------------
 // Dropout
 
@@ -133,7 +112,7 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Dropout::new(p, seed))
 }
 
-use crate::bench::profile::span;
+use crate::profile::span;
 
 impl CustomOp1 for Dropout {
     fn name(&self) -> &'static str {
@@ -141,7 +120,7 @@ impl CustomOp1 for Dropout {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch!(s.dtype(), T => owned(self.apply(slice::<T>(s, l)?)));
+        let out = float_dispatch!("fused op", s.dtype(), T => owned(self.apply(slice::<T>(s, l)?)));
         Ok((out, l.shape().clone()))
     }
 
@@ -300,7 +279,7 @@ impl CustomOp1 for AttnSoftmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let keep = self.keep_host()?;
-        let out = dispatch!(s.dtype(), T => owned(self.forward(slice::<T>(s, l)?, &keep)));
+        let out = float_dispatch!("fused op", s.dtype(), T => owned(self.forward(slice::<T>(s, l)?, &keep)));
         Ok((out, l.shape().clone()))
     }
 
@@ -340,7 +319,7 @@ impl CustomOp2 for AttnSoftmaxBwd {
         dl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let keep = self.0.keep_host()?;
-        let out = dispatch!(p.dtype(), T => owned(
+        let out = float_dispatch!("fused op", p.dtype(), T => owned(
             self.0.backward(slice::<T>(p, pl)?, slice::<T>(dp, dl)?, &keep)
         ));
         Ok((out, pl.shape().clone()))
@@ -435,7 +414,8 @@ impl CustomOp1 for CrossEntropy {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, v) = l.shape().dims2()?;
         let t = self.check(v)?;
-        let out = dispatch!(s.dtype(), T => self.forward(slice::<T>(s, l)?, v, &t));
+        let out =
+            float_dispatch!("fused op", s.dtype(), T => self.forward(slice::<T>(s, l)?, v, &t));
         Ok((CpuStorage::F32(out), n.into()))
     }
 
@@ -477,7 +457,7 @@ impl CustomOp2 for CrossEntropyBwd {
         let (_, v) = xl.shape().dims2()?;
         let t = self.0.check(v)?;
         let g = slice::<f32>(g, gl)?;
-        let out = dispatch!(x.dtype(), T => owned(
+        let out = float_dispatch!("fused op", x.dtype(), T => owned(
             self.0.backward(slice::<T>(x, xl)?, v, &t, g)
         ));
         Ok((out, xl.shape().clone()))
@@ -565,7 +545,7 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch!(s.dtype(), T => {
+        let out = float_dispatch!("fused op", s.dtype(), T => {
             let w = self.w.to_vec1::<T>()?;
             owned(self.forward(slice::<T>(s, l)?, &w))
         });
@@ -609,7 +589,7 @@ impl CustomOp2 for RmsNormBwd {
         dy: &CpuStorage,
         dl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch!(x.dtype(), T => {
+        let out = float_dispatch!("fused op", x.dtype(), T => {
             let w = self.0.w.to_vec1::<T>()?;
             owned(self.0.backward(slice::<T>(x, xl)?, slice::<T>(dy, dl)?, &w))
         });
@@ -712,7 +692,7 @@ impl Rope {
     }
 
     fn run_cpu(&self, st: &CpuStorage, l: &Layout, backward: bool) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch!(st.dtype(), T => {
+        let out = float_dispatch!("fused op", st.dtype(), T => {
             let cos = self.cos.flatten_all()?.to_vec1::<T>()?;
             let sin = self.sin.flatten_all()?.to_vec1::<T>()?;
             let x = slice::<T>(st, l)?;
@@ -808,7 +788,7 @@ impl CustomOp2 for SwiGlu {
         u: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch!(g.dtype(), T => {
+        let out = float_dispatch!("fused op", g.dtype(), T => {
             let (g, u) = (slice::<T>(g, gl)?, slice::<T>(u, ul)?);
             owned(g.par_iter().zip(u.par_iter()).map(|(g, u)| {
                 T::of(T::of(silu_parts(g.f32()).0).f32() * u.f32())
@@ -861,7 +841,7 @@ impl CustomOp3 for SwiGluBwd {
         dy: &CpuStorage,
         dl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch!(g.dtype(), T => {
+        let out = float_dispatch!("fused op", g.dtype(), T => {
             let (g, u, dy) = (slice::<T>(g, gl)?, slice::<T>(u, ul)?, slice::<T>(dy, dl)?);
             let n = g.len();
             let mut out = vec![T::of(0.0); 2 * n];

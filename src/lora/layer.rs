@@ -141,9 +141,7 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let y = self.base.forward(x)?;
         match &self.adapter {
-            Some(a) => {
-                y + crate::bench::profile::span("LoRA adapter forwards", || a.forward(x, rng))?
-            }
+            Some(a) => y + crate::profile::span("LoRA adapter forwards", || a.forward(x, rng))?,
             None => Ok(y),
         }
     }

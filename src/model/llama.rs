@@ -640,11 +640,11 @@ pub(crate) fn decoder_layer(
         .transpose(1, 2)?
         .contiguous()?;
     let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-    let scores = crate::bench::profile::span("attention matmuls (forward)", || {
+    let scores = crate::profile::span("attention matmuls (forward)", || {
         q.matmul(&k.t()?.contiguous()?)
     })?; // [b, nh, s, s]
     let probs = crate::ops::attn_softmax(&scores, &ctx.keep, 1.0 / (hd as f64).sqrt(), true)?;
-    let attn = crate::bench::profile::span("attention matmuls (forward)", || probs.matmul(&v))?
+    let attn = crate::profile::span("attention matmuls (forward)", || probs.matmul(&v))?
         .transpose(1, 2)?
         .reshape((b, s, nh * hd))?; // [b, s, nh*hd]
     let x = (x + l[3].forward(&attn, rng.as_deref_mut())?)?;
