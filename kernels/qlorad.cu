@@ -32,16 +32,17 @@ __constant__ float FP4_TABLE[16] = {
 // Dequantize. A chunk is 4 packed bytes -> 8 values of one quantization block. A thread takes
 // two chunks a block's width apart, so every load and every 16-byte store of a warp is
 // contiguous, and issues both chunks' loads before the absmax chains. The block's absmax is
-// plain f32, or double-quantized: code[q] * scale + offset, in that order.
+// plain f32, or double-quantized: code[q] * scale + offset, in that order. Block sizes are powers
+// of two and come as shifts: a 64-bit division per chunk would cost more than the decode.
 
 template <typename T, bool NESTED>
 __device__ __forceinline__ float block_absmax(long long blk, const float *__restrict__ absmax,
                                               const uint8_t *__restrict__ codes,
                                               const float *__restrict__ scales,
                                               const float *__restrict__ code, float offset,
-                                              int nested_block) {
+                                              int nested_shift) {
   if (NESTED) {
-    float am = code[codes[blk]] * scales[blk / nested_block];
+    float am = code[codes[blk]] * scales[blk >> nested_shift];
     return am + offset;
   }
   return absmax[blk];
@@ -64,8 +65,8 @@ __device__ __forceinline__ void decode8(uint32_t q, float am, const float *table
 template <typename T, bool NESTED>
 __device__ void dequant_4bit(const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
                              const uint8_t *__restrict__ codes, const float *__restrict__ scales,
-                             const float *__restrict__ code, float offset, int nested_block,
-                             int fp4, int block_size, long long n, T *__restrict__ out) {
+                             const float *__restrict__ code, float offset, int nested_shift,
+                             int fp4, int block_shift, long long n, T *__restrict__ out) {
   // The table in shared memory: lanes index it freely, where constant memory would serialize.
   __shared__ float table[16];
   if (threadIdx.x < 16) table[threadIdx.x] = fp4 ? FP4_TABLE[threadIdx.x] : NF4_TABLE[threadIdx.x];
@@ -76,22 +77,22 @@ __device__ void dequant_4bit(const uint8_t *__restrict__ packed, const float *__
   long long c1 = c0 + blockDim.x;
   if (c1 < chunks) {
     uint32_t q0 = words[c0], q1 = words[c1];
-    float a0 = block_absmax<T, NESTED>(c0 * 8 / block_size, absmax, codes, scales, code, offset,
-                                       nested_block);
-    float a1 = block_absmax<T, NESTED>(c1 * 8 / block_size, absmax, codes, scales, code, offset,
-                                       nested_block);
+    float a0 = block_absmax<T, NESTED>((c0 * 8) >> block_shift, absmax, codes, scales, code, offset,
+                                       nested_shift);
+    float a1 = block_absmax<T, NESTED>((c1 * 8) >> block_shift, absmax, codes, scales, code, offset,
+                                       nested_shift);
     decode8<T>(q0, a0, table, out + c0 * 8);
     decode8<T>(q1, a1, table, out + c1 * 8);
   } else if (c0 < chunks) {
-    float a0 = block_absmax<T, NESTED>(c0 * 8 / block_size, absmax, codes, scales, code, offset,
-                                       nested_block);
+    float a0 = block_absmax<T, NESTED>((c0 * 8) >> block_shift, absmax, codes, scales, code, offset,
+                                       nested_shift);
     decode8<T>(words[c0], a0, table, out + c0 * 8);
   }
   // The last n % 8 values, by the grid's first thread.
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     for (long long e = chunks * 8; e < n; e++) {
-      float am = block_absmax<T, NESTED>(e / block_size, absmax, codes, scales, code, offset,
-                                         nested_block);
+      float am = block_absmax<T, NESTED>(e >> block_shift, absmax, codes, scales, code, offset,
+                                         nested_shift);
       uint8_t byte = packed[e / 2];
       uint8_t nib = (e % 2 == 0) ? (byte >> 4) : (byte & 0xf);
       out[e] = from_f32<T>(table[nib] * am);
@@ -102,10 +103,10 @@ __device__ void dequant_4bit(const uint8_t *__restrict__ packed, const float *__
 #define DEQUANT(NAME, T, NESTED)                                                                 \
   extern "C" __global__ void NAME(const uint8_t *packed, const float *absmax,                    \
                                   const uint8_t *codes, const float *scales, const float *code,  \
-                                  float offset, int nested_block, int fp4, int block_size,       \
+                                  float offset, int nested_shift, int fp4, int block_shift,      \
                                   long long n, T *out) {                                         \
-    dequant_4bit<T, NESTED>(packed, absmax, codes, scales, code, offset, nested_block, fp4,      \
-                            block_size, n, out);                                                 \
+    dequant_4bit<T, NESTED>(packed, absmax, codes, scales, code, offset, nested_shift, fp4,      \
+                            block_shift, n, out);                                                \
   }
 DEQUANT(dequant_4bit_f32, float, false)
 DEQUANT(dequant_4bit_bf16, bf16, false)

@@ -47,8 +47,11 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--model-dir", help="reuse or keep the random model here")
     ap.add_argument("--make-only", action="store_true", help="write the random model and stop")
+    ap.add_argument("--layers", type=int, help="fewer decoder layers than the shape has (profiling)")
     args = ap.parse_args()
-    shape = SHAPES[args.shape]
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
     cfg = LlamaConfig(**shape, rope_theta=500000.0, max_position_embeddings=8192, torch_dtype="bfloat16")
     model_dir = args.model_dir or tempfile.mkdtemp(prefix=f"{args.shape}-")
     t0 = time.time()

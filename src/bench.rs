@@ -15,6 +15,17 @@ pub fn sync(device: &Device) -> candle_core::Result<()> {
     device.synchronize()
 }
 
+/// Open or close an external profiler's capture range (CUDA only; a no-op elsewhere).
+pub fn profiler_range(device: &Device, on: bool) -> candle_core::Result<()> {
+    sync(device)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        crate::cuda::profiler_range(d, on)?;
+    }
+    let _ = on;
+    Ok(())
+}
+
 /// The device's peak memory use while it runs, polled every millisecond from a thread:
 /// everything allocated on the device beyond what was in use at the start (allocator pools,
 /// cuBLAS workspaces and all), so it is an upper bound on what tensors alone held.

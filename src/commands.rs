@@ -286,6 +286,9 @@ pub struct BenchArgs {
     pub spec: JobSpec,
     /// Attribute step time to kernel groups (synchronizing around each; slower).
     pub profile: bool,
+    /// Bracket the first timed step with the CUDA profiler's start and stop, for
+    /// `ncu --profile-from-start off` and the like.
+    pub profiler_range: bool,
 }
 
 /// Time forward + backward + optimizer steps on random tokens and report throughput.
@@ -358,6 +361,10 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
             losses.push(*loss);
             if args.profile && times.len() == warmup {
                 crate::profile::start(model.device());
+            }
+            if args.profiler_range && (times.len() == warmup || times.len() == warmup + 1) {
+                // Errors here only lose the capture, never the benchmark.
+                let _ = crate::bench::profiler_range(model.device(), times.len() == warmup);
             }
             last = Instant::now();
         }

@@ -96,22 +96,28 @@ pub fn dequant_4bit(
     dtype: DType,
 ) -> Result<Tensor> {
     let n = shape.elem_count();
-    if !block_size.is_multiple_of(8) {
-        bail!("dequant_4bit: block size {block_size} is not a multiple of 8");
+    if !block_size.is_power_of_two() || block_size < 8 {
+        bail!("dequant_4bit: block size {block_size} is not a power of two of at least 8");
     }
     let name = match absmax {
         DeviceAbsmax::Plain(_) => format!("dequant_4bit_{}", suffix(dtype)?),
         DeviceAbsmax::Nested { .. } => format!("dequant_4bit_nested_{}", suffix(dtype)?),
     };
-    let (a, codes, scales, code, offset, nested_block) = match absmax {
-        DeviceAbsmax::Plain(a) => (*a, *a, *a, *a, 0f32, 1i32),
+    let (a, codes, scales, code, offset, nested_shift) = match absmax {
+        DeviceAbsmax::Plain(a) => (*a, *a, *a, *a, 0f32, 0i32),
         DeviceAbsmax::Nested {
             codes,
             scales,
             code,
             offset,
             block_size,
-        } => (*scales, *codes, *scales, *code, *offset, *block_size as i32),
+        } => {
+            if !block_size.is_power_of_two() {
+                bail!("dequant_4bit: nested block size {block_size} is not a power of two");
+            }
+            let shift = block_size.trailing_zeros() as i32;
+            (*scales, *codes, *scales, *code, *offset, shift)
+        }
     };
     let (ps, pl) = packed.storage_and_layout();
     let (as_, al) = a.storage_and_layout();
@@ -146,7 +152,7 @@ pub fn dequant_4bit(
     let code_v = view::<f32>(ks, kl)?;
     let cfg = grid(n.div_ceil(16), 256); // two chunks of 8 values per thread
     let f = func!(dev, &name)?;
-    let (fp4, bs, n64) = (fp4 as i32, block_size as i32, n as i64);
+    let (fp4, shift, n64) = (fp4 as i32, block_size.trailing_zeros() as i32, n as i64);
     macro_rules! launch {
         ($t:ty) => {{
             let out = alloc::<$t>(&dev, n)?;
@@ -157,9 +163,9 @@ pub fn dequant_4bit(
                 .arg(&scales_v)
                 .arg(&code_v)
                 .arg(&offset)
-                .arg(&nested_block)
+                .arg(&nested_shift)
                 .arg(&fp4)
-                .arg(&bs)
+                .arg(&shift)
                 .arg(&n64)
                 .arg(&out);
             // SAFETY: argument types and counts match the kernel's signature.
@@ -662,4 +668,19 @@ pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
         .w()?;
     }
     Ok(())
+}
+
+/// Open (`true`) or close the range a profiler started with `--profile-from-start off`
+/// (`ncu`, `nsys`) records.
+pub fn profiler_range(dev: &CudaDevice, on: bool) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    dev.cuda_stream().context().bind_to_thread().w()?;
+    // SAFETY: argument-free driver calls on the context bound above.
+    unsafe {
+        if on {
+            sys::cuProfilerStart().result().w()
+        } else {
+            sys::cuProfilerStop().result().w()
+        }
+    }
 }

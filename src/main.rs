@@ -220,6 +220,10 @@ enum BenchCommand {
         /// Attribute the step time to kernel groups, synchronizing around each (slower steps).
         #[arg(long)]
         profile: bool,
+        /// Bracket the first timed step with cuProfilerStart/Stop, for an external profiler
+        /// run with --profile-from-start off (ncu, nsys).
+        #[arg(long)]
+        profiler_range: bool,
         #[command(flatten)]
         spec: SpecArg,
     },
@@ -425,6 +429,7 @@ fn main() -> anyhow::Result<()> {
             batch_size,
             steps,
             profile,
+            profiler_range,
             spec,
         }) => {
             let args = BenchArgs {
@@ -434,6 +439,7 @@ fn main() -> anyhow::Result<()> {
                 steps: steps.max(1),
                 spec: spec.load()?,
                 profile,
+                profiler_range,
             };
             println!(
                 "{}",

@@ -169,6 +169,31 @@ pub fn attn_softmax(scores: &Tensor, keep: &Tensor, scale: f64, causal: bool) ->
     })
 }
 
+/// dL/dscores of `attn_softmax` from its output `probs` and dL/dprobs, for hand-written
+/// backward passes (the scale included).
+pub fn attn_softmax_bwd(
+    probs: &Tensor,
+    grad: &Tensor,
+    keep: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    let (_, h, q, k) = probs.dims4()?;
+    let op = AttnSoftmax {
+        keep: keep.contiguous()?,
+        heads: h,
+        q,
+        k,
+        scale: scale as f32,
+        causal,
+    };
+    input_grad(op.bwd(probs, probs, grad)?)
+}
+
+fn input_grad(g: Option<Tensor>) -> Result<Tensor> {
+    g.ok_or_else(|| candle_core::Error::Msg("fused op gave no input gradient".into()))
+}
+
 #[derive(Clone)]
 struct AttnSoftmax {
     keep: Tensor,
@@ -493,6 +518,15 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     span("rmsnorm", || x.contiguous()?.apply_op1(op))
 }
 
+/// dL/dx of `rms_norm(x, w, eps)` given dL/dy.
+pub fn rms_norm_bwd(x: &Tensor, w: &Tensor, eps: f64, grad: &Tensor) -> Result<Tensor> {
+    let op = RmsNorm {
+        w: w.to_dtype(x.dtype())?.contiguous()?.detach(),
+        eps: eps as f32,
+    };
+    input_grad(op.bwd(x, x, grad)?)
+}
+
 #[derive(Clone)]
 struct RmsNorm {
     w: Tensor,
@@ -626,6 +660,17 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         dims: x.dims4()?,
     };
     span("rope", || x.contiguous()?.apply_op1(op))
+}
+
+/// dL/dx `[b, s, n, d]` of `rope(x, cos, sin)` given dL/dy `[b, n, s, d]`.
+pub fn rope_bwd(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, n, s, d) = grad.dims4()?;
+    let op = Rope {
+        cos: cos.to_dtype(grad.dtype())?.contiguous()?,
+        sin: sin.to_dtype(grad.dtype())?.contiguous()?,
+        dims: (b, s, n, d),
+    };
+    input_grad(op.bwd(grad, grad, grad)?)
 }
 
 #[derive(Clone)]
@@ -767,6 +812,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     span("swiglu", || {
         gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
     })
+}
+
+/// dL/dgate and dL/dup of `swiglu(gate, up)` given dL/dy.
+pub fn swiglu_bwd(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (dg, du) = SwiGlu.bwd(gate, up, grad, grad)?;
+    Ok((input_grad(dg)?, input_grad(du)?))
 }
 
 struct SwiGlu;

@@ -19,6 +19,7 @@ fn losses(dtype: &str) -> Vec<f64> {
         steps: 3,
         spec,
         profile: false,
+        profiler_range: false,
     })
     .unwrap();
     assert_eq!(report["compute_dtype"], dtype);

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use crate::quant::linear::{linear_4bit, linear_frozen, matmul_t};
+use crate::quant::linear::{
+    linear_4bit, linear_4bit_input_grad, linear_frozen, linear_frozen_input_grad, matmul_t,
+};
 use crate::quant::Nf4Tensor;
 use crate::rng::Rng;
 
@@ -41,6 +43,14 @@ impl FrozenLinear {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
+        }
+    }
+
+    /// dL/dx `[..., in]` given dL/dy `[..., out]`: `gy · W`.
+    pub fn input_grad(&self, gy: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            FrozenWeight::Dense(w) => linear_frozen_input_grad(gy, w),
+            FrozenWeight::Quant(q) => linear_4bit_input_grad(gy, q),
         }
     }
 
@@ -105,19 +115,34 @@ impl LoraAdapter {
     /// `dropout(x) · Aᵀ · (scale · B)ᵀ`, in x's dtype: the scale goes on the small B, not on the
     /// `[tokens, out]` product.
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let x = match rng {
-            Some(rng) if self.dropout > 0.0 => {
-                crate::ops::dropout(x, self.dropout, rng.next_u64())?
-            }
-            _ => x.clone(),
-        };
-        let a = self.a.as_tensor().to_dtype(x.dtype())?;
-        let b = self
-            .b
-            .as_tensor()
-            .affine(self.scale, 0.0)?
-            .to_dtype(x.dtype())?;
-        matmul_t(&matmul_t(&x, &a)?, &b)
+        let x = self.dropped(x, self.seed(rng))?;
+        matmul_t(
+            &matmul_t(&x, &self.a_in(x.dtype())?)?,
+            &self.scaled_b(x.dtype())?,
+        )
+    }
+
+    /// The dropout seed a training forward draws (none without dropout).
+    fn seed(&self, rng: Option<&mut Rng>) -> Option<u64> {
+        match rng {
+            Some(rng) if self.dropout > 0.0 => Some(rng.next_u64()),
+            _ => None,
+        }
+    }
+
+    fn dropped(&self, x: &Tensor, seed: Option<u64>) -> Result<Tensor> {
+        match seed {
+            Some(seed) => crate::ops::dropout(x, self.dropout, seed),
+            None => Ok(x.clone()),
+        }
+    }
+
+    fn a_in(&self, dtype: DType) -> Result<Tensor> {
+        self.a.as_tensor().to_dtype(dtype)
+    }
+
+    fn scaled_b(&self, dtype: DType) -> Result<Tensor> {
+        self.b.as_tensor().affine(self.scale, 0.0)?.to_dtype(dtype)
     }
 
     /// The dense update `scale · B · A` `[out, in]` in f32.
@@ -128,6 +153,17 @@ impl LoraAdapter {
             .affine(self.scale, 0.0)
     }
 }
+
+/// What a LoRA linear's hand-written backward keeps from its forward.
+pub(crate) struct LoraSaved {
+    /// The dropout seed, when dropout ran: backward regenerates the mask from it.
+    seed: Option<u64>,
+    /// `dropout(x) · Aᵀ`, `[rows, r]` in x's dtype.
+    u: Tensor,
+}
+
+/// dL/dx of one linear, and the f32 gradients of its adapter's A and B when it has one.
+pub(crate) type LinearGrads = (Tensor, Option<(Tensor, Tensor)>);
 
 /// A frozen linear and, if this module is targeted, its adapter.
 #[derive(Debug, Clone)]
@@ -144,6 +180,68 @@ impl LoraLinear {
             Some(a) => y + crate::profile::span("LoRA adapter forwards", || a.forward(x, rng))?,
             None => Ok(y),
         }
+    }
+
+    /// `forward` for a hand-written backward: the same output and the same draws from `rng`,
+    /// and what `backward` needs. x is `[rows, in]`.
+    pub(crate) fn forward_saving(
+        &self,
+        x: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<(Tensor, Option<LoraSaved>)> {
+        let y = self.base.forward(x)?;
+        let Some(saved) = self.adapter_input(x, rng)? else {
+            return Ok((y, None));
+        };
+        let a = self.adapter.as_ref().expect("saved implies an adapter");
+        let y = crate::profile::span("LoRA adapter forwards", || {
+            y + matmul_t(&saved.u, &a.scaled_b(x.dtype())?)?
+        })?;
+        Ok((y, Some(saved)))
+    }
+
+    /// Only what `backward` needs, where the output itself is not (the same draws from `rng`).
+    pub(crate) fn adapter_input(
+        &self,
+        x: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Option<LoraSaved>> {
+        let Some(a) = &self.adapter else {
+            return Ok(None);
+        };
+        crate::profile::span("LoRA adapter forwards", || {
+            let seed = a.seed(rng);
+            let u = matmul_t(&a.dropped(x, seed)?, &a.a_in(x.dtype())?)?;
+            Ok(Some(LoraSaved { seed, u }))
+        })
+    }
+
+    /// dL/dx `[rows, in]` and the adapter's gradients, given x `[rows, in]` as the forward saw
+    /// it, what `forward_saving` kept, and dL/dy `[rows, out]`. The products run in x's dtype as
+    /// autograd would; A's and B's gradients come back in f32.
+    pub(crate) fn backward(
+        &self,
+        x: &Tensor,
+        saved: Option<&LoraSaved>,
+        gy: &Tensor,
+    ) -> Result<LinearGrads> {
+        let gx = self.base.input_grad(gy)?;
+        let (Some(a), Some(saved)) = (&self.adapter, saved) else {
+            return Ok((gx, None));
+        };
+        crate::profile::span("LoRA adapter backward", || {
+            let dt = x.dtype();
+            let gu = gy.matmul(&a.scaled_b(dt)?)?; // [rows, r]
+            let gb = (gy.t()?.matmul(&saved.u)?.to_dtype(DType::F32)? * a.scale)?;
+            let ga = gu
+                .t()?
+                .matmul(&a.dropped(x, saved.seed)?)?
+                .to_dtype(DType::F32)?;
+            let gd = gu.matmul(&a.a_in(dt)?)?; // [rows, in]
+                                               // Dropout's backward is the same mask and scale, regenerated from the seed.
+            let gx = (gx + a.dropped(&gd, saved.seed)?)?;
+            Ok((gx, Some((ga, gb))))
+        })
     }
 }
 

@@ -40,6 +40,22 @@ pub fn linear_frozen(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     })
 }
 
+/// dL/dx of `x · Wᵀ` for a 4-bit W: `gy · W`, for hand-written backward passes.
+pub fn linear_4bit_input_grad(gy: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
+    FrozenMatmul {
+        w: Frozen::Packed(w.clone()),
+    }
+    .input_grad(gy)
+}
+
+/// dL/dx of `x · Wᵀ` for a dense frozen W: `gy · W`.
+pub fn linear_frozen_input_grad(gy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    FrozenMatmul {
+        w: Frozen::Dense(w.detach()),
+    }
+    .input_grad(gy)
+}
+
 enum Frozen {
     Packed(Arc<Nf4Tensor>),
     Dense(Tensor),
@@ -62,6 +78,11 @@ impl FrozenMatmul {
             }),
             Frozen::Dense(w) => w.to_dtype(dtype),
         }
+    }
+
+    fn input_grad(&self, gy: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight(gy.dtype())?; // [out, in]
+        span(self.matmul_name(), || matmul_t(gy, &w.t()?))
     }
 
     fn matmul_name(&self) -> &'static str {
@@ -142,10 +163,7 @@ impl CustomOp1 for FrozenMatmul {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let w = self.weight(grad_res.dtype())?; // [out, in]
-        Ok(Some(span(self.matmul_name(), || {
-            matmul_t(grad_res, &w.t()?)
-        })?))
+        Ok(Some(self.input_grad(grad_res)?))
     }
 }
 
