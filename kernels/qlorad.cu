@@ -215,6 +215,28 @@ DROPOUT(dropout_f32, float)
 DROPOUT(dropout_bf16, bf16)
 DROPOUT(dropout_f16, f16)
 
+// acc += dropout(x), in place: a dropout's backward accumulated into the gradient beside it.
+// The dropped value is rounded to T before the add, as the two separate ops would.
+template <typename T>
+__device__ void dropout_add(T *acc, const T *__restrict__ x, long long n, unsigned long long seed,
+                            unsigned int threshold, float keep_scale) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  unsigned long long h = splitmix64(seed + (unsigned long long)(i + 1) * 0x9e3779b97f4a7c15ull);
+  unsigned int u = (unsigned int)(h >> 40);
+  float d = u < threshold ? 0.0f : to_f32(from_f32<T>(to_f32(x[i]) * keep_scale));
+  acc[i] = from_f32<T>(to_f32(acc[i]) + d);
+}
+
+#define DROPOUT_ADD(NAME, T)                                                                     \
+  extern "C" __global__ void NAME(T *acc, const T *x, long long n, unsigned long long seed,      \
+                                  unsigned int threshold, float keep_scale) {                    \
+    dropout_add<T>(acc, x, n, seed, threshold, keep_scale);                                      \
+  }
+DROPOUT_ADD(dropout_add_f32, float)
+DROPOUT_ADD(dropout_add_bf16, bf16)
+DROPOUT_ADD(dropout_add_f16, f16)
+
 // ---------------------------------------------------------------------------------------------
 // Block reductions (blockDim.x a multiple of 32, at most 1024).
 
@@ -466,6 +488,150 @@ __device__ void attn_softmax_bwd_vec(const T *__restrict__ p, const T *__restric
                                        int heads, int q, int k, float scale, int causal) {       \
     attn_softmax_bwd_vec<T>(p, dp, keep, ds, heads, q, k, scale, causal);                        \
   }
+// The same two kernels for rows of k % 8 == 0 and k <= C * 256, one warp per row (8 rows to a
+// block of 256): lane l holds chunks (c * 32 + l) * 8 in registers, reductions are warp
+// shuffles, and no block-wide barrier is needed. Same arithmetic, same results.
+
+__device__ __forceinline__ unsigned int keep_byte(uint2 w, int e) {
+  return ((e < 4 ? w.x : w.y) >> (8 * (e & 3))) & 0xffu;
+}
+
+template <typename T, int C>
+__device__ void attn_softmax_warp(const T *__restrict__ s, const uint8_t *__restrict__ keep,
+                                  T *__restrict__ p, int heads, int q, int k, float scale,
+                                  int causal, int rows) {
+  int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  int i = row % q;
+  int b = row / q / heads;
+  const T *sr = s + (long long)row * k;
+  T *pr = p + (long long)row * k;
+  const uint8_t *kb = keep + (long long)b * k;
+  int last = causal ? min(k - 1, i + k - q) : k - 1;
+  float v[C][8];
+  float m = -INFINITY;
+#pragma unroll
+  for (int c = 0; c < C; c++) {
+    int j0 = (c * 32 + lane) * 8;
+    if (j0 < k && j0 <= last) {
+      load8(sr + j0, v[c]);
+      uint2 kw = *reinterpret_cast<const uint2 *>(kb + j0);
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        v[c][e] = (j0 + e <= last && keep_byte(kw, e)) ? v[c][e] * scale : -INFINITY;
+        m = fmaxf(m, v[c][e]);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; e++) v[c][e] = -INFINITY;
+    }
+  }
+  m = warp_max(m);
+  if (m == -INFINITY) {
+    float u[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) u[e] = 1.0f / (float)k;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+      int j0 = (c * 32 + lane) * 8;
+      if (j0 < k) store8(pr + j0, u);
+    }
+    return;
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int c = 0; c < C; c++)
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      v[c][e] = v[c][e] == -INFINITY ? 0.0f : expf(v[c][e] - m);
+      sum += v[c][e];
+    }
+  sum = warp_sum(sum);
+#pragma unroll
+  for (int c = 0; c < C; c++) {
+    int j0 = (c * 32 + lane) * 8;
+    if (j0 < k) {
+#pragma unroll
+      for (int e = 0; e < 8; e++) v[c][e] = v[c][e] / sum;
+      store8(pr + j0, v[c]);
+    }
+  }
+}
+
+template <typename T, int C>
+__device__ void attn_softmax_bwd_warp(const T *__restrict__ p, const T *__restrict__ dp,
+                                      const uint8_t *__restrict__ keep, T *__restrict__ ds,
+                                      int heads, int q, int k, float scale, int causal,
+                                      int rows) {
+  int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  int i = row % q;
+  int b = row / q / heads;
+  const T *pr = p + (long long)row * k;
+  const T *dr = dp + (long long)row * k;
+  T *out = ds + (long long)row * k;
+  const uint8_t *kb = keep + (long long)b * k;
+  int last = causal ? min(k - 1, i + k - q) : k - 1;
+  float pv[C][8], dv[C][8];
+  unsigned int kw_any = 0;
+  float dot = 0.0f;
+#pragma unroll
+  for (int c = 0; c < C; c++) {
+    int j0 = (c * 32 + lane) * 8;
+    if (j0 < k && j0 <= last) {
+      load8(pr + j0, pv[c]);
+      load8(dr + j0, dv[c]);
+      uint2 kw = *reinterpret_cast<const uint2 *>(kb + j0);
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        bool vis = j0 + e <= last;
+        kw_any |= vis && keep_byte(kw, e);
+        if (!vis) pv[c][e] = 0.0f;
+        dot += pv[c][e] * dv[c][e];
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; e++) pv[c][e] = dv[c][e] = 0.0f;
+    }
+  }
+  int any = __any_sync(0xffffffffu, kw_any);
+  dot = warp_sum(dot);
+#pragma unroll
+  for (int c = 0; c < C; c++) {
+    int j0 = (c * 32 + lane) * 8;
+    if (j0 < k) {
+      uint2 kw = j0 <= last ? *reinterpret_cast<const uint2 *>(kb + j0) : make_uint2(0, 0);
+      float g[8];
+#pragma unroll
+      for (int e = 0; e < 8; e++)
+        g[e] = (any && j0 + e <= last && keep_byte(kw, e)) ? scale * pv[c][e] * (dv[c][e] - dot)
+                                                            : 0.0f;
+      store8(out + j0, g);
+    }
+  }
+}
+
+#define SOFTMAX_WARP(NAME, BWD, T, C)                                                            \
+  extern "C" __global__ void NAME##_warp##C(const T *s, const uint8_t *keep, T *p, int heads,    \
+                                            int q, int k, float scale, int causal, int rows) {   \
+    attn_softmax_warp<T, C>(s, keep, p, heads, q, k, scale, causal, rows);                       \
+  }                                                                                              \
+  extern "C" __global__ void BWD##_warp##C(const T *p, const T *dp, const uint8_t *keep, T *ds,  \
+                                           int heads, int q, int k, float scale, int causal,     \
+                                           int rows) {                                           \
+    attn_softmax_bwd_warp<T, C>(p, dp, keep, ds, heads, q, k, scale, causal, rows);              \
+  }
+#define SOFTMAX_WARPS(NAME, BWD, T)                                                              \
+  SOFTMAX_WARP(NAME, BWD, T, 1)                                                                  \
+  SOFTMAX_WARP(NAME, BWD, T, 2)                                                                  \
+  SOFTMAX_WARP(NAME, BWD, T, 4)                                                                  \
+  SOFTMAX_WARP(NAME, BWD, T, 8)
+SOFTMAX_WARPS(attn_softmax_f32, attn_softmax_bwd_f32, float)
+SOFTMAX_WARPS(attn_softmax_bf16, attn_softmax_bwd_bf16, bf16)
+SOFTMAX_WARPS(attn_softmax_f16, attn_softmax_bwd_f16, f16)
+
 SOFTMAX(attn_softmax_f32, attn_softmax_bwd_f32, float)
 SOFTMAX(attn_softmax_bf16, attn_softmax_bwd_bf16, bf16)
 SOFTMAX(attn_softmax_f16, attn_softmax_bwd_f16, f16)

@@ -188,28 +188,33 @@ fn fused_ops_vs_cpu(device: &Device) -> anyhow::Result<serde_json::Value> {
     let mut out = serde_json::Map::new();
     for dtype in [DType::F32, DType::BF16] {
         let name = format!("{dtype:?}").to_lowercase();
-        let s = Tensor::randn(0f32, 2.0, (2, 4, 64, 64), &cpu)?.to_dtype(dtype)?;
-        let keep = Tensor::from_vec(
-            (0..128).map(|i| (i % 17 != 3) as u8).collect::<Vec<u8>>(),
-            (2, 64),
-            &cpu,
-        )?;
-        let w = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &cpu)?.to_dtype(dtype)?;
-        let run = |dev: &Device| -> anyhow::Result<(Tensor, Tensor)> {
-            let s = candle_core::Var::from_tensor(&s.to_device(dev)?)?;
-            let p = crate::ops::attn_softmax(s.as_tensor(), &keep.to_device(dev)?, 0.125, true)?;
-            let g = (&p * w.to_device(dev)?)?.sum_all()?.backward()?;
-            Ok((p, g.get(s.as_tensor()).expect("gradient").clone()))
-        };
-        let ((p0, g0), (p1, g1)) = (run(&cpu)?, run(device)?);
-        out.insert(
-            format!("attn_softmax_{name}"),
-            json!(max_abs_diff(&p0, &p1)?),
-        );
-        out.insert(
-            format!("attn_softmax_grad_{name}"),
-            json!(max_abs_diff(&g0, &g1)?),
-        );
+        // Keys of 64 and 2048 take the warp-per-row kernels, 2056 the block-per-row one, 100
+        // the general one.
+        for (q, k) in [(64, 64), (16, 2048), (16, 2056), (24, 100)] {
+            let s = Tensor::randn(0f32, 2.0, (2, 4, q, k), &cpu)?.to_dtype(dtype)?;
+            let keep = Tensor::from_vec(
+                (0..2 * k).map(|i| (i % 17 != 3) as u8).collect::<Vec<u8>>(),
+                (2, k),
+                &cpu,
+            )?;
+            let w = Tensor::randn(0f32, 1.0, (2, 4, q, k), &cpu)?.to_dtype(dtype)?;
+            let run = |dev: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+                let s = candle_core::Var::from_tensor(&s.to_device(dev)?)?;
+                let p =
+                    crate::ops::attn_softmax(s.as_tensor(), &keep.to_device(dev)?, 0.125, true)?;
+                let g = (&p * w.to_device(dev)?)?.sum_all()?.backward()?;
+                Ok((p, g.get(s.as_tensor()).expect("gradient").clone()))
+            };
+            let ((p0, g0), (p1, g1)) = (run(&cpu)?, run(device)?);
+            out.insert(
+                format!("attn_softmax_k{k}_{name}"),
+                json!(max_abs_diff(&p0, &p1)?),
+            );
+            out.insert(
+                format!("attn_softmax_grad_k{k}_{name}"),
+                json!(max_abs_diff(&g0, &g1)?),
+            );
+        }
 
         let logits = Tensor::randn(0f32, 3.0, (8, 1000), &cpu)?.to_dtype(dtype)?;
         let targets = Tensor::from_vec((0..8u32).map(|i| i * 97).collect::<Vec<_>>(), 8, &cpu)?;
@@ -265,6 +270,22 @@ fn fused_ops_vs_cpu(device: &Device) -> anyhow::Result<serde_json::Value> {
         let d0 = crate::ops::dropout(&x, 0.1, 5)?;
         let d1 = crate::ops::dropout(&x.to_device(device)?, 0.1, 5)?;
         out.insert(format!("dropout_{name}"), json!(max_abs_diff(&d0, &d1)?));
+
+        // In-place accumulations of the hand-written backward.
+        let acc = Tensor::randn(0f32, 1.0, (64, 256), &cpu)?.to_dtype(dtype)?;
+        let a = Tensor::randn(0f32, 1.0, (64, 48), &cpu)?.to_dtype(dtype)?;
+        let b = Tensor::randn(0f32, 1.0, (256, 48), &cpu)?.to_dtype(dtype)?;
+        let on = |t: &Tensor| t.to_device(device);
+        let d0 = crate::ops::dropout_add(acc.copy()?, &x, 0.1, 5)?;
+        let d1 = crate::ops::dropout_add(on(&acc)?.copy()?, &on(&x)?, 0.1, 5)?;
+        out.insert(format!("dropout_add_{name}"), json!(max_abs_diff(&d0, &d1)?));
+        let m0 = crate::ops::matmul_add(acc.copy()?, &a, &b, true)?;
+        let m1 = crate::ops::matmul_add(on(&acc)?.copy()?, &on(&a)?, &on(&b)?, true)?;
+        out.insert(format!("matmul_add_t_{name}"), json!(max_abs_diff(&m0, &m1)?));
+        let bt = b.t()?.contiguous()?;
+        let m0 = crate::ops::matmul_add(acc.copy()?, &a, &bt, false)?;
+        let m1 = crate::ops::matmul_add(on(&acc)?.copy()?, &on(&a)?, &on(&bt)?, false)?;
+        out.insert(format!("matmul_add_{name}"), json!(max_abs_diff(&m0, &m1)?));
     }
     Ok(serde_json::Value::Object(out))
 }

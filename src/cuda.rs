@@ -275,6 +275,122 @@ pub fn dropout(
     })
 }
 
+/// `acc += dropout(x)` in place; both contiguous, of one shape and dtype.
+pub fn dropout_add(
+    acc: &Tensor,
+    x: &Tensor,
+    seed: u64,
+    threshold: u32,
+    keep_scale: f32,
+) -> Result<()> {
+    let n = acc.elem_count();
+    if x.shape() != acc.shape() || x.dtype() != acc.dtype() || !acc.is_contiguous() {
+        bail!("dropout_add: accumulator {:?} and input {:?} differ", acc.dims(), x.dims());
+    }
+    let n64 = n as i64;
+    with_cuda(acc, |accs, accl| {
+        with_cuda(x, |xs, xl| {
+            let dev = accs.device().clone();
+            let f = func!(dev, &format!("dropout_add_{}", suffix(acc.dtype())?))?;
+            float_dispatch!("dropout_add", acc.dtype(), T => {
+                let (a, xv) = (view::<T>(accs, accl)?, view::<T>(xs, xl)?);
+                let mut b = f.builder();
+                b.arg(&a)
+                    .arg(&xv)
+                    .arg(&n64)
+                    .arg(&seed)
+                    .arg(&threshold)
+                    .arg(&keep_scale);
+                // SAFETY: argument types and counts match the kernel's signature; the kernel
+                // updates acc in place on the device's one stream.
+                unsafe { b.launch(grid(n, 256)) }.w()?;
+            });
+            Ok(())
+        })
+    })
+}
+
+/// `acc += a · bᵀ` (b `[n, k]`, `b_transposed`) or `acc += a · b` (b `[k, n]`) in place through
+/// cuBLAS, accumulating in f32: a `[m, k]`, acc `[m, n]`, all contiguous and of one dtype.
+pub fn matmul_add(acc: &Tensor, a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (m, k) = a.dims2()?;
+    let n = if b_transposed { b.dim(0)? } else { b.dim(1)? };
+    let kb = if b_transposed { b.dim(1)? } else { b.dim(0)? };
+    let dt = acc.dtype();
+    if kb != k
+        || acc.dims() != [m, n]
+        || a.dtype() != dt
+        || b.dtype() != dt
+        || !(acc.is_contiguous() && a.is_contiguous() && b.is_contiguous())
+    {
+        bail!(
+            "matmul_add: {:?} += {:?} · {:?}{} does not fit",
+            acc.dims(),
+            a.dims(),
+            b.dims(),
+            if b_transposed { "ᵀ" } else { "" }
+        );
+    }
+    let ty = match dt {
+        DType::F32 => cublas::cudaDataType::CUDA_R_32F,
+        DType::BF16 => cublas::cudaDataType::CUDA_R_16BF,
+        DType::F16 => cublas::cudaDataType::CUDA_R_16F,
+        other => bail!("matmul_add: dtype {other:?}"),
+    };
+    with_cuda(acc, |cs, cl| {
+        with_cuda(a, |as_, al| {
+            with_cuda(b, |bs, bl| {
+                let dev = cs.device().clone();
+                let stream = dev.cuda_stream();
+                let blas = dev.cublas_handle();
+                float_dispatch!("matmul_add", dt, T => {
+                    let (cv, av, bv) = (view::<T>(cs, cl)?, view::<T>(as_, al)?, view::<T>(bs, bl)?);
+                    let (cp, _c) = cv.device_ptr(&stream);
+                    let (ap, _a) = av.device_ptr(&stream);
+                    let (bp, _b) = bv.device_ptr(&stream);
+                    // Row-major C = A·op(B) is column-major Cᵀ = op(B)ᵀ·Aᵀ: cuBLAS gets B first.
+                    let (op_b, ldb) = if b_transposed {
+                        (cublas::cublasOperation_t::CUBLAS_OP_T, k)
+                    } else {
+                        (cublas::cublasOperation_t::CUBLAS_OP_N, n)
+                    };
+                    let (alpha, beta) = (1f32, 1f32);
+                    // SAFETY: the pointers are live device allocations of the sizes checked
+                    // above, on the stream the handle is bound to; alpha and beta outlive it.
+                    unsafe {
+                        cublas::cublasGemmEx(
+                            *blas.handle(),
+                            op_b,
+                            cublas::cublasOperation_t::CUBLAS_OP_N,
+                            n as i32,
+                            m as i32,
+                            k as i32,
+                            &alpha as *const f32 as *const std::ffi::c_void,
+                            bp as *const std::ffi::c_void,
+                            ty,
+                            ldb as i32,
+                            ap as *const std::ffi::c_void,
+                            ty,
+                            k as i32,
+                            &beta as *const f32 as *const std::ffi::c_void,
+                            cp as *mut std::ffi::c_void,
+                            ty,
+                            n as i32,
+                            cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                            cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                        )
+                        .result()
+                        .w()?;
+                    }
+                });
+                Ok(())
+            })
+        })
+    })
+}
+
 /// Row geometry of attention scores `[b, h, q, k]`.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnRows {
@@ -289,10 +405,50 @@ fn row_block(k: usize) -> u32 {
     (k.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
+fn keep_layout<R>(keep: &Tensor, f: impl FnOnce(&Layout) -> R) -> Result<R> {
+    with_cuda(keep, |_, kl| Ok(f(kl)))
+}
+
 /// Rows the register-resident softmax kernels take: 16-byte aligned, at most 256 threads × 4
 /// chunks of 8 values.
 fn vectorizable(l: &Layout, k: usize) -> bool {
     k.is_multiple_of(8) && k <= 256 * 8 * 4 && l.start_offset().is_multiple_of(8)
+}
+
+/// Which softmax kernel takes these rows: one warp per row with `c` register chunks per lane
+/// (k ≤ 2048), a block per row with registers (k ≤ 8192), or the general one.
+enum SoftmaxKernel {
+    Warp(usize),
+    Vec,
+    Plain,
+}
+
+impl SoftmaxKernel {
+    fn pick(layouts: &[&Layout], keep: &Layout, k: usize) -> Self {
+        if !layouts.iter().all(|l| vectorizable(l, k)) {
+            return SoftmaxKernel::Plain;
+        }
+        if k <= 2048 && keep.start_offset().is_multiple_of(8) {
+            return SoftmaxKernel::Warp(k.div_ceil(256).next_power_of_two());
+        }
+        SoftmaxKernel::Vec
+    }
+
+    fn name(&self, base: &str) -> String {
+        match self {
+            SoftmaxKernel::Warp(c) => format!("{base}_warp{c}"),
+            SoftmaxKernel::Vec => format!("{base}_vec"),
+            SoftmaxKernel::Plain => base.to_string(),
+        }
+    }
+
+    fn config(&self, rows: usize, k: usize) -> LaunchConfig {
+        match self {
+            SoftmaxKernel::Warp(_) => grid(rows * 32, 256),
+            SoftmaxKernel::Vec => self::rows(rows, 256),
+            SoftmaxKernel::Plain => self::rows(rows, row_block(k)),
+        }
+    }
 }
 
 /// Masked, scaled softmax of attention scores; `keep` is u8 `[b, k]`.
@@ -304,16 +460,12 @@ pub fn attn_softmax(
 ) -> Result<CudaStorage> {
     let dev = s.device().clone();
     let n = l.shape().elem_count();
-    let vec = vectorizable(l, r.k);
+    let kind = keep_layout(keep, |kl| SoftmaxKernel::pick(&[l], kl, r.k))?;
     let f = func!(
         dev,
-        &format!(
-            "attn_softmax_{}{}",
-            suffix(s.dtype())?,
-            if vec { "_vec" } else { "" }
-        )
+        &kind.name(&format!("attn_softmax_{}", suffix(s.dtype())?))
     )?;
-    let block = if vec { 256 } else { row_block(r.k) };
+    let nrows = (n / r.k) as i32;
     let (h, q, k, c) = (r.heads as i32, r.q as i32, r.k as i32, r.causal as i32);
     with_cuda(keep, |ks, kl| {
         let keep = view::<u8>(ks, kl)?;
@@ -330,8 +482,11 @@ pub fn attn_softmax(
                     .arg(&k)
                     .arg(&r.scale)
                     .arg(&c);
+                if let SoftmaxKernel::Warp(_) = kind {
+                    b.arg(&nrows);
+                }
                 // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(rows(n / r.k, block)) }.w()?;
+                unsafe { b.launch(kind.config(n / r.k, r.k)) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
@@ -362,16 +517,12 @@ pub fn attn_softmax_bwd(
             dp.dtype()
         );
     }
-    let vec = vectorizable(pl, r.k) && vectorizable(dl, r.k);
+    let kind = keep_layout(keep, |kl| SoftmaxKernel::pick(&[pl, dl], kl, r.k))?;
     let f = func!(
         dev,
-        &format!(
-            "attn_softmax_bwd_{}{}",
-            suffix(p.dtype())?,
-            if vec { "_vec" } else { "" }
-        )
+        &kind.name(&format!("attn_softmax_bwd_{}", suffix(p.dtype())?))
     )?;
-    let block = if vec { 256 } else { row_block(r.k) };
+    let nrows = (n / r.k) as i32;
     let (h, q, k, c) = (r.heads as i32, r.q as i32, r.k as i32, r.causal as i32);
     with_cuda(keep, |ks, kl| {
         let keep = view::<u8>(ks, kl)?;
@@ -390,8 +541,11 @@ pub fn attn_softmax_bwd(
                     .arg(&k)
                     .arg(&r.scale)
                     .arg(&c);
+                if let SoftmaxKernel::Warp(_) = kind {
+                    b.arg(&nrows);
+                }
                 // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(rows(n / r.k, block)) }.w()?;
+                unsafe { b.launch(kind.config(n / r.k, r.k)) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }

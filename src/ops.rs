@@ -141,6 +141,31 @@ impl CustomOp1 for Dropout {
     }
 }
 
+/// `acc + dropout(x, p, seed)`: a dropout's backward accumulated into the gradient beside it.
+/// On a GPU one kernel updates `acc` in place, so `acc` must be contiguous and not shared.
+pub fn dropout_add(acc: Tensor, x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if acc.device().is_cuda() && acc.is_contiguous() {
+        let d = Dropout::new(p, seed);
+        crate::cuda::dropout_add(&acc, &x.contiguous()?, d.seed, d.threshold, d.keep_scale)?;
+        return Ok(acc);
+    }
+    acc + dropout(x, p, seed)?
+}
+
+/// `acc + a · bᵀ` (`b_transposed`, b `[n, k]`) or `acc + a · b` (b `[k, n]`) for 2-D a and acc.
+/// On a GPU cuBLAS accumulates into `acc` in place (no `[m, n]` product is made), so `acc`
+/// must be contiguous and not shared.
+pub fn matmul_add(acc: Tensor, a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if acc.device().is_cuda() && acc.is_contiguous() {
+        crate::cuda::matmul_add(&acc, &a.contiguous()?, &b.contiguous()?, b_transposed)?;
+        return Ok(acc);
+    }
+    let b = if b_transposed { b.t()? } else { b.clone() };
+    acc + a.matmul(&b)?
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention softmax
 

@@ -4,8 +4,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
+use crate::ops::{dropout_add, matmul_add};
 use crate::quant::linear::{
-    linear_4bit, linear_4bit_input_grad, linear_frozen, linear_frozen_input_grad, matmul_t,
+    linear_4bit, linear_4bit_add, linear_4bit_input_grad, linear_4bit_input_grad_add,
+    linear_frozen, linear_frozen_add, linear_frozen_input_grad, linear_frozen_input_grad_add,
+    matmul_t,
 };
 use crate::quant::Nf4Tensor;
 use crate::rng::Rng;
@@ -46,11 +49,31 @@ impl FrozenLinear {
         }
     }
 
+    /// `acc + x · Wᵀ + b` for 2-D x, accumulating in place on a GPU: acc must not be shared.
+    pub fn forward_add(&self, acc: Tensor, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            FrozenWeight::Dense(w) => linear_frozen_add(acc, x, w)?,
+            FrozenWeight::Quant(q) => linear_4bit_add(acc, x, q)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
     /// dL/dx `[..., in]` given dL/dy `[..., out]`: `gy · W`.
     pub fn input_grad(&self, gy: &Tensor) -> Result<Tensor> {
         match &self.weight {
             FrozenWeight::Dense(w) => linear_frozen_input_grad(gy, w),
             FrozenWeight::Quant(q) => linear_4bit_input_grad(gy, q),
+        }
+    }
+
+    /// `acc + gy · W`, accumulating in place on a GPU: acc must not be shared.
+    pub fn input_grad_add(&self, acc: Tensor, gy: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            FrozenWeight::Dense(w) => linear_frozen_input_grad_add(acc, gy, w),
+            FrozenWeight::Quant(q) => linear_4bit_input_grad_add(acc, gy, q),
         }
     }
 
@@ -116,10 +139,8 @@ impl LoraAdapter {
     /// `[tokens, out]` product.
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let x = self.dropped(x, self.seed(rng))?;
-        matmul_t(
-            &matmul_t(&x, &self.a_in(x.dtype())?)?,
-            &self.scaled_b(x.dtype())?,
-        )
+        let (a, b) = self.weights(x.dtype(), true)?;
+        matmul_t(&matmul_t(&x, &a)?, &b)
     }
 
     /// The dropout seed a training forward draws (none without dropout).
@@ -137,12 +158,15 @@ impl LoraAdapter {
         }
     }
 
-    fn a_in(&self, dtype: DType) -> Result<Tensor> {
-        self.a.as_tensor().to_dtype(dtype)
-    }
-
-    fn scaled_b(&self, dtype: DType) -> Result<Tensor> {
-        self.b.as_tensor().affine(self.scale, 0.0)?.to_dtype(dtype)
+    /// A and scale·B in `dtype`; untracked for hand-written backward passes.
+    fn weights(&self, dtype: DType, tracked: bool) -> Result<(Tensor, Tensor)> {
+        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        let (a, b) = if tracked {
+            (a.clone(), b.clone())
+        } else {
+            (a.detach(), b.detach())
+        };
+        Ok((a.to_dtype(dtype)?, b.affine(self.scale, 0.0)?.to_dtype(dtype)?))
     }
 
     /// The dense update `scale · B · A` `[out, in]` in f32.
@@ -158,6 +182,8 @@ impl LoraAdapter {
 pub(crate) struct LoraSaved {
     /// The dropout seed, when dropout ran: backward regenerates the mask from it.
     seed: Option<u64>,
+    /// `dropout(x)` when dropout ran (A's gradient reads it); x itself otherwise.
+    dropped: Option<Tensor>,
     /// `dropout(x) · Aᵀ`, `[rows, r]` in x's dtype.
     u: Tensor,
 }
@@ -183,7 +209,7 @@ impl LoraLinear {
     }
 
     /// `forward` for a hand-written backward: the same output and the same draws from `rng`,
-    /// and what `backward` needs. x is `[rows, in]`.
+    /// and what `backward` needs. x is `[rows, in]`; nothing is tracked.
     pub(crate) fn forward_saving(
         &self,
         x: &Tensor,
@@ -195,9 +221,27 @@ impl LoraLinear {
         };
         let a = self.adapter.as_ref().expect("saved implies an adapter");
         let y = crate::profile::span("LoRA adapter forwards", || {
-            y + matmul_t(&saved.u, &a.scaled_b(x.dtype())?)?
+            matmul_add(y, &saved.u, &a.weights(x.dtype(), false)?.1, true)
         })?;
         Ok((y, Some(saved)))
+    }
+
+    /// `acc + forward(x)` for 2-D x with nothing tracked, accumulating in place on a GPU: acc
+    /// must not be shared. The same draws from `rng` as `forward`.
+    pub(crate) fn forward_add(
+        &self,
+        acc: Tensor,
+        x: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let y = self.base.forward_add(acc, x)?;
+        let Some(saved) = self.adapter_input(x, rng)? else {
+            return Ok(y);
+        };
+        let a = self.adapter.as_ref().expect("saved implies an adapter");
+        crate::profile::span("LoRA adapter forwards", || {
+            matmul_add(y, &saved.u, &a.weights(x.dtype(), false)?.1, true)
+        })
     }
 
     /// Only what `backward` needs, where the output itself is not (the same draws from `rng`).
@@ -211,35 +255,42 @@ impl LoraLinear {
         };
         crate::profile::span("LoRA adapter forwards", || {
             let seed = a.seed(rng);
-            let u = matmul_t(&a.dropped(x, seed)?, &a.a_in(x.dtype())?)?;
-            Ok(Some(LoraSaved { seed, u }))
+            let d = a.dropped(x, seed)?;
+            let u = matmul_t(&d, &a.weights(x.dtype(), false)?.0)?;
+            let dropped = seed.map(|_| d);
+            Ok(Some(LoraSaved { seed, dropped, u }))
         })
     }
 
-    /// dL/dx `[rows, in]` and the adapter's gradients, given x `[rows, in]` as the forward saw
-    /// it, what `forward_saving` kept, and dL/dy `[rows, out]`. The products run in x's dtype as
-    /// autograd would; A's and B's gradients come back in f32.
+    /// dL/dx `[rows, in]` (added to `acc` when given, in place on a GPU) and the adapter's
+    /// gradients, given x `[rows, in]` as the forward saw it, what `forward_saving` kept, and
+    /// dL/dy `[rows, out]`. The products run in x's dtype as autograd would; A's and B's
+    /// gradients come back in f32.
     pub(crate) fn backward(
         &self,
         x: &Tensor,
         saved: Option<&LoraSaved>,
         gy: &Tensor,
+        acc: Option<Tensor>,
     ) -> Result<LinearGrads> {
-        let gx = self.base.input_grad(gy)?;
+        let gx = match acc {
+            Some(acc) => self.base.input_grad_add(acc, gy)?,
+            None => self.base.input_grad(gy)?,
+        };
         let (Some(a), Some(saved)) = (&self.adapter, saved) else {
             return Ok((gx, None));
         };
         crate::profile::span("LoRA adapter backward", || {
-            let dt = x.dtype();
-            let gu = gy.matmul(&a.scaled_b(dt)?)?; // [rows, r]
+            let (wa, wb) = a.weights(x.dtype(), false)?;
+            let gu = gy.matmul(&wb)?; // [rows, r]
             let gb = (gy.t()?.matmul(&saved.u)?.to_dtype(DType::F32)? * a.scale)?;
-            let ga = gu
-                .t()?
-                .matmul(&a.dropped(x, saved.seed)?)?
-                .to_dtype(DType::F32)?;
-            let gd = gu.matmul(&a.a_in(dt)?)?; // [rows, in]
-                                               // Dropout's backward is the same mask and scale, regenerated from the seed.
-            let gx = (gx + a.dropped(&gd, saved.seed)?)?;
+            let d = saved.dropped.as_ref().unwrap_or(x);
+            let ga = gu.t()?.matmul(d)?.to_dtype(DType::F32)?;
+            // Dropout's backward is the same mask and scale, regenerated from the seed.
+            let gx = match saved.seed {
+                Some(seed) => dropout_add(gx, &gu.matmul(&wa)?, a.dropout, seed)?,
+                None => matmul_add(gx, &gu, &wa, false)?,
+            };
             Ok((gx, Some((ga, gb))))
         })
     }

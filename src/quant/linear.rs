@@ -40,12 +40,53 @@ pub fn linear_frozen(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     })
 }
 
+/// `acc + x · Wᵀ` for a 4-bit W and 2-D x, accumulating in place on a GPU (see
+/// `ops::matmul_add`); nothing is tracked.
+pub fn linear_4bit_add(acc: Tensor, x: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
+    FrozenMatmul {
+        w: Frozen::Packed(w.clone()),
+    }
+    .forward_add(acc, x)
+}
+
+/// `acc + x · Wᵀ` for a dense frozen W.
+pub fn linear_frozen_add(acc: Tensor, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    FrozenMatmul {
+        w: Frozen::Dense(w.detach()),
+    }
+    .forward_add(acc, x)
+}
+
 /// dL/dx of `x · Wᵀ` for a 4-bit W: `gy · W`, for hand-written backward passes.
 pub fn linear_4bit_input_grad(gy: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
     FrozenMatmul {
         w: Frozen::Packed(w.clone()),
     }
     .input_grad(gy)
+}
+
+/// `acc + gy · W` for a 4-bit W, accumulating in place on a GPU (see `ops::matmul_add`).
+pub fn linear_4bit_input_grad_add(
+    acc: Tensor,
+    gy: &Tensor,
+    w: &Arc<Nf4Tensor>,
+) -> candle_core::Result<Tensor> {
+    FrozenMatmul {
+        w: Frozen::Packed(w.clone()),
+    }
+    .input_grad_add(acc, gy)
+}
+
+/// `acc + gy · W` for a dense frozen W.
+pub fn linear_frozen_input_grad_add(
+    acc: Tensor,
+    gy: &Tensor,
+    w: &Tensor,
+) -> candle_core::Result<Tensor> {
+    FrozenMatmul {
+        w: Frozen::Dense(w.detach()),
+    }
+    .input_grad_add(acc, gy)
 }
 
 /// dL/dx of `x · Wᵀ` for a dense frozen W: `gy · W`.
@@ -83,6 +124,21 @@ impl FrozenMatmul {
     fn input_grad(&self, gy: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.weight(gy.dtype())?; // [out, in]
         span(self.matmul_name(), || matmul_t(gy, &w.t()?))
+    }
+
+    fn forward_add(&self, acc: Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight(x.dtype())?; // [out, in]
+        span(self.matmul_name(), || {
+            crate::ops::matmul_add(acc, x, &w, true)
+        })
+    }
+
+    /// `acc + gy · W` for 2-D acc `[rows, in]` and gy `[rows, out]`.
+    fn input_grad_add(&self, acc: Tensor, gy: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight(gy.dtype())?; // [out, in]
+        span(self.matmul_name(), || {
+            crate::ops::matmul_add(acc, gy, &w, false)
+        })
     }
 
     fn matmul_name(&self) -> &'static str {
