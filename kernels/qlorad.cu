@@ -539,21 +539,29 @@ __device__ void attn_softmax_warp(const T *__restrict__ s, const uint8_t *__rest
     }
     return;
   }
+  // Chunks past the causal limit hold only zeros: no exp, no division.
   float sum = 0.0f;
 #pragma unroll
   for (int c = 0; c < C; c++)
+    if ((c * 32 + lane) * 8 <= last) {
 #pragma unroll
-    for (int e = 0; e < 8; e++) {
-      v[c][e] = v[c][e] == -INFINITY ? 0.0f : expf(v[c][e] - m);
-      sum += v[c][e];
+      for (int e = 0; e < 8; e++) {
+        v[c][e] = v[c][e] == -INFINITY ? 0.0f : expf(v[c][e] - m);
+        sum += v[c][e];
+      }
     }
   sum = warp_sum(sum);
 #pragma unroll
   for (int c = 0; c < C; c++) {
     int j0 = (c * 32 + lane) * 8;
     if (j0 < k) {
+      if (j0 <= last) {
 #pragma unroll
-      for (int e = 0; e < 8; e++) v[c][e] = v[c][e] / sum;
+        for (int e = 0; e < 8; e++) v[c][e] = v[c][e] / sum;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[c][e] = 0.0f;
+      }
       store8(pr + j0, v[c]);
     }
   }

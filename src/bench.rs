@@ -278,10 +278,16 @@ fn fused_ops_vs_cpu(device: &Device) -> anyhow::Result<serde_json::Value> {
         let on = |t: &Tensor| t.to_device(device);
         let d0 = crate::ops::dropout_add(acc.copy()?, &x, 0.1, 5)?;
         let d1 = crate::ops::dropout_add(on(&acc)?.copy()?, &on(&x)?, 0.1, 5)?;
-        out.insert(format!("dropout_add_{name}"), json!(max_abs_diff(&d0, &d1)?));
+        out.insert(
+            format!("dropout_add_{name}"),
+            json!(max_abs_diff(&d0, &d1)?),
+        );
         let m0 = crate::ops::matmul_add(acc.copy()?, &a, &b, true)?;
         let m1 = crate::ops::matmul_add(on(&acc)?.copy()?, &on(&a)?, &on(&b)?, true)?;
-        out.insert(format!("matmul_add_t_{name}"), json!(max_abs_diff(&m0, &m1)?));
+        out.insert(
+            format!("matmul_add_t_{name}"),
+            json!(max_abs_diff(&m0, &m1)?),
+        );
         let bt = b.t()?.contiguous()?;
         let m0 = crate::ops::matmul_add(acc.copy()?, &a, &bt, false)?;
         let m1 = crate::ops::matmul_add(on(&acc)?.copy()?, &on(&a)?, &on(&bt)?, false)?;

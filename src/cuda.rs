@@ -285,7 +285,11 @@ pub fn dropout_add(
 ) -> Result<()> {
     let n = acc.elem_count();
     if x.shape() != acc.shape() || x.dtype() != acc.dtype() || !acc.is_contiguous() {
-        bail!("dropout_add: accumulator {:?} and input {:?} differ", acc.dims(), x.dims());
+        bail!(
+            "dropout_add: accumulator {:?} and input {:?} differ",
+            acc.dims(),
+            x.dims()
+        );
     }
     let n64 = n as i64;
     with_cuda(acc, |accs, accl| {

@@ -166,7 +166,10 @@ impl LoraAdapter {
         } else {
             (a.detach(), b.detach())
         };
-        Ok((a.to_dtype(dtype)?, b.affine(self.scale, 0.0)?.to_dtype(dtype)?))
+        Ok((
+            a.to_dtype(dtype)?,
+            b.affine(self.scale, 0.0)?.to_dtype(dtype)?,
+        ))
     }
 
     /// The dense update `scale · B · A` `[out, in]` in f32.

@@ -519,10 +519,15 @@ impl CausalLm {
         }
         let n = rows.len();
         let dev = &self.device;
-        let picked = x
-            .reshape((b * s, h))?
-            .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
-            .unsqueeze(0)?; // [1, n, hidden]
+        let flat = x.reshape((b * s, h))?;
+        // One run of consecutive rows (every label counts, one sequence) is a narrow, whose
+        // backward is a copy rather than a scatter.
+        let picked = if rows.windows(2).all(|w| w[1] == w[0] + 1) {
+            flat.narrow(0, rows[0] as usize, n)?
+        } else {
+            flat.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
+        }
+        .unsqueeze(0)?; // [1, n, hidden]
         let logits = crate::quant::linear::linear_frozen(&picked, self.head())?.squeeze(0)?; // [n, vocab]
         let targets = Tensor::from_vec(targets, n, dev)?;
         let nll = crate::ops::cross_entropy(&logits, &targets)?; // [n], f32
@@ -916,7 +921,9 @@ fn checkpoint(
         fwd_rng.as_mut(),
         false,
     )?;
-    let y = y.expect("an output when not saving").reshape((b, sq, hidden))?;
+    let y = y
+        .expect("an output when not saving")
+        .reshape((b, sq, hidden))?;
     if let (Some(outer), Some(after)) = (rng, fwd_rng) {
         *outer = after;
     }
