@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use crate::ops::{dropout_add, matmul_add};
+use crate::ops::{dropout, dropout_add, matmul_add};
 use crate::quant::linear::{
     linear_4bit, linear_4bit_add, linear_4bit_input_grad, linear_4bit_input_grad_add,
     linear_frozen, linear_frozen_add, linear_frozen_input_grad, linear_frozen_input_grad_add,
@@ -218,15 +218,16 @@ impl LoraLinear {
         x: &Tensor,
         rng: Option<&mut Rng>,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let y = self.base.forward(x)?;
         let Some(saved) = self.adapter_input(x, rng)? else {
-            return Ok((y, None));
+            return Ok((self.base.forward(x)?, None));
         };
         let a = self.adapter.as_ref().expect("saved implies an adapter");
+        // The thin product first, then the frozen GEMM accumulates onto it: its epilogue reads
+        // the output almost for free, where an add after it would be a pass of its own.
         let y = crate::profile::span("LoRA adapter forwards", || {
-            matmul_add(y, &saved.u, &a.weights(x.dtype(), false)?.1, true)
+            matmul_t(&saved.u, &a.weights(x.dtype(), false)?.1)
         })?;
-        Ok((y, Some(saved)))
+        Ok((self.base.forward_add(y, x)?, Some(saved)))
     }
 
     /// `acc + forward(x)` for 2-D x with nothing tracked, accumulating in place on a GPU: acc
@@ -276,26 +277,31 @@ impl LoraLinear {
         gy: &Tensor,
         acc: Option<Tensor>,
     ) -> Result<LinearGrads> {
-        let gx = match acc {
-            Some(acc) => self.base.input_grad_add(acc, gy)?,
-            None => self.base.input_grad(gy)?,
-        };
         let (Some(a), Some(saved)) = (&self.adapter, saved) else {
+            let gx = match acc {
+                Some(acc) => self.base.input_grad_add(acc, gy)?,
+                None => self.base.input_grad(gy)?,
+            };
             return Ok((gx, None));
         };
-        crate::profile::span("LoRA adapter backward", || {
+        // The adapter's part first, the frozen GEMM accumulating onto it last (see
+        // `forward_saving`).
+        let (gx, grads) = crate::profile::span("LoRA adapter backward", || {
             let (wa, wb) = a.weights(x.dtype(), false)?;
             let gu = gy.matmul(&wb)?; // [rows, r]
             let gb = (gy.t()?.matmul(&saved.u)?.to_dtype(DType::F32)? * a.scale)?;
             let d = saved.dropped.as_ref().unwrap_or(x);
             let ga = gu.t()?.matmul(d)?.to_dtype(DType::F32)?;
             // Dropout's backward is the same mask and scale, regenerated from the seed.
-            let gx = match saved.seed {
-                Some(seed) => dropout_add(gx, &gu.matmul(&wa)?, a.dropout, seed)?,
-                None => matmul_add(gx, &gu, &wa, false)?,
+            let gx = match (saved.seed, acc) {
+                (Some(seed), Some(acc)) => dropout_add(acc, &gu.matmul(&wa)?, a.dropout, seed)?,
+                (Some(seed), None) => dropout(&gu.matmul(&wa)?, a.dropout, seed)?,
+                (None, Some(acc)) => matmul_add(acc, &gu, &wa, false)?,
+                (None, None) => gu.matmul(&wa)?,
             };
-            Ok((gx, Some((ga, gb))))
-        })
+            Ok::<_, candle_core::Error>((gx, (ga, gb)))
+        })?;
+        Ok((self.base.input_grad_add(gx, gy)?, Some(grads)))
     }
 }
 

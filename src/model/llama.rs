@@ -200,26 +200,12 @@ fn quantize_view(
     cfg: &QuantConfig,
     dev: &Device,
 ) -> Result<Nf4Tensor> {
+    use super::weights::cast_bytes as cast;
     let d = v.data();
     let r = match v.dtype() {
-        Dtype::F32 => Nf4Tensor::quantize_slice(
-            FloatSlice::F32(&bytemuck::pod_collect_to_vec(d)),
-            v.shape(),
-            cfg,
-            dev,
-        ),
-        Dtype::BF16 => Nf4Tensor::quantize_slice(
-            FloatSlice::BF16(&bytemuck::pod_collect_to_vec(d)),
-            v.shape(),
-            cfg,
-            dev,
-        ),
-        Dtype::F16 => Nf4Tensor::quantize_slice(
-            FloatSlice::F16(&bytemuck::pod_collect_to_vec(d)),
-            v.shape(),
-            cfg,
-            dev,
-        ),
+        Dtype::F32 => Nf4Tensor::quantize_slice(FloatSlice::F32(&cast(d)), v.shape(), cfg, dev),
+        Dtype::BF16 => Nf4Tensor::quantize_slice(FloatSlice::BF16(&cast(d)), v.shape(), cfg, dev),
+        Dtype::F16 => Nf4Tensor::quantize_slice(FloatSlice::F16(&cast(d)), v.shape(), cfg, dev),
         other => return Err(bad(name, format!("dtype {other:?} is not a float type"))),
     };
     r.map_err(|source| ModelError::Tensor {

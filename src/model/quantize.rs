@@ -4,7 +4,6 @@
 //! As transformers' `replace_with_bnb_linear`, every linear layer inside the decoder blocks is
 //! quantized; embeddings, norms and `lm_head` keep their dtype. Output shards mirror the input's.
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -221,15 +220,15 @@ fn quantize_view(name: &str, view: &TensorView<'_>, cfg: &QuantConfig) -> Result
     // Memory-mapped data is usually aligned; copy only when it is not.
     let q = match view.dtype() {
         Dtype::F32 => {
-            let data = cast_or_copy::<f32>(bytes);
+            let data = super::weights::cast_bytes::<f32>(bytes);
             Nf4Tensor::quantize_slice(FloatSlice::F32(&data), view.shape(), cfg, &Device::Cpu)
         }
         Dtype::F16 => {
-            let data = cast_or_copy::<f16>(bytes);
+            let data = super::weights::cast_bytes::<f16>(bytes);
             Nf4Tensor::quantize_slice(FloatSlice::F16(&data), view.shape(), cfg, &Device::Cpu)
         }
         Dtype::BF16 => {
-            let data = cast_or_copy::<bf16>(bytes);
+            let data = super::weights::cast_bytes::<bf16>(bytes);
             Nf4Tensor::quantize_slice(FloatSlice::BF16(&data), view.shape(), cfg, &Device::Cpu)
         }
         other => {
@@ -240,13 +239,6 @@ fn quantize_view(name: &str, view: &TensorView<'_>, cfg: &QuantConfig) -> Result
         }
     };
     q.map_err(wrap)
-}
-
-fn cast_or_copy<T: bytemuck::Pod>(bytes: &[u8]) -> Cow<'_, [T]> {
-    match bytemuck::try_cast_slice(bytes) {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
-    }
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {

@@ -20,15 +20,9 @@ pub fn view_to_tensor(
     let shape = v.shape().to_vec();
     let d = v.data();
     let t = match v.dtype() {
-        Dtype::F32 => Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, f32>(d), shape, dev)?,
-        Dtype::BF16 => Tensor::from_vec(
-            bytemuck::pod_collect_to_vec::<u8, half::bf16>(d),
-            shape,
-            dev,
-        )?,
-        Dtype::F16 => {
-            Tensor::from_vec(bytemuck::pod_collect_to_vec::<u8, half::f16>(d), shape, dev)?
-        }
+        Dtype::F32 => Tensor::from_slice(&cast_bytes::<f32>(d), shape, dev)?,
+        Dtype::BF16 => Tensor::from_slice(&cast_bytes::<half::bf16>(d), shape, dev)?,
+        Dtype::F16 => Tensor::from_slice(&cast_bytes::<half::f16>(d), shape, dev)?,
         other => {
             return Err(ModelError::BadTensor {
                 tensor: name.to_string(),
@@ -37,6 +31,15 @@ pub fn view_to_tensor(
         }
     };
     Ok(t)
+}
+
+/// A tensor's bytes as `T`: borrowed straight from the mapped file when aligned for `T` (as
+/// safetensors writes them), else through one aligned copy.
+pub fn cast_bytes<T: bytemuck::Pod>(d: &[u8]) -> std::borrow::Cow<'_, [T]> {
+    match bytemuck::try_cast_slice(d) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(d)),
+    }
 }
 
 /// Name of the single-file checkpoint and of the shard index transformers writes.
