@@ -153,32 +153,24 @@ pub fn dequant_4bit(
     let cfg = grid(n.div_ceil(16), 256); // two chunks of 8 values per thread
     let f = func!(dev, &name)?;
     let (fp4, shift, n64) = (fp4 as i32, block_size.trailing_zeros() as i32, n as i64);
-    macro_rules! launch {
-        ($t:ty) => {{
-            let out = alloc::<$t>(&dev, n)?;
-            let mut b = f.builder();
-            b.arg(&packed_v)
-                .arg(&absmax_v)
-                .arg(&codes_v)
-                .arg(&scales_v)
-                .arg(&code_v)
-                .arg(&offset)
-                .arg(&nested_shift)
-                .arg(&fp4)
-                .arg(&shift)
-                .arg(&n64)
-                .arg(&out);
-            // SAFETY: argument types and counts match the kernel's signature.
-            unsafe { b.launch(cfg) }.w()?;
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        }};
-    }
-    let out = match dtype {
-        DType::F32 => launch!(f32),
-        DType::BF16 => launch!(half::bf16),
-        DType::F16 => launch!(half::f16),
-        _ => unreachable!("checked by suffix"),
-    };
+    let out = float_dispatch!("qlorad kernels", dtype, T => {
+        let out = alloc::<T>(&dev, n)?;
+        let mut b = f.builder();
+        b.arg(&packed_v)
+            .arg(&absmax_v)
+            .arg(&codes_v)
+            .arg(&scales_v)
+            .arg(&code_v)
+            .arg(&offset)
+            .arg(&nested_shift)
+            .arg(&fp4)
+            .arg(&shift)
+            .arg(&n64)
+            .arg(&out);
+        // SAFETY: argument types and counts match the kernel's signature.
+        unsafe { b.launch(cfg) }.w()?;
+        CudaStorage::wrap_cuda_slice(out, dev.clone())
+    });
     Ok(tensor(out, shape.clone()))
 }
 
@@ -204,27 +196,19 @@ pub fn quantize_4bit(
     let cfg = grid(blocks * 32, 256);
     let (n64, bs) = (n as i64, block_size as i32);
     with_cuda(&x.contiguous()?, |s, l| {
-        macro_rules! launch {
-            ($t:ty) => {{
-                let xv = view::<$t>(s, l)?;
-                let mut b = f.builder();
-                b.arg(&xv)
-                    .arg(&n64)
-                    .arg(&bs)
-                    .arg(&tables)
-                    .arg(&packed)
-                    .arg(&absmax)
-                    .arg(&bad);
-                // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        match x.dtype() {
-            DType::F32 => launch!(f32),
-            DType::BF16 => launch!(half::bf16),
-            DType::F16 => launch!(half::f16),
-            _ => unreachable!("checked by suffix"),
-        }
+        float_dispatch!("qlorad kernels", x.dtype(), T => {
+            let xv = view::<T>(s, l)?;
+            let mut b = f.builder();
+            b.arg(&xv)
+                .arg(&n64)
+                .arg(&bs)
+                .arg(&tables)
+                .arg(&packed)
+                .arg(&absmax)
+                .arg(&bad);
+            // SAFETY: argument types and counts match the kernel's signature.
+            unsafe { b.launch(cfg) }.w()?;
+        });
         Ok(())
     })?;
     let bad = dev.clone_dtoh(&bad)?[0];
@@ -251,28 +235,20 @@ pub fn dropout(
     let n = l.shape().elem_count();
     let f = func!(dev, &format!("dropout_{}", suffix(s.dtype())?))?;
     let n64 = n as i64;
-    macro_rules! launch {
-        ($t:ty) => {{
-            let x = view::<$t>(s, l)?;
-            let out = alloc::<$t>(&dev, n)?;
-            let mut b = f.builder();
-            b.arg(&x)
-                .arg(&out)
-                .arg(&n64)
-                .arg(&seed)
-                .arg(&threshold)
-                .arg(&keep_scale);
-            // SAFETY: argument types and counts match the kernel's signature.
-            unsafe { b.launch(grid(n, 256)) }.w()?;
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        }};
-    }
-    Ok(match s.dtype() {
-        DType::F32 => launch!(f32),
-        DType::BF16 => launch!(half::bf16),
-        DType::F16 => launch!(half::f16),
-        _ => unreachable!("checked by suffix"),
-    })
+    Ok(float_dispatch!("qlorad kernels", s.dtype(), T => {
+        let x = view::<T>(s, l)?;
+        let out = alloc::<T>(&dev, n)?;
+        let mut b = f.builder();
+        b.arg(&x)
+            .arg(&out)
+            .arg(&n64)
+            .arg(&seed)
+            .arg(&threshold)
+            .arg(&keep_scale);
+        // SAFETY: argument types and counts match the kernel's signature.
+        unsafe { b.launch(grid(n, 256)) }.w()?;
+        CudaStorage::wrap_cuda_slice(out, dev.clone())
+    }))
 }
 
 /// `acc += dropout(x)` in place; both contiguous, of one shape and dtype.
@@ -473,33 +449,25 @@ pub fn attn_softmax(
     let (h, q, k, c) = (r.heads as i32, r.q as i32, r.k as i32, r.causal as i32);
     with_cuda(keep, |ks, kl| {
         let keep = view::<u8>(ks, kl)?;
-        macro_rules! launch {
-            ($t:ty) => {{
-                let x = view::<$t>(s, l)?;
-                let out = alloc::<$t>(&dev, n)?;
-                let mut b = f.builder();
-                b.arg(&x)
-                    .arg(&keep)
-                    .arg(&out)
-                    .arg(&h)
-                    .arg(&q)
-                    .arg(&k)
-                    .arg(&r.scale)
-                    .arg(&c);
-                if let SoftmaxKernel::Warp(_) = kind {
-                    b.arg(&nrows);
-                }
-                // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(kind.config(n / r.k, r.k)) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        Ok(match s.dtype() {
-            DType::F32 => launch!(f32),
-            DType::BF16 => launch!(half::bf16),
-            DType::F16 => launch!(half::f16),
-            _ => unreachable!("checked by suffix"),
-        })
+        Ok(float_dispatch!("qlorad kernels", s.dtype(), T => {
+            let x = view::<T>(s, l)?;
+            let out = alloc::<T>(&dev, n)?;
+            let mut b = f.builder();
+            b.arg(&x)
+                .arg(&keep)
+                .arg(&out)
+                .arg(&h)
+                .arg(&q)
+                .arg(&k)
+                .arg(&r.scale)
+                .arg(&c);
+            if let SoftmaxKernel::Warp(_) = kind {
+                b.arg(&nrows);
+            }
+            // SAFETY: argument types and counts match the kernel's signature.
+            unsafe { b.launch(kind.config(n / r.k, r.k)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }))
     })
 }
 
@@ -530,35 +498,27 @@ pub fn attn_softmax_bwd(
     let (h, q, k, c) = (r.heads as i32, r.q as i32, r.k as i32, r.causal as i32);
     with_cuda(keep, |ks, kl| {
         let keep = view::<u8>(ks, kl)?;
-        macro_rules! launch {
-            ($t:ty) => {{
-                let pv = view::<$t>(p, pl)?;
-                let dv = view::<$t>(dp, dl)?;
-                let out = alloc::<$t>(&dev, n)?;
-                let mut b = f.builder();
-                b.arg(&pv)
-                    .arg(&dv)
-                    .arg(&keep)
-                    .arg(&out)
-                    .arg(&h)
-                    .arg(&q)
-                    .arg(&k)
-                    .arg(&r.scale)
-                    .arg(&c);
-                if let SoftmaxKernel::Warp(_) = kind {
-                    b.arg(&nrows);
-                }
-                // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(kind.config(n / r.k, r.k)) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        Ok(match p.dtype() {
-            DType::F32 => launch!(f32),
-            DType::BF16 => launch!(half::bf16),
-            DType::F16 => launch!(half::f16),
-            _ => unreachable!("checked by suffix"),
-        })
+        Ok(float_dispatch!("qlorad kernels", p.dtype(), T => {
+            let pv = view::<T>(p, pl)?;
+            let dv = view::<T>(dp, dl)?;
+            let out = alloc::<T>(&dev, n)?;
+            let mut b = f.builder();
+            b.arg(&pv)
+                .arg(&dv)
+                .arg(&keep)
+                .arg(&out)
+                .arg(&h)
+                .arg(&q)
+                .arg(&k)
+                .arg(&r.scale)
+                .arg(&c);
+            if let SoftmaxKernel::Warp(_) = kind {
+                b.arg(&nrows);
+            }
+            // SAFETY: argument types and counts match the kernel's signature.
+            unsafe { b.launch(kind.config(n / r.k, r.k)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }))
     })
 }
 
@@ -572,21 +532,13 @@ pub fn cross_entropy(s: &CudaStorage, l: &Layout, targets: &Tensor) -> Result<Cu
     with_cuda(targets, |ts, tl| {
         let t = view::<u32>(ts, tl)?;
         let out = alloc::<f32>(&dev, n)?;
-        macro_rules! launch {
-            ($t:ty) => {{
-                let x = view::<$t>(s, l)?;
-                let mut b = f.builder();
-                b.arg(&x).arg(&t).arg(&out).arg(&v32);
-                // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(rows(n, 1024)) }.w()?;
-            }};
-        }
-        match s.dtype() {
-            DType::F32 => launch!(f32),
-            DType::BF16 => launch!(half::bf16),
-            DType::F16 => launch!(half::f16),
-            _ => unreachable!("checked by suffix"),
-        }
+        float_dispatch!("qlorad kernels", s.dtype(), T => {
+            let x = view::<T>(s, l)?;
+            let mut b = f.builder();
+            b.arg(&x).arg(&t).arg(&out).arg(&v32);
+            // SAFETY: argument types and counts match the kernel's signature.
+            unsafe { b.launch(rows(n, 1024)) }.w()?;
+        });
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     })
 }
@@ -607,23 +559,15 @@ pub fn cross_entropy_bwd(
     let gv = view::<f32>(g, gl)?;
     with_cuda(targets, |ts, tl| {
         let t = view::<u32>(ts, tl)?;
-        macro_rules! launch {
-            ($t:ty) => {{
-                let x = view::<$t>(s, l)?;
-                let out = alloc::<$t>(&dev, n * v)?;
-                let mut b = f.builder();
-                b.arg(&x).arg(&t).arg(&gv).arg(&out).arg(&v32);
-                // SAFETY: argument types and counts match the kernel's signature.
-                unsafe { b.launch(rows(n, 1024)) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        Ok(match s.dtype() {
-            DType::F32 => launch!(f32),
-            DType::BF16 => launch!(half::bf16),
-            DType::F16 => launch!(half::f16),
-            _ => unreachable!("checked by suffix"),
-        })
+        Ok(float_dispatch!("qlorad kernels", s.dtype(), T => {
+            let x = view::<T>(s, l)?;
+            let out = alloc::<T>(&dev, n * v)?;
+            let mut b = f.builder();
+            b.arg(&x).arg(&t).arg(&gv).arg(&out).arg(&v32);
+            // SAFETY: argument types and counts match the kernel's signature.
+            unsafe { b.launch(rows(n, 1024)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }))
     })
 }
 
