@@ -77,6 +77,24 @@ impl FrozenLinear {
         }
     }
 
+    /// This linear with its weight dense in `dtype`, for several products in a row: a 4-bit
+    /// weight is dequantized once into a temporary.
+    pub fn held(&self, dtype: DType) -> Result<FrozenLinear> {
+        let weight = match &self.weight {
+            FrozenWeight::Dense(w) => FrozenWeight::Dense(w.to_dtype(dtype)?),
+            FrozenWeight::Quant(q) => {
+                FrozenWeight::Dense(crate::profile::span("4-bit dequantize", || {
+                    q.dequantize(dtype)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                })?)
+            }
+        };
+        Ok(FrozenLinear {
+            weight,
+            bias: self.bias.clone(),
+        })
+    }
+
     /// The weight as a dense tensor (dequantized if 4-bit).
     pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
         match &self.weight {
@@ -191,6 +209,13 @@ pub(crate) struct LoraSaved {
     u: Tensor,
 }
 
+/// What a linear's hand-written backward reads: the frozen part (its weight held dense when the
+/// forward already dequantized it) and the adapter's saved inputs.
+pub(crate) struct LinearSaved {
+    base: FrozenLinear,
+    lora: Option<LoraSaved>,
+}
+
 /// dL/dx of one linear, and the f32 gradients of its adapter's A and B when it has one.
 pub(crate) type LinearGrads = (Tensor, Option<(Tensor, Tensor)>);
 
@@ -212,22 +237,41 @@ impl LoraLinear {
     }
 
     /// `forward` for a hand-written backward: the same output and the same draws from `rng`,
-    /// and what `backward` needs. x is `[rows, in]`; nothing is tracked.
+    /// and what `backward` needs, the dequantized weight included. x is `[rows, in]`; nothing
+    /// is tracked.
     pub(crate) fn forward_saving(
         &self,
         x: &Tensor,
         rng: Option<&mut Rng>,
-    ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let Some(saved) = self.adapter_input(x, rng)? else {
-            return Ok((self.base.forward(x)?, None));
+    ) -> Result<(Tensor, LinearSaved)> {
+        let base = self.base.held(x.dtype())?;
+        let Some(lora) = self.adapter_input(x, rng)? else {
+            let y = base.forward(x)?;
+            return Ok((y, LinearSaved { base, lora: None }));
         };
         let a = self.adapter.as_ref().expect("saved implies an adapter");
         // The thin product first, then the frozen GEMM accumulates onto it: its epilogue reads
         // the output almost for free, where an add after it would be a pass of its own.
         let y = crate::profile::span("LoRA adapter forwards", || {
-            matmul_t(&saved.u, &a.weights(x.dtype(), false)?.1)
+            matmul_t(&lora.u, &a.weights(x.dtype(), false)?.1)
         })?;
-        Ok((self.base.forward_add(y, x)?, Some(saved)))
+        let y = base.forward_add(y, x)?;
+        Ok((
+            y,
+            LinearSaved {
+                base,
+                lora: Some(lora),
+            },
+        ))
+    }
+
+    /// What `backward` needs where the output itself is not: the adapter's inputs (the same
+    /// draws from `rng`), the weight left packed.
+    pub(crate) fn saving_only(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<LinearSaved> {
+        Ok(LinearSaved {
+            base: self.base.clone(),
+            lora: self.adapter_input(x, rng)?,
+        })
     }
 
     /// `acc + forward(x)` for 2-D x with nothing tracked, accumulating in place on a GPU: acc
@@ -248,12 +292,8 @@ impl LoraLinear {
         })
     }
 
-    /// Only what `backward` needs, where the output itself is not (the same draws from `rng`).
-    pub(crate) fn adapter_input(
-        &self,
-        x: &Tensor,
-        rng: Option<&mut Rng>,
-    ) -> Result<Option<LoraSaved>> {
+    /// The adapter's saved inputs (the same draws from `rng` as `forward`).
+    fn adapter_input(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Option<LoraSaved>> {
         let Some(a) = &self.adapter else {
             return Ok(None);
         };
@@ -273,14 +313,15 @@ impl LoraLinear {
     pub(crate) fn backward(
         &self,
         x: &Tensor,
-        saved: Option<&LoraSaved>,
+        saved: &LinearSaved,
         gy: &Tensor,
         acc: Option<Tensor>,
     ) -> Result<LinearGrads> {
-        let (Some(a), Some(saved)) = (&self.adapter, saved) else {
+        let base = &saved.base;
+        let (Some(a), Some(saved)) = (&self.adapter, &saved.lora) else {
             let gx = match acc {
-                Some(acc) => self.base.input_grad_add(acc, gy)?,
-                None => self.base.input_grad(gy)?,
+                Some(acc) => base.input_grad_add(acc, gy)?,
+                None => base.input_grad(gy)?,
             };
             return Ok((gx, None));
         };
@@ -301,7 +342,7 @@ impl LoraLinear {
             };
             Ok::<_, candle_core::Error>((gx, (ga, gb)))
         })?;
-        Ok((self.base.input_grad_add(gx, gy)?, Some(grads)))
+        Ok((base.input_grad_add(gx, gy)?, Some(grads)))
     }
 }
 

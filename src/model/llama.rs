@@ -15,7 +15,7 @@ use super::config::ModelConfig;
 use super::source::BaseWeights;
 use super::weights::view_to_tensor;
 use super::{ModelError, Result};
-use crate::lora::layer::LoraSaved;
+use crate::lora::layer::LinearSaved;
 use crate::lora::{peft, FrozenLinear, FrozenWeight, LoraAdapter, LoraConfig, LoraLinear};
 use crate::quant::bnb::from_bnb_tensors;
 use crate::quant::{FloatSlice, Nf4Tensor, QuantConfig};
@@ -450,7 +450,7 @@ impl CausalLm {
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let x = self.hidden(input_ids, attention_mask, rng)?;
-        Ok(crate::quant::linear::linear_frozen(&x, self.head())?)
+        Ok(crate::quant::linear::lm_head(&x, self.head())?)
     }
 
     fn head(&self) -> &Tensor {
@@ -514,7 +514,7 @@ impl CausalLm {
             flat.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
         }
         .unsqueeze(0)?; // [1, n, hidden]
-        let logits = crate::quant::linear::linear_frozen(&picked, self.head())?.squeeze(0)?; // [n, vocab]
+        let logits = crate::quant::linear::lm_head(&picked, self.head())?.squeeze(0)?; // [n, vocab]
         let targets = Tensor::from_vec(targets, n, dev)?;
         let nll = crate::ops::cross_entropy(&logits, &targets)?; // [n], f32
         Ok((nll.sum_all()? * (1.0 / n as f64))?)
@@ -715,23 +715,23 @@ fn attention_bwd(
 /// What a decoder layer's hand-written backward reads from its forward.
 struct LayerSaved {
     h1: Tensor,
-    sq: Option<LoraSaved>,
-    sk: Option<LoraSaved>,
-    sv: Option<LoraSaved>,
+    sq: LinearSaved,
+    sk: LinearSaved,
+    sv: LinearSaved,
     q: Tensor,
     k: Tensor,
     v: Tensor,
     probs: Tensor,
     attn: Tensor,
-    so: Option<LoraSaved>,
+    so: LinearSaved,
     x2: Tensor,
     h2: Tensor,
     gate: Tensor,
     up: Tensor,
-    sg: Option<LoraSaved>,
-    su: Option<LoraSaved>,
+    sg: LinearSaved,
+    su: LinearSaved,
     m: Tensor,
-    sd: Option<LoraSaved>,
+    sd: LinearSaved,
 }
 
 /// A decoder layer's forward with nothing tracked, x `[b·s, hidden]`. Either the output
@@ -768,7 +768,7 @@ fn layer_forward(
     if !save {
         return Ok((Some(l[6].forward_add(x2, &m, rng)?), None));
     }
-    let sd = l[6].adapter_input(&m, rng)?;
+    let sd = l[6].saving_only(&m, rng)?;
     let saved = LayerSaved {
         h1,
         sq,
@@ -840,25 +840,25 @@ fn decoder_layer_vjp(
             grads.push((a.b.as_tensor().clone(), gb));
         }
     };
-    let (gm, g) = l[6].backward(&m, sd.as_ref(), &gy, None)?;
+    let (gm, g) = l[6].backward(&m, &sd, &gy, None)?;
     keep(6, g);
     let (g_gate, g_up) = swiglu_bwd(&gate, &up, &gm)?;
-    let (gh2, g) = l[4].backward(&h2, sg.as_ref(), &g_gate, None)?;
+    let (gh2, g) = l[4].backward(&h2, &sg, &g_gate, None)?;
     keep(4, g);
-    let (gh2, g) = l[5].backward(&h2, su.as_ref(), &g_up, Some(gh2))?;
+    let (gh2, g) = l[5].backward(&h2, &su, &g_up, Some(gh2))?;
     keep(5, g);
     let gx2 = (&gy + rms_norm_bwd(&x2, &layer.post_norm, eps, &gh2)?)?;
-    let (g_attn, g) = l[3].backward(&attn, so.as_ref(), &gx2, None)?;
+    let (g_attn, g) = l[3].backward(&attn, &so, &gx2, None)?;
     keep(3, g);
     let (gq, gk, gv) = attention_bwd(&q, &k, &v, &probs, &g_attn, ctx)?;
     let gqp = rope_bwd(&gq, &ctx.cos, &ctx.sin)?.reshape((rows, nh * hd))?;
     let gkp = rope_bwd(&gk, &ctx.cos, &ctx.sin)?.reshape((rows, nkv * hd))?;
     let gvp = gv.transpose(1, 2)?.reshape((rows, nkv * hd))?;
-    let (gh1, g) = l[0].backward(&h1, sq.as_ref(), &gqp, None)?;
+    let (gh1, g) = l[0].backward(&h1, &sq, &gqp, None)?;
     keep(0, g);
-    let (gh1, g) = l[1].backward(&h1, sk.as_ref(), &gkp, Some(gh1))?;
+    let (gh1, g) = l[1].backward(&h1, &sk, &gkp, Some(gh1))?;
     keep(1, g);
-    let (gh1, g) = l[2].backward(&h1, sv.as_ref(), &gvp, Some(gh1))?;
+    let (gh1, g) = l[2].backward(&h1, &sv, &gvp, Some(gh1))?;
     keep(2, g);
     let gx = (gx2 + rms_norm_bwd(&x, &layer.input_norm, eps, &gh1)?)?;
     Ok((gx.reshape((b, s, hidden))?, grads))

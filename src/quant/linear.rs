@@ -30,6 +30,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 pub fn linear_4bit(x: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(FrozenMatmul {
         w: Frozen::Packed(w.clone()),
+        label: LINEAR,
     })
 }
 
@@ -37,6 +38,7 @@ pub fn linear_4bit(x: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor
 pub fn linear_frozen(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(FrozenMatmul {
         w: Frozen::Dense(w.detach()),
+        label: LINEAR,
     })
 }
 
@@ -45,6 +47,7 @@ pub fn linear_frozen(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 pub fn linear_4bit_add(acc: Tensor, x: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
     FrozenMatmul {
         w: Frozen::Packed(w.clone()),
+        label: LINEAR,
     }
     .forward_add(acc, x)
 }
@@ -53,6 +56,7 @@ pub fn linear_4bit_add(acc: Tensor, x: &Tensor, w: &Arc<Nf4Tensor>) -> candle_co
 pub fn linear_frozen_add(acc: Tensor, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     FrozenMatmul {
         w: Frozen::Dense(w.detach()),
+        label: LINEAR,
     }
     .forward_add(acc, x)
 }
@@ -61,6 +65,7 @@ pub fn linear_frozen_add(acc: Tensor, x: &Tensor, w: &Tensor) -> candle_core::Re
 pub fn linear_4bit_input_grad(gy: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
     FrozenMatmul {
         w: Frozen::Packed(w.clone()),
+        label: LINEAR,
     }
     .input_grad(gy)
 }
@@ -73,6 +78,7 @@ pub fn linear_4bit_input_grad_add(
 ) -> candle_core::Result<Tensor> {
     FrozenMatmul {
         w: Frozen::Packed(w.clone()),
+        label: LINEAR,
     }
     .input_grad_add(acc, gy)
 }
@@ -85,6 +91,7 @@ pub fn linear_frozen_input_grad_add(
 ) -> candle_core::Result<Tensor> {
     FrozenMatmul {
         w: Frozen::Dense(w.detach()),
+        label: LINEAR,
     }
     .input_grad_add(acc, gy)
 }
@@ -93,8 +100,17 @@ pub fn linear_frozen_input_grad_add(
 pub fn linear_frozen_input_grad(gy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     FrozenMatmul {
         w: Frozen::Dense(w.detach()),
+        label: LINEAR,
     }
     .input_grad(gy)
+}
+
+/// `x · Wᵀ` for the LM head `[vocab, hidden]`: `linear_frozen`, counted apart in profiles.
+pub fn lm_head(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenMatmul {
+        w: Frozen::Dense(w.detach()),
+        label: "LM head matmuls (cuBLAS)",
+    })
 }
 
 enum Frozen {
@@ -104,7 +120,11 @@ enum Frozen {
 
 struct FrozenMatmul {
     w: Frozen,
+    /// The profile span its matmuls count under.
+    label: &'static str,
 }
+
+const LINEAR: &str = "frozen linear matmuls (cuBLAS)";
 
 fn quant_err(e: super::QuantError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
@@ -142,10 +162,7 @@ impl FrozenMatmul {
     }
 
     fn matmul_name(&self) -> &'static str {
-        match &self.w {
-            Frozen::Packed(_) => "frozen linear matmuls (cuBLAS)",
-            Frozen::Dense(_) => "LM head matmuls (cuBLAS)",
-        }
+        self.label
     }
 }
 
