@@ -811,26 +811,7 @@ fn decoder_layer_vjp(
     let x = x.reshape((rows, hidden))?;
     let gy = gy.to_dtype(x.dtype())?.reshape((rows, hidden))?;
     let (_, saved) = layer_forward(layer, ctx, &x, (b, s), rng, true)?;
-    let LayerSaved {
-        h1,
-        sq,
-        sk,
-        sv,
-        q,
-        k,
-        v,
-        probs,
-        attn,
-        so,
-        x2,
-        h2,
-        gate,
-        up,
-        sg,
-        su,
-        m,
-        sd,
-    } = saved.expect("saved on request");
+    let fwd = saved.expect("saved on request");
 
     // Backward.
     let mut grads = Vec::new();
@@ -840,25 +821,25 @@ fn decoder_layer_vjp(
             grads.push((a.b.as_tensor().clone(), gb));
         }
     };
-    let (gm, g) = l[6].backward(&m, &sd, &gy, None)?;
+    let (gm, g) = l[6].backward(&fwd.m, &fwd.sd, &gy, None)?;
     keep(6, g);
-    let (g_gate, g_up) = swiglu_bwd(&gate, &up, &gm)?;
-    let (gh2, g) = l[4].backward(&h2, &sg, &g_gate, None)?;
+    let (g_gate, g_up) = swiglu_bwd(&fwd.gate, &fwd.up, &gm)?;
+    let (gh2, g) = l[4].backward(&fwd.h2, &fwd.sg, &g_gate, None)?;
     keep(4, g);
-    let (gh2, g) = l[5].backward(&h2, &su, &g_up, Some(gh2))?;
+    let (gh2, g) = l[5].backward(&fwd.h2, &fwd.su, &g_up, Some(gh2))?;
     keep(5, g);
-    let gx2 = (&gy + rms_norm_bwd(&x2, &layer.post_norm, eps, &gh2)?)?;
-    let (g_attn, g) = l[3].backward(&attn, &so, &gx2, None)?;
+    let gx2 = (&gy + rms_norm_bwd(&fwd.x2, &layer.post_norm, eps, &gh2)?)?;
+    let (g_attn, g) = l[3].backward(&fwd.attn, &fwd.so, &gx2, None)?;
     keep(3, g);
-    let (gq, gk, gv) = attention_bwd(&q, &k, &v, &probs, &g_attn, ctx)?;
+    let (gq, gk, gv) = attention_bwd(&fwd.q, &fwd.k, &fwd.v, &fwd.probs, &g_attn, ctx)?;
     let gqp = rope_bwd(&gq, &ctx.cos, &ctx.sin)?.reshape((rows, nh * hd))?;
     let gkp = rope_bwd(&gk, &ctx.cos, &ctx.sin)?.reshape((rows, nkv * hd))?;
     let gvp = gv.transpose(1, 2)?.reshape((rows, nkv * hd))?;
-    let (gh1, g) = l[0].backward(&h1, &sq, &gqp, None)?;
+    let (gh1, g) = l[0].backward(&fwd.h1, &fwd.sq, &gqp, None)?;
     keep(0, g);
-    let (gh1, g) = l[1].backward(&h1, &sk, &gkp, Some(gh1))?;
+    let (gh1, g) = l[1].backward(&fwd.h1, &fwd.sk, &gkp, Some(gh1))?;
     keep(1, g);
-    let (gh1, g) = l[2].backward(&h1, &sv, &gvp, Some(gh1))?;
+    let (gh1, g) = l[2].backward(&fwd.h1, &fwd.sv, &gvp, Some(gh1))?;
     keep(2, g);
     let gx = (gx2 + rms_norm_bwd(&x, &layer.input_norm, eps, &gh1)?)?;
     Ok((gx.reshape((b, s, hidden))?, grads))
