@@ -438,37 +438,7 @@ pub fn attn_softmax(
     keep: &Tensor,
     r: AttnRows,
 ) -> Result<CudaStorage> {
-    let dev = s.device().clone();
-    let n = l.shape().elem_count();
-    let kind = keep_layout(keep, |kl| SoftmaxKernel::pick(&[l], kl, r.k))?;
-    let f = func!(
-        dev,
-        &kind.name(&format!("attn_softmax_{}", suffix(s.dtype())?))
-    )?;
-    let nrows = (n / r.k) as i32;
-    let (h, q, k, c) = (r.heads as i32, r.q as i32, r.k as i32, r.causal as i32);
-    with_cuda(keep, |ks, kl| {
-        let keep = view::<u8>(ks, kl)?;
-        Ok(float_dispatch!("qlorad kernels", s.dtype(), T => {
-            let x = view::<T>(s, l)?;
-            let out = alloc::<T>(&dev, n)?;
-            let mut b = f.builder();
-            b.arg(&x)
-                .arg(&keep)
-                .arg(&out)
-                .arg(&h)
-                .arg(&q)
-                .arg(&k)
-                .arg(&r.scale)
-                .arg(&c);
-            if let SoftmaxKernel::Warp(_) = kind {
-                b.arg(&nrows);
-            }
-            // SAFETY: argument types and counts match the kernel's signature.
-            unsafe { b.launch(kind.config(n / r.k, r.k)) }.w()?;
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        }))
-    })
+    launch_softmax("attn_softmax", &[(s, l)], keep, r)
 }
 
 /// The gradient of `attn_softmax` given its output `p` and the output's gradient `dp`.
@@ -480,8 +450,6 @@ pub fn attn_softmax_bwd(
     keep: &Tensor,
     r: AttnRows,
 ) -> Result<CudaStorage> {
-    let dev = p.device().clone();
-    let n = pl.shape().elem_count();
     if p.dtype() != dp.dtype() {
         bail!(
             "attn_softmax_bwd: dtypes {:?} and {:?}",
@@ -489,23 +457,38 @@ pub fn attn_softmax_bwd(
             dp.dtype()
         );
     }
-    let kind = keep_layout(keep, |kl| SoftmaxKernel::pick(&[pl, dl], kl, r.k))?;
-    let f = func!(
-        dev,
-        &kind.name(&format!("attn_softmax_bwd_{}", suffix(p.dtype())?))
-    )?;
+    launch_softmax("attn_softmax_bwd", &[(p, pl), (dp, dl)], keep, r)
+}
+
+/// A softmax kernel (forward or backward) over rows of `r.k`: the kernels take their inputs,
+/// the key mask, the output, then the row geometry (and the row count, one warp per row).
+fn launch_softmax(
+    base: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    keep: &Tensor,
+    r: AttnRows,
+) -> Result<CudaStorage> {
+    let (s0, l0) = inputs[0];
+    let dev = s0.device().clone();
+    let n = l0.shape().elem_count();
+    let layouts: Vec<&Layout> = inputs.iter().map(|(_, l)| *l).collect();
+    let kind = keep_layout(keep, |kl| SoftmaxKernel::pick(&layouts, kl, r.k))?;
+    let f = func!(dev, &kind.name(&format!("{base}_{}", suffix(s0.dtype())?)))?;
     let nrows = (n / r.k) as i32;
     let (h, q, k, c) = (r.heads as i32, r.q as i32, r.k as i32, r.causal as i32);
     with_cuda(keep, |ks, kl| {
         let keep = view::<u8>(ks, kl)?;
-        Ok(float_dispatch!("qlorad kernels", p.dtype(), T => {
-            let pv = view::<T>(p, pl)?;
-            let dv = view::<T>(dp, dl)?;
+        Ok(float_dispatch!("qlorad kernels", s0.dtype(), T => {
+            let views = inputs
+                .iter()
+                .map(|(s, l)| view::<T>(s, l))
+                .collect::<Result<Vec<_>>>()?;
             let out = alloc::<T>(&dev, n)?;
             let mut b = f.builder();
-            b.arg(&pv)
-                .arg(&dv)
-                .arg(&keep)
+            for v in &views {
+                b.arg(v);
+            }
+            b.arg(&keep)
                 .arg(&out)
                 .arg(&h)
                 .arg(&q)
@@ -515,7 +498,7 @@ pub fn attn_softmax_bwd(
             if let SoftmaxKernel::Warp(_) = kind {
                 b.arg(&nrows);
             }
-            // SAFETY: argument types and counts match the kernel's signature.
+            // SAFETY: argument types and counts match the kernels' signatures.
             unsafe { b.launch(kind.config(n / r.k, r.k)) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }))
