@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--model-dir", help="reuse or keep the random model here")
     ap.add_argument("--make-only", action="store_true", help="write the random model and stop")
+    ap.add_argument("--no-gradient-checkpointing", action="store_true",
+                    help="keep activations instead of recomputing them in the backward")
     ap.add_argument("--layers", type=int, help="fewer decoder layers than the shape has (profiling)")
     args = ap.parse_args()
     shape = dict(SHAPES[args.shape])
@@ -74,9 +76,13 @@ def main():
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16),
         torch_dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=not args.no_gradient_checkpointing)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
+    # from_pretrained leaves the model in eval mode, where transformers skips gradient
+    # checkpointing and PEFT skips LoRA dropout: train as a Trainer would.
+    model.train()
     load = time.time() - t0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     ids = torch.randint(0, shape["vocab_size"], (args.batch_size, args.seq_len), device="cuda")
@@ -102,6 +108,8 @@ def main():
                  f" + bitsandbytes {__import__('bitsandbytes').__version__}, torch {torch.__version__}",
         "device": torch.cuda.get_device_name(0),
         "shape": args.shape, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "gradient_checkpointing": not args.no_gradient_checkpointing, "training": model.training,
+        "checkpointing_active": bool(getattr(model, "is_gradient_checkpointing", False)),
         "steps_timed": len(times), "step_seconds_median": step_s, "tokens_per_second": tps,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,

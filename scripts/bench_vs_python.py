@@ -1,7 +1,8 @@
 """qlorad against the Python QLoRA stack (transformers + PEFT + bitsandbytes), side by side on
 one GPU in one run: the same random-weight model of a real shape, the same recipe (NF4, double
 quantization, bf16 compute, LoRA r=16 alpha 32 dropout 0.05 on all linear layers, gradient
-checkpointing, AdamW lr 2e-4), the same sequence length and batch.
+checkpointing unless --no-gradient-checkpointing, AdamW lr 2e-4), the same sequence length and
+batch.
 
     python scripts/bench_vs_python.py --qlorad /path/to/qlorad-with-cuda \\
         --shapes llama-3.2-1b llama-3-8b --seq-len 2048 --batch-size 1 --steps 6
@@ -47,6 +48,8 @@ def main():
     ap.add_argument("--work", default=tempfile.gettempdir(), help="where the random models go")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the reports go")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--no-gradient-checkpointing", action="store_true",
+                    help="both stacks keep activations instead of recomputing them in the backward")
     ap.add_argument("--profile", action="store_true",
                     help="also run qlorad once more with --profile: where its step time goes")
     args = ap.parse_args()
@@ -67,7 +70,7 @@ def main():
     spec = os.path.join(args.out, "spec.json")
     with open(spec, "w") as f:
         json.dump({
-            "hyperparameters": {"gradient_checkpointing": True, "learning_rate": 2e-4, "lr_scheduler": "constant",
+            "hyperparameters": {"gradient_checkpointing": not args.no_gradient_checkpointing, "learning_rate": 2e-4, "lr_scheduler": "constant",
                                 "warmup_ratio": 0.0, "max_seq_len": max(args.seq_len, 2048)},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
             "quantization": {"type": "nf4", "block_size": 64, "double_quant": True, "compute_dtype": "bf16"},
@@ -77,6 +80,8 @@ def main():
         model_dir = os.path.join(args.work, f"qlorad-bench-{shape}")
         py = [sys.executable, os.path.join(HERE, "bench_python_qlora.py"), "--shape", shape, "--model-dir", model_dir,
               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+        if args.no_gradient_checkpointing:
+            py.append("--no-gradient-checkpointing")
         run_json(py + ["--make-only"], os.path.join(args.out, f"make-{shape}.json"))
         q = run_json([args.qlorad, "bench", "train", "--model", model_dir, "--device", "cuda:0", "--spec", spec,
                       "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
@@ -91,7 +96,9 @@ def main():
                 print(f"  {v['seconds'] * 1e3:8.1f} ms  {v['seconds'] / step * 100:5.1f}%  {name}")
         p = run_json(py, os.path.join(args.out, f"python-{shape}.json"))
         rows.append((shape, q, p))
-    print(f"\ncard: {card}; seq {args.seq_len}, batch {args.batch_size}, median of {args.steps} steps after 2 warm-up")
+    ckpt = "off" if args.no_gradient_checkpointing else "on"
+    print(f"\ncard: {card}; seq {args.seq_len}, batch {args.batch_size}, gradient checkpointing {ckpt}, "
+          f"median of {args.steps} steps after 2 warm-up")
     print("| shape | stack | step s | tokens/s | peak GPU GiB | MFU |")
     print("| --- | --- | --- | --- | --- | --- |")
     for shape, q, p in rows:

@@ -237,14 +237,21 @@ impl LoraLinear {
     }
 
     /// `forward` for a hand-written backward: the same output and the same draws from `rng`,
-    /// and what `backward` needs, the dequantized weight included. x is `[rows, in]`; nothing
-    /// is tracked.
+    /// and what `backward` needs. x is `[rows, in]`; nothing is tracked. With `hold`, the
+    /// weight dequantized for this product is kept for the backward's (a replay's backward
+    /// follows at once); without it the backward dequantizes again, so that a whole model's
+    /// saved layers do not hold every weight dense.
     pub(crate) fn forward_saving(
         &self,
         x: &Tensor,
         rng: Option<&mut Rng>,
+        hold: bool,
     ) -> Result<(Tensor, LinearSaved)> {
-        let base = self.base.held(x.dtype())?;
+        let base = if hold {
+            self.base.held(x.dtype())?
+        } else {
+            self.base.clone()
+        };
         let Some(lora) = self.adapter_input(x, rng)? else {
             let y = base.forward(x)?;
             return Ok((y, LinearSaved { base, lora: None }));

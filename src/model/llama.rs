@@ -76,7 +76,10 @@ pub struct CausalLm {
     dtype: DType,
     device: Device,
     gradient_checkpointing: bool,
-    /// Adapter gradients computed while replaying checkpointed layers.
+    /// Run the decoder layers through candle's autograd rather than their hand-written
+    /// backward: the reference that backward is tested against.
+    autograd_layers: bool,
+    /// Adapter gradients computed in the decoder layers' hand-written backward.
     sink: GradSink,
 }
 
@@ -310,12 +313,13 @@ impl CausalLm {
             dtype: dt,
             device: dev.clone(),
             gradient_checkpointing: opts.gradient_checkpointing,
+            autograd_layers: false,
             sink: GradSink::default(),
         })
     }
 
-    /// Gradients of `loss` for every tensor, including adapter gradients computed while
-    /// replaying checkpointed layers. Use this instead of `loss.backward()`.
+    /// Gradients of `loss` for every tensor, including adapter gradients computed in the
+    /// decoder layers' hand-written backward. Use this instead of `loss.backward()`.
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
         let mut grads = loss.backward()?;
         self.sink.drain_into(&mut grads)?;
@@ -332,6 +336,11 @@ impl CausalLm {
 
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.gradient_checkpointing = on;
+    }
+
+    #[cfg(test)]
+    fn set_autograd_layers(&mut self, on: bool) {
+        self.autograd_layers = on;
     }
 
     /// `(module path, layer)` for every linear of the decoder blocks.
@@ -543,17 +552,23 @@ impl CausalLm {
             sin,
             keep: self.key_mask(b, s, attention_mask)?,
         });
+        let pass = if self.gradient_checkpointing {
+            Pass::Output
+        } else {
+            Pass::Keep
+        };
         for layer in &self.layers {
-            x = if self.gradient_checkpointing {
-                checkpoint(
+            x = if self.autograd_layers {
+                decoder_layer(layer, &ctx, &x, rng.as_deref_mut())?
+            } else {
+                layer_op(
                     layer.clone(),
                     ctx.clone(),
                     &x,
                     rng.as_deref_mut(),
                     &self.sink,
+                    pass,
                 )?
-            } else {
-                decoder_layer(layer, &ctx, &x, rng.as_deref_mut())?
             };
         }
         Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?)
@@ -604,7 +619,9 @@ impl CausalLm {
     }
 }
 
-/// One pre-norm decoder block: attention then SwiGLU MLP, each with a residual.
+/// One pre-norm decoder block: attention then SwiGLU MLP, each with a residual, through
+/// candle's autograd. Training runs `layer_op`, whose backward is written by hand; this is its
+/// reference.
 pub(crate) fn decoder_layer(
     layer: &DecoderLayer,
     ctx: &LayerCtx,
@@ -734,41 +751,58 @@ struct LayerSaved {
     sd: LinearSaved,
 }
 
-/// A decoder layer's forward with nothing tracked, x `[b·s, hidden]`. Either the output
-/// (`save` false; the last projection and the adapters accumulate into the residual in place)
-/// or, for `decoder_layer_vjp`, what backward reads (the output itself is not computed). Draws
-/// from `rng` as `decoder_layer` does.
+/// What `layer_forward` computes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Pass {
+    /// The output alone, keeping nothing (a checkpointed layer's forward): the last projection
+    /// and the adapters accumulate into the residual in place.
+    Output,
+    /// What the backward reads and not the output (a checkpointed layer's replay). Dequantized
+    /// weights are held for the backward, which follows at once.
+    Replay,
+    /// The output and what the backward reads (training without checkpointing). Weights stay
+    /// packed in what is kept: every layer's is held until the backward reaches it.
+    Keep,
+}
+
+/// A decoder layer's forward with nothing tracked, x `[b·s, hidden]`: the output, what
+/// `layer_backward` reads, or both, as `pass` says. Draws from `rng` as `decoder_layer` does.
 fn layer_forward(
     layer: &DecoderLayer,
     ctx: &LayerCtx,
     x: &Tensor,
     (b, s): (usize, usize),
     mut rng: Option<&mut Rng>,
-    save: bool,
+    pass: Pass,
 ) -> candle_core::Result<(Option<Tensor>, Option<LayerSaved>)> {
     use crate::ops::{rope, swiglu};
     let (hd, nh, nkv, eps) = (ctx.head_dim, ctx.heads, ctx.kv_heads, ctx.eps);
     let l = &layer.linears;
     let rows = b * s;
+    let hold = pass == Pass::Replay;
     let h1 = rms_norm(x, &layer.input_norm, eps)?;
-    let (qp, sq) = l[0].forward_saving(&h1, rng.as_deref_mut())?;
-    let (kp, sk) = l[1].forward_saving(&h1, rng.as_deref_mut())?;
-    let (vp, sv) = l[2].forward_saving(&h1, rng.as_deref_mut())?;
+    let (qp, sq) = l[0].forward_saving(&h1, rng.as_deref_mut(), hold)?;
+    let (kp, sk) = l[1].forward_saving(&h1, rng.as_deref_mut(), hold)?;
+    let (vp, sv) = l[2].forward_saving(&h1, rng.as_deref_mut(), hold)?;
     let q = rope(&qp.reshape((b, s, nh, hd))?, &ctx.cos, &ctx.sin)?;
     let k = rope(&kp.reshape((b, s, nkv, hd))?, &ctx.cos, &ctx.sin)?;
     let v = vp.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
     let (probs, attn) = attention(&q, &k, &v, ctx)?;
     let attn = attn.reshape((rows, nh * hd))?;
-    let (o, so) = l[3].forward_saving(&attn, rng.as_deref_mut())?;
+    let (o, so) = l[3].forward_saving(&attn, rng.as_deref_mut(), hold)?;
     let x2 = (x + o)?;
     let h2 = rms_norm(&x2, &layer.post_norm, eps)?;
-    let (gate, sg) = l[4].forward_saving(&h2, rng.as_deref_mut())?;
-    let (up, su) = l[5].forward_saving(&h2, rng.as_deref_mut())?;
+    let (gate, sg) = l[4].forward_saving(&h2, rng.as_deref_mut(), hold)?;
+    let (up, su) = l[5].forward_saving(&h2, rng.as_deref_mut(), hold)?;
     let m = swiglu(&gate, &up)?;
-    if !save {
-        return Ok((Some(l[6].forward_add(x2, &m, rng)?), None));
-    }
-    let sd = l[6].saving_only(&m, rng)?;
+    let (y, sd) = match pass {
+        Pass::Output => return Ok((Some(l[6].forward_add(x2, &m, rng)?), None)),
+        Pass::Replay => (None, l[6].saving_only(&m, rng)?),
+        Pass::Keep => {
+            let (d, sd) = l[6].forward_saving(&m, rng, false)?;
+            (Some((d + &x2)?), sd)
+        }
+    };
     let saved = LayerSaved {
         h1,
         sq,
@@ -789,17 +823,19 @@ fn layer_forward(
         m,
         sd,
     };
-    Ok((None, Some(saved)))
+    Ok((y, Some(saved)))
 }
 
-/// A decoder layer's backward by hand: replay the forward with the same dropout draws from
-/// `rng`, keeping what each gradient needs, then walk back. Returns dL/dx `[b, s, hidden]` and
-/// `(var, gradient)` for every adapter weight. Checkpointed layers use it: candle's autograd
-/// would add a zero-initialised full-size accumulation for every edge of the layer's graph.
-fn decoder_layer_vjp(
+/// A decoder layer's backward by hand, from what its forward kept (`saved`, or a replay of
+/// the forward with the same dropout draws from `rng` when it kept nothing). x is the layer's
+/// input `[b, s, hidden]`. Returns dL/dx and `(var, gradient)` for every adapter weight.
+/// candle's autograd would add a zero-initialised full-size accumulation for every edge of
+/// the layer's graph.
+fn layer_backward(
     layer: &DecoderLayer,
     ctx: &LayerCtx,
     x: &Tensor,
+    saved: Option<LayerSaved>,
     rng: Option<&mut Rng>,
     gy: &Tensor,
 ) -> candle_core::Result<(Tensor, Vec<(Tensor, Tensor)>)> {
@@ -810,10 +846,13 @@ fn decoder_layer_vjp(
     let rows = b * s;
     let x = x.reshape((rows, hidden))?;
     let gy = gy.to_dtype(x.dtype())?.reshape((rows, hidden))?;
-    let (_, saved) = layer_forward(layer, ctx, &x, (b, s), rng, true)?;
-    let fwd = saved.expect("saved on request");
+    let fwd = match saved {
+        Some(saved) => saved,
+        None => layer_forward(layer, ctx, &x, (b, s), rng, Pass::Replay)?
+            .1
+            .expect("a replay saves"),
+    };
 
-    // Backward.
     let mut grads = Vec::new();
     let mut keep = |i: usize, g: Option<(Tensor, Tensor)>| {
         if let (Some(a), Some((ga, gb))) = (&l[i].adapter, g) {
@@ -845,7 +884,8 @@ fn decoder_layer_vjp(
     Ok((gx.reshape((b, s, hidden))?, grads))
 }
 
-/// Adapter gradients produced inside checkpointed layers' backward, merged after the outer pass.
+/// Adapter gradients produced in decoder layers' hand-written backward, merged after the outer
+/// pass.
 #[derive(Clone, Default)]
 pub(crate) struct GradSink(Arc<std::sync::Mutex<Vec<(Tensor, Tensor)>>>);
 
@@ -867,29 +907,31 @@ impl GradSink {
     }
 }
 
-/// Gradient checkpointing for one decoder layer: the forward result is kept, the layer's
-/// activations are not; backward replays the layer (with the same dropout masks) to get the
-/// gradient of its input and, into `sink`, of its adapters.
-fn checkpoint(
+/// One decoder layer as a single autograd op with a hand-written backward: the gradient of its
+/// input is returned, its adapters' go into `sink`. `pass` is `Output` for gradient
+/// checkpointing (the layer's activations are not kept; backward replays the layer with the
+/// same dropout masks) or `Keep` (they are kept until backward reaches the layer).
+fn layer_op(
     layer: DecoderLayer,
     ctx: Arc<LayerCtx>,
     x: &Tensor,
     rng: Option<&mut Rng>,
     sink: &GradSink,
+    pass: Pass,
 ) -> candle_core::Result<Tensor> {
     let start = rng.as_ref().map(|r| **r);
     let mut fwd_rng = start;
     let (b, sq, hidden) = x.dims3()?;
-    let (y, _) = layer_forward(
+    let (y, kept) = layer_forward(
         &layer,
         &ctx,
         &x.detach().reshape((b * sq, hidden))?,
         (b, sq),
         fwd_rng.as_mut(),
-        false,
+        pass,
     )?;
     let y = y
-        .expect("an output when not saving")
+        .expect("an output unless replaying")
         .reshape((b, sq, hidden))?;
     if let (Some(outer), Some(after)) = (rng, fwd_rng) {
         *outer = after;
@@ -900,10 +942,11 @@ fn checkpoint(
         .linears
         .iter()
         .find_map(|l| l.adapter.as_ref().map(|a| a.a.as_tensor().clone()));
-    let op = Checkpoint {
+    let op = LayerOp {
         layer,
         ctx,
         rng: start,
+        kept: std::sync::Mutex::new(kept),
         out: y,
         sink: sink.clone(),
     };
@@ -914,16 +957,19 @@ fn checkpoint(
     }
 }
 
-struct Checkpoint {
+struct LayerOp {
     layer: DecoderLayer,
     ctx: Arc<LayerCtx>,
+    /// The dropout stream as the forward began, for a replay.
     rng: Option<Rng>,
+    /// What the forward kept for the backward, taken by it; None for a checkpointed layer.
+    kept: std::sync::Mutex<Option<LayerSaved>>,
     /// The layer's output, computed once in forward.
     out: Tensor,
     sink: GradSink,
 }
 
-impl Checkpoint {
+impl LayerOp {
     /// A copy of the stored output's storage, on whichever backend holds it.
     fn output<S: candle_core::backend::BackendStorage>(
         &self,
@@ -931,22 +977,24 @@ impl Checkpoint {
     ) -> candle_core::Result<(S, candle_core::Shape)> {
         let (storage, layout) = self.out.storage_and_layout();
         let Some(s) = pick(&storage) else {
-            candle_core::bail!("checkpoint: output is on another device than the input");
+            candle_core::bail!("decoder layer op: output is on another device than the input");
         };
         if layout.contiguous_offsets() != Some((0, layout.shape().elem_count())) {
-            candle_core::bail!("checkpoint: output is not a whole contiguous tensor");
+            candle_core::bail!("decoder layer op: output is not a whole contiguous tensor");
         }
         Ok((s.try_clone(layout)?, self.out.shape().clone()))
     }
 
-    /// Replay the layer on `arg` and run its backward by hand; adapter gradients go to the
-    /// sink, the input's is returned.
-    fn replay(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// The layer's backward, from what the forward kept or by replaying it on `arg`; adapter
+    /// gradients go to the sink, the input's is returned.
+    fn backward(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let mut rng = self.rng;
-        let (gx, grads) = decoder_layer_vjp(
+        let kept = self.kept.lock().expect("layer op lock").take();
+        let (gx, grads) = layer_backward(
             &self.layer,
             &self.ctx,
             &arg.detach(),
+            kept,
             rng.as_mut(),
             &grad_res.detach(),
         )?;
@@ -957,9 +1005,9 @@ impl Checkpoint {
     }
 }
 
-impl candle_core::CustomOp1 for Checkpoint {
+impl candle_core::CustomOp1 for LayerOp {
     fn name(&self) -> &'static str {
-        "checkpointed-decoder-layer"
+        "decoder-layer"
     }
 
     fn cpu_fwd(
@@ -985,13 +1033,13 @@ impl candle_core::CustomOp1 for Checkpoint {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        self.replay(arg, grad_res)
+        self.backward(arg, grad_res)
     }
 }
 
-impl candle_core::CustomOp2 for Checkpoint {
+impl candle_core::CustomOp2 for LayerOp {
     fn name(&self) -> &'static str {
-        "checkpointed-decoder-layer"
+        "decoder-layer"
     }
 
     fn cpu_fwd(
@@ -1023,7 +1071,7 @@ impl candle_core::CustomOp2 for Checkpoint {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // The anchor's real gradient arrives through the sink with the layer's other adapters.
-        Ok((self.replay(arg1, grad_res)?, None))
+        Ok((self.backward(arg1, grad_res)?, None))
     }
 }
 
@@ -1170,8 +1218,9 @@ mod tests {
             .join(name)
     }
 
-    /// The checkpointed layers' hand-written backward against candle's autograd through the
-    /// plain layers, with dropout on (the same draws) and trained, non-zero adapters.
+    /// The decoder layers' hand-written backward, from kept activations and from a
+    /// checkpoint's replay, against candle's autograd through the plain layers, with dropout on
+    /// (the same draws), left padding and trained, non-zero adapters.
     #[test]
     fn hand_written_layer_backward_equals_autograd_with_dropout() {
         for name in ["llama-gqa", "qwen2"] {
@@ -1192,7 +1241,13 @@ mod tests {
             mask[12] = 0; // left padding in the second row
             let mask = Tensor::from_vec(mask, (2, 12), &Device::Cpu).unwrap();
             let labels = ids.to_dtype(DType::I64).unwrap();
-            let mut run = |checkpointing: bool| {
+            let no_dropout = m
+                .forward_loss(&ids, Some(&mask), &labels, None)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let mut run = |autograd: bool, checkpointing: bool| {
+                m.set_autograd_layers(autograd);
                 m.set_gradient_checkpointing(checkpointing);
                 let mut rng = Rng::new(11);
                 let loss = m
@@ -1209,27 +1264,25 @@ mod tests {
                     .collect();
                 (loss.to_scalar::<f32>().unwrap(), out)
             };
-            let (loss_plain, plain) = run(false);
-            let (loss_ckpt, ckpt) = run(true);
-            assert!(
-                (loss_plain - loss_ckpt).abs() <= 1e-6 * loss_plain,
-                "{name}: forward {loss_plain} vs {loss_ckpt}"
-            );
-            let no_dropout = m
-                .forward_loss(&ids, Some(&mask), &labels, None)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let (loss_plain, plain) = run(true, false);
             assert_ne!(loss_plain, no_dropout, "{name}: dropout is on");
             assert_eq!(plain.len(), 28);
-            for ((key, a), (_, b)) in plain.iter().zip(&ckpt) {
-                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(scale > 0.0, "{name}: {key} has a zero gradient");
+            for checkpointing in [false, true] {
+                let (loss, hand) = run(false, checkpointing);
                 assert!(
-                    diff <= 1e-5 * scale,
-                    "{name}: {key} differs by {diff} (scale {scale})"
+                    (loss_plain - loss).abs() <= 1e-6 * loss_plain,
+                    "{name}, checkpointing {checkpointing}: forward {loss_plain} vs {loss}"
                 );
+                for ((key, a), (_, b)) in plain.iter().zip(&hand) {
+                    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(scale > 0.0, "{name}: {key} has a zero gradient");
+                    assert!(
+                        diff <= 1e-5 * scale,
+                        "{name}, checkpointing {checkpointing}: {key} differs by {diff} \
+                         (scale {scale})"
+                    );
+                }
             }
         }
     }
