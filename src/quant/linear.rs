@@ -109,7 +109,7 @@ pub fn linear_frozen_input_grad(gy: &Tensor, w: &Tensor) -> candle_core::Result<
 pub fn lm_head(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(FrozenMatmul {
         w: Frozen::Dense(w.detach()),
-        label: "LM head matmuls (cuBLAS)",
+        label: "LM head matmuls",
     })
 }
 
@@ -124,7 +124,7 @@ struct FrozenMatmul {
     label: &'static str,
 }
 
-const LINEAR: &str = "frozen linear matmuls (cuBLAS)";
+const LINEAR: &str = "frozen linear matmuls";
 
 fn quant_err(e: super::QuantError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
