@@ -760,8 +760,8 @@ enum Pass {
     /// What the backward reads and not the output (a checkpointed layer's replay). Dequantized
     /// weights are held for the backward, which follows at once.
     Replay,
-    /// The output and what the backward reads (training without checkpointing). Weights stay
-    /// packed in what is kept: every layer's is held until the backward reaches it.
+    /// The output and what the backward reads (training without checkpointing). What is kept
+    /// lives until the backward reaches the layer, so weights stay packed in it.
     Keep,
 }
 
@@ -947,7 +947,7 @@ fn layer_op(
         ctx,
         rng: start,
         kept: std::sync::Mutex::new(kept),
-        out: y,
+        out: std::sync::Mutex::new(Some(y)),
         sink: sink.clone(),
     };
     match anchor {
@@ -964,25 +964,30 @@ struct LayerOp {
     rng: Option<Rng>,
     /// What the forward kept for the backward, taken by it; None for a checkpointed layer.
     kept: std::sync::Mutex<Option<LayerSaved>>,
-    /// The layer's output, computed once in forward.
-    out: Tensor,
+    /// The layer's output, computed before the op; the op's forward copies it out and lets it
+    /// go, so that each layer's output is not held twice for the whole step.
+    out: std::sync::Mutex<Option<Tensor>>,
     sink: GradSink,
 }
 
 impl LayerOp {
-    /// A copy of the stored output's storage, on whichever backend holds it.
+    /// A copy of the stored output's storage, on whichever backend holds it; the stored
+    /// output is dropped.
     fn output<S: candle_core::backend::BackendStorage>(
         &self,
         pick: fn(&candle_core::Storage) -> Option<&S>,
     ) -> candle_core::Result<(S, candle_core::Shape)> {
-        let (storage, layout) = self.out.storage_and_layout();
+        let Some(out) = self.out.lock().expect("layer op lock").take() else {
+            candle_core::bail!("decoder layer op: its forward ran twice");
+        };
+        let (storage, layout) = out.storage_and_layout();
         let Some(s) = pick(&storage) else {
             candle_core::bail!("decoder layer op: output is on another device than the input");
         };
         if layout.contiguous_offsets() != Some((0, layout.shape().elem_count())) {
             candle_core::bail!("decoder layer op: output is not a whole contiguous tensor");
         }
-        Ok((s.try_clone(layout)?, self.out.shape().clone()))
+        Ok((s.try_clone(layout)?, out.shape().clone()))
     }
 
     /// The layer's backward, from what the forward kept or by replaying it on `arg`; adapter
