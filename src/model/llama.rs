@@ -521,11 +521,9 @@ impl CausalLm {
             flat.narrow(0, rows[0] as usize, n)?
         } else {
             flat.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
-        }
-        .unsqueeze(0)?; // [1, n, hidden]
-        let logits = crate::quant::linear::lm_head(&picked, self.head())?.squeeze(0)?; // [n, vocab]
+        }; // [n, hidden]
         let targets = Tensor::from_vec(targets, n, dev)?;
-        let nll = crate::ops::cross_entropy(&logits, &targets)?; // [n], f32
+        let nll = head_loss(&picked, self.head(), &targets, HEAD_BLOCK)?; // [n], f32
         Ok((nll.sum_all()? * (1.0 / n as f64))?)
     }
 
@@ -617,6 +615,54 @@ impl CausalLm {
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         causal_lm_loss(logits, labels)
     }
+}
+
+/// Logits `head_loss` computes at a time: 2^25 values, 64 MiB in bf16.
+const HEAD_BLOCK: usize = 1 << 25;
+
+/// Negative log-likelihood per row, f32 `[n]`, of the LM head `head` `[vocab, hidden]` over
+/// hidden states `h` `[n, hidden]` at u32 targets `[n]`: `cross_entropy(lm_head(h), targets)`
+/// for blocks of rows of at most `block` logits, in the forward and again in the backward. The
+/// `[n, vocab]` logits are never whole, and none are kept for the backward: with a 128k
+/// vocabulary they would outweigh the activations the layers keep.
+fn head_loss(h: &Tensor, head: &Tensor, targets: &Tensor, block: usize) -> Result<Tensor> {
+    use crate::quant::linear::{lm_head, lm_head_input_grad};
+    let (n, _) = h.dims2()?;
+    let rows = (block / head.dim(0)?).max(1);
+    let blocks: Vec<(usize, usize)> = (0..n).step_by(rows).map(|i| (i, rows.min(n - i))).collect();
+    let (head, targets) = (head.detach(), targets.detach());
+    let hd = h.detach();
+    let nll = blocks
+        .iter()
+        .map(|&(i, len)| {
+            let logits = lm_head(&hd.narrow(0, i, len)?, &head)?;
+            crate::ops::cross_entropy(&logits, &targets.narrow(0, i, len)?)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let nll = Tensor::cat(&nll, 0)?;
+    let backward: crate::ops::Backward = Box::new(move |h: &Tensor, g: &Tensor| {
+        let (h, g) = (h.detach(), g.detach());
+        let gh = blocks
+            .iter()
+            .map(|&(i, len)| {
+                let logits = lm_head(&h.narrow(0, i, len)?, &head)?;
+                let gl = crate::ops::cross_entropy_grad(
+                    &logits,
+                    &targets.narrow(0, i, len)?,
+                    &g.narrow(0, i, len)?,
+                )?;
+                lm_head_input_grad(&gl, &head)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&gh, 0)?))
+    });
+    Ok(crate::ops::hand_written(
+        "lm-head-loss",
+        h,
+        None,
+        nll,
+        backward,
+    )?)
 }
 
 /// One pre-norm decoder block: attention then SwiGLU MLP, each with a residual, through
@@ -936,163 +982,28 @@ fn layer_op(
     if let (Some(outer), Some(after)) = (rng, fwd_rng) {
         *outer = after;
     }
-    // candle records an op only if an input is tracked. The first layer's input (embeddings) is
-    // not, so the op also takes one of the layer's adapter weights as an anchor input.
+    // The first layer's input (embeddings) is not tracked, so one of the layer's adapter
+    // weights anchors the op; with no adapter nothing of this layer trains, and an untracked x
+    // needs no gradient.
     let anchor = layer
         .linears
         .iter()
         .find_map(|l| l.adapter.as_ref().map(|a| a.a.as_tensor().clone()));
-    let op = LayerOp {
-        layer,
-        ctx,
-        rng: start,
-        kept: std::sync::Mutex::new(kept),
-        out: std::sync::Mutex::new(Some(y)),
-        sink: sink.clone(),
-    };
-    match anchor {
-        Some(anchor) => x.contiguous()?.apply_op2(&anchor, op),
-        // No adapter here: nothing of this layer trains, and an untracked x needs no gradient.
-        None => x.contiguous()?.apply_op1(op),
-    }
-}
-
-struct LayerOp {
-    layer: DecoderLayer,
-    ctx: Arc<LayerCtx>,
-    /// The dropout stream as the forward began, for a replay.
-    rng: Option<Rng>,
-    /// What the forward kept for the backward, taken by it; None for a checkpointed layer.
-    kept: std::sync::Mutex<Option<LayerSaved>>,
-    /// The layer's output, computed before the op; the op's forward copies it out and lets it
-    /// go, so that each layer's output is not held twice for the whole step.
-    out: std::sync::Mutex<Option<Tensor>>,
-    sink: GradSink,
-}
-
-impl LayerOp {
-    /// A copy of the stored output's storage, on whichever backend holds it; the stored
-    /// output is dropped.
-    fn output<S: candle_core::backend::BackendStorage>(
-        &self,
-        pick: fn(&candle_core::Storage) -> Option<&S>,
-    ) -> candle_core::Result<(S, candle_core::Shape)> {
-        let Some(out) = self.out.lock().expect("layer op lock").take() else {
-            candle_core::bail!("decoder layer op: its forward ran twice");
-        };
-        let (storage, layout) = out.storage_and_layout();
-        let Some(s) = pick(&storage) else {
-            candle_core::bail!("decoder layer op: output is on another device than the input");
-        };
-        if layout.contiguous_offsets() != Some((0, layout.shape().elem_count())) {
-            candle_core::bail!("decoder layer op: output is not a whole contiguous tensor");
-        }
-        Ok((s.try_clone(layout)?, out.shape().clone()))
-    }
-
-    /// The layer's backward, from what the forward kept or by replaying it on `arg`; adapter
-    /// gradients go to the sink, the input's is returned.
-    fn backward(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let mut rng = self.rng;
-        let kept = self.kept.lock().expect("layer op lock").take();
-        let (gx, grads) = layer_backward(
-            &self.layer,
-            &self.ctx,
-            &arg.detach(),
-            kept,
-            rng.as_mut(),
-            &grad_res.detach(),
-        )?;
+    // What the forward kept, taken by the backward; None for a checkpointed layer, whose
+    // backward replays the forward from the dropout stream as it began.
+    let kept = std::sync::Mutex::new(kept);
+    let sink = sink.clone();
+    let backward: crate::ops::Backward = Box::new(move |x: &Tensor, gy: &Tensor| {
+        let mut rng = start;
+        let kept = kept.lock().expect("decoder layer lock").take();
+        let (gx, grads) =
+            layer_backward(&layer, &ctx, &x.detach(), kept, rng.as_mut(), &gy.detach())?;
         for (var, g) in grads {
-            self.sink.push(var, g);
+            sink.push(var, g);
         }
         Ok(Some(gx))
-    }
-}
-
-impl candle_core::CustomOp1 for LayerOp {
-    fn name(&self) -> &'static str {
-        "decoder-layer"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s: &candle_core::CpuStorage,
-        _l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.output(cpu_storage)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s: &candle_core::CudaStorage,
-        _l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        self.output(cuda_storage)
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        self.backward(arg, grad_res)
-    }
-}
-
-impl candle_core::CustomOp2 for LayerOp {
-    fn name(&self) -> &'static str {
-        "decoder-layer"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s1: &candle_core::CpuStorage,
-        _l1: &candle_core::Layout,
-        _s2: &candle_core::CpuStorage,
-        _l2: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.output(cpu_storage)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &candle_core::Layout,
-        _s2: &candle_core::CudaStorage,
-        _l2: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        self.output(cuda_storage)
-    }
-
-    fn bwd(
-        &self,
-        arg1: &Tensor,
-        _anchor: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // The anchor's real gradient arrives through the sink with the layer's other adapters.
-        Ok((self.backward(arg1, grad_res)?, None))
-    }
-}
-
-fn cpu_storage(s: &candle_core::Storage) -> Option<&candle_core::CpuStorage> {
-    match s {
-        candle_core::Storage::Cpu(c) => Some(c),
-        _ => None,
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_storage(s: &candle_core::Storage) -> Option<&candle_core::CudaStorage> {
-    match s {
-        candle_core::Storage::Cuda(c) => Some(c),
-        _ => None,
-    }
+    });
+    crate::ops::hand_written("decoder-layer", x, anchor.as_ref(), y, backward)
 }
 
 /// RMSNorm with its weight (the fused op; see `crate::ops::rms_norm`).
@@ -1221,6 +1132,55 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/lm")
             .join(name)
+    }
+
+    /// The LM head's loss a block of rows at a time equals the whole logits' cross-entropy, in
+    /// value and in the hidden states' gradient, with a ragged last block.
+    #[test]
+    fn head_loss_in_blocks_equals_the_whole() {
+        use crate::quant::linear::lm_head;
+        let dev = Device::Cpu;
+        let (n, hidden, vocab) = (10, 16, 37);
+        let h =
+            candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, hidden), &dev).unwrap())
+                .unwrap();
+        let head = Tensor::randn(0f32, 1.0, (vocab, hidden), &dev).unwrap();
+        let targets = Tensor::from_vec(
+            (0..n as u32).map(|i| i * 7 % vocab as u32).collect(),
+            n,
+            &dev,
+        )
+        .unwrap();
+        // Rows weighted apart, so that a gradient landing on the wrong row shows.
+        let weights = Tensor::arange(1f32, n as f32 + 1.0, &dev).unwrap();
+        let run = |nll: Tensor| {
+            let g = (&nll * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = g.get(h.as_tensor()).expect("a gradient for h").clone();
+            (
+                nll.to_vec1::<f32>().unwrap(),
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+        };
+        let whole = run(crate::ops::cross_entropy(
+            &lm_head(h.as_tensor(), &head).unwrap(),
+            &targets,
+        )
+        .unwrap());
+        // Three rows per block: 3 + 3 + 3 + 1.
+        let blocks = run(head_loss(h.as_tensor(), &head, &targets, 3 * vocab + 2).unwrap());
+        for (a, b) in [(&whole.0, &blocks.0), (&whole.1, &blocks.1)] {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                scale > 0.0 && diff <= 1e-6 * scale,
+                "differs by {diff} (scale {scale})"
+            );
+        }
     }
 
     /// The decoder layers' hand-written backward, from kept activations and from a

@@ -107,10 +107,19 @@ pub fn linear_frozen_input_grad(gy: &Tensor, w: &Tensor) -> candle_core::Result<
 
 /// `x · Wᵀ` for the LM head `[vocab, hidden]`: `linear_frozen`, counted apart in profiles.
 pub fn lm_head(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenMatmul {
+    x.contiguous()?.apply_op1(lm_head_op(w))
+}
+
+/// dL/dx of `lm_head(x, W)`: `gy · W`, for hand-written backward passes.
+pub fn lm_head_input_grad(gy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    lm_head_op(w).input_grad(gy)
+}
+
+fn lm_head_op(w: &Tensor) -> FrozenMatmul {
+    FrozenMatmul {
         w: Frozen::Dense(w.detach()),
         label: "LM head matmuls",
-    })
+    }
 }
 
 enum Frozen {
