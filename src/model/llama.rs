@@ -906,17 +906,30 @@ fn layer_backward(
             grads.push((a.b.as_tensor().clone(), gb));
         }
     };
-    let (gm, g) = l[6].backward(&fwd.m, &fwd.sd, &gy, None)?;
-    keep(6, g);
-    let (g_gate, g_up) = swiglu_bwd(&fwd.gate, &fwd.up, &gm)?;
-    let (gh2, g) = l[4].backward(&fwd.h2, &fwd.sg, &g_gate, None)?;
-    keep(4, g);
-    let (gh2, g) = l[5].backward(&fwd.h2, &fwd.su, &g_up, Some(gh2))?;
-    keep(5, g);
-    let gx2 = (&gy + rms_norm_bwd(&fwd.x2, &layer.post_norm, eps, &gh2)?)?;
-    let (g_attn, g) = l[3].backward(&fwd.attn, &fwd.so, &gx2, None)?;
-    keep(3, g);
-    let (gq, gk, gv) = attention_bwd(&fwd.q, &fwd.k, &fwd.v, &fwd.probs, &g_attn, ctx)?;
+    // Each part lets go of what it read, and of its own temporaries, before the next: the
+    // attention backward's [s, s] buffers make the layer's peak, and the MLP's weights and
+    // activations need not be held beside them.
+    let gx2 = {
+        let (gm, g) = l[6].backward(&fwd.m, &fwd.sd, &gy, None)?;
+        keep(6, g);
+        let (g_gate, g_up) = swiglu_bwd(&fwd.gate, &fwd.up, &gm)?;
+        drop(gm);
+        let (gh2, g) = l[4].backward(&fwd.h2, &fwd.sg, &g_gate, None)?;
+        keep(4, g);
+        drop(g_gate);
+        let (gh2, g) = l[5].backward(&fwd.h2, &fwd.su, &g_up, Some(gh2))?;
+        keep(5, g);
+        (&gy + rms_norm_bwd(&fwd.x2, &layer.post_norm, eps, &gh2)?)?
+    };
+    drop((
+        fwd.m, fwd.sd, fwd.gate, fwd.up, fwd.h2, fwd.sg, fwd.su, fwd.x2, gy,
+    ));
+    let (gq, gk, gv) = {
+        let (g_attn, g) = l[3].backward(&fwd.attn, &fwd.so, &gx2, None)?;
+        keep(3, g);
+        attention_bwd(&fwd.q, &fwd.k, &fwd.v, &fwd.probs, &g_attn, ctx)?
+    };
+    drop((fwd.probs, fwd.attn, fwd.so, fwd.q, fwd.k, fwd.v));
     let gqp = rope_bwd(&gq, &ctx.cos, &ctx.sin)?.reshape((rows, nh * hd))?;
     let gkp = rope_bwd(&gk, &ctx.cos, &ctx.sin)?.reshape((rows, nkv * hd))?;
     let gvp = gv.transpose(1, 2)?.reshape((rows, nkv * hd))?;
