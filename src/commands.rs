@@ -291,6 +291,21 @@ pub struct BenchArgs {
     pub profiler_range: bool,
 }
 
+/// The process's peak resident memory in GiB, loading included: Linux's VmHWM, None elsewhere.
+/// On the CPU it is what training takes; `bench train` reports it beside the GPU's peak.
+fn peak_rss_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / (1024.0 * 1024.0))
+}
+
 /// Time forward + backward + optimizer steps on random tokens and report throughput.
 pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
     let tmp;
@@ -402,6 +417,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         "step_seconds_median": step_s,
         "tokens_per_second": tps,
         "peak_gpu_memory_gib": peak,
+        "peak_rss_gib": peak_rss_gib(),
         "mfu": tps * flops_per_token / 989e12,
         "load_quantize_seconds": load_s,
         "losses": losses,

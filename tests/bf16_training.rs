@@ -24,6 +24,10 @@ fn losses(dtype: &str) -> Vec<f64> {
     .unwrap();
     assert_eq!(report["compute_dtype"], dtype);
     assert!(report["tokens_per_second"].as_f64().unwrap() > 0.0);
+    if cfg!(target_os = "linux") {
+        let rss = report["peak_rss_gib"].as_f64().expect("peak RSS on Linux");
+        assert!(rss > 0.0 && rss < 64.0, "peak RSS {rss} GiB");
+    }
     report["losses"]
         .as_array()
         .unwrap()
