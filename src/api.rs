@@ -26,15 +26,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::config::Config;
-use crate::jobs::{EventHub, JobsError, Store, WorkerHandle};
+use crate::jobs::{IntakeError, JobsError, Service};
 
 /// Everything a handler needs.
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
-    pub store: Store,
-    pub hub: EventHub,
-    pub workers: WorkerHandle,
+    /// The service's operations and state (store, events, layout, workers).
+    pub jobs: Service,
     /// Request counts and latencies, for `/metrics`.
     pub http_metrics: metrics::HttpMetrics,
     /// The API keys; empty: no keys, one anonymous owner.
@@ -145,6 +144,33 @@ impl From<JobsError> for ApiError {
             JobsError::Db(e) => ApiError::database(e),
             JobsError::Io(e) => ApiError::io("storage", e),
             other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<IntakeError> for ApiError {
+    fn from(e: IntakeError) -> Self {
+        let message = e.to_string();
+        match e {
+            IntakeError::NotAnObject => ApiError::bad("invalid_json", message, None),
+            IntakeError::Spec(s) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "invalid_spec",
+                message,
+                param: Some(s.field),
+            },
+            IntakeError::Missing(field) => ApiError::bad("missing_field", message, Some(field)),
+            IntakeError::UnknownModel { field, .. } => {
+                ApiError::bad("unknown_model", message, Some(field))
+            }
+            IntakeError::UnknownFile { field, .. } => {
+                ApiError::bad("unknown_file", message, Some(field))
+            }
+            IntakeError::InvalidFormat(_) => {
+                ApiError::bad("invalid_format", message, Some("format"))
+            }
+            IntakeError::InvalidFile(_) => ApiError::bad("invalid_file", message, Some("file")),
+            IntakeError::Jobs(e) => e.into(),
         }
     }
 }
@@ -292,6 +318,7 @@ fn routes(upload_limit: usize, body_limit: usize) -> OpenApiRouter<AppState> {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = routes(0, 0).into_openapi();
     openapi::secure(&mut doc);
+    openapi::spec_schema(&mut doc);
     doc
 }
 
@@ -301,6 +328,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.server.max_body_bytes;
     let (app, mut doc) = routes(upload_limit, body_limit).split_for_parts();
     openapi::secure(&mut doc);
+    openapi::spec_schema(&mut doc);
     // The artifact route's wildcard cannot be an OpenAPI parameter; it is documented by hand.
     app.route(
         "/jobs/{id}/artifacts/{*name}",
@@ -344,7 +372,7 @@ async fn method_missing(method: axum::http::Method, uri: axum::http::Uri) -> Api
     responses((status = 200, body = Health), (status = 500, body = ErrorBody)))]
 pub async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     sqlx::query("SELECT 1")
-        .execute(&state.store.pool)
+        .execute(&state.jobs.store.pool)
         .await
         .map_err(JobsError::from)?;
     Ok(Json(Health {

@@ -53,6 +53,9 @@ pub struct WorkersConfig {
     pub lease_seconds: u64,
     /// Seconds between lease renewals and cancellation checks.
     pub heartbeat_seconds: u64,
+    /// Runs a job gets when it fails for a reason another attempt could change (a full disk,
+    /// memory or the device lost); then it fails for good.
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

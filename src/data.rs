@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod encode;
 pub mod gguf_vocab;
+pub mod pack;
 pub mod records;
 pub mod template;
 pub mod tokenizer;

@@ -1,17 +1,22 @@
 //! The job queue and its workers: a SQLite store, claiming, running the trainer on a dedicated
 //! thread, events (stored, then broadcast), leases, cancellation, resume, artifacts.
 
-pub mod runner;
+pub mod events;
+pub mod intake;
+pub mod layout;
 pub mod stats;
 pub mod store;
 pub mod worker;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
+use crate::config::Config;
+
+pub use events::{Event, EventHub, EventKind, Level};
+pub use intake::IntakeError;
+pub use layout::Layout;
 pub use stats::WorkerStats;
 pub use store::{Scope, Store};
 pub use worker::{spawn_workers, WorkerHandle};
@@ -31,9 +36,35 @@ pub enum JobsError {
     Limit(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A stored row the code cannot read back: a bug or a hand-edited database, never the
+    /// caller's fault.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
 }
 
 pub type Result<T> = std::result::Result<T, JobsError>;
+
+/// The service below HTTP: the store, the live events, where things are kept, and the workers'
+/// handle. The API's handlers parse a request, call one of its operations and map the result.
+#[derive(Clone)]
+pub struct Service {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub hub: EventHub,
+    pub layout: Layout,
+    pub workers: WorkerHandle,
+}
+
+impl Service {
+    /// A job's events after `after` as one stream: stored, then live (see [`events::follow`]).
+    pub async fn follow_events(
+        &self,
+        id: &str,
+        after: i64,
+    ) -> Result<impl futures::Stream<Item = Event> + Send + 'static> {
+        events::follow(&self.store, &self.hub, id, after).await
+    }
+}
 
 /// The one status enum, stored as text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -78,46 +109,6 @@ impl Status {
 
     pub fn is_final(self) -> bool {
         matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
-    }
-}
-
-/// A stored job event, as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct Event {
-    /// Counts from 1 per job, without gaps; the SSE `id:`.
-    pub seq: i64,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// status, metrics, checkpoint, artifact or log; the SSE `event:`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// info, warning or error.
-    pub level: String,
-    pub message: String,
-    /// Depends on `type`: `status`; `step`, `loss`, `learning_rate`, ...; `name`, `bytes`, `sha256`.
-    #[schema(value_type = Object)]
-    pub data: serde_json::Value,
-}
-
-/// Live fan-out of events per job; subscribers replay from the store first.
-#[derive(Clone, Default)]
-pub struct EventHub {
-    channels: Arc<Mutex<HashMap<String, broadcast::Sender<Event>>>>,
-}
-
-impl EventHub {
-    pub fn subscribe(&self, job: &str) -> broadcast::Receiver<Event> {
-        let mut m = self.channels.lock().expect("hub lock");
-        m.entry(job.to_string())
-            .or_insert_with(|| broadcast::channel(1024).0)
-            .subscribe()
-    }
-
-    pub fn publish(&self, job: &str, e: &Event) {
-        let m = self.channels.lock().expect("hub lock");
-        if let Some(tx) = m.get(job) {
-            let _ = tx.send(e.clone());
-        }
     }
 }
 

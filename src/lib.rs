@@ -1,6 +1,8 @@
 //! qlorad: a QLoRA fine-tuning engine and service.
 //!
-//! The engine layers (`quant`, `model`) never depend on the service; see DESIGN.md for the map.
+//! The engine (`ops`, `quant`, `lora`, `model`, `data`, `train`, `export`, `finetune`) never
+//! depends on the service (`jobs`, `api`, `server`) or the command line (`cli`); ARCHITECTURE.md
+//! is the map.
 
 /// Run `$body` with `$t` bound to the Rust type of a float dtype (f32, bf16, f16); any other
 /// dtype is an error naming `$what`. For the fused ops and their kernels.
@@ -26,13 +28,13 @@ macro_rules! float_dispatch {
 
 pub mod api;
 pub mod bench;
-pub mod client;
-pub mod commands;
+pub mod cli;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
 pub mod export;
+pub mod finetune;
 pub mod jobs;
 pub mod lora;
 pub mod model;

@@ -11,7 +11,7 @@ use tracing::info;
 use crate::api::auth::{ApiKeys, AuthError};
 use crate::api::{router, AppState};
 use crate::config::Config;
-use crate::jobs::{spawn_workers, EventHub, JobsError, Store, WorkerHandle};
+use crate::jobs::{spawn_workers, EventHub, JobsError, Layout, Service, Store, WorkerHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -59,8 +59,9 @@ pub async fn serve_on(
         info!(keys = keys.len(), "API keys loaded");
     }
     let config = Arc::new(config);
-    let store = Store::open(&config.storage.data_dir).await?;
-    remove_partial_uploads(&config.storage.data_dir.join("files"));
+    let layout = Layout::new(&config);
+    let store = Store::open(layout.data_dir()).await?;
+    layout.remove_staged_files();
     // This process owns the database: whatever is "running" belonged to a process that died.
     for (id, e) in store.requeue_stale(true).await? {
         info!(job.id = %id, seq = e.seq, "requeued");
@@ -71,12 +72,17 @@ pub async fn serve_on(
         shutdown: shutdown.child_token(),
         stats: Default::default(),
     };
-    let tasks = spawn_workers(config.clone(), store.clone(), hub.clone(), workers.clone());
-    let state = AppState {
+    let jobs = Service {
         config: config.clone(),
         store,
         hub,
+        layout,
         workers,
+    };
+    let tasks = spawn_workers(&jobs);
+    let state = AppState {
+        config: config.clone(),
+        jobs,
         http_metrics: Default::default(),
         keys: Arc::new(keys),
         streams: Default::default(),
@@ -91,15 +97,6 @@ pub async fn serve_on(
     }
     info!("stopped");
     Ok(())
-}
-
-/// Uploads a previous process was receiving when it stopped.
-fn remove_partial_uploads(dir: &std::path::Path) {
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().ends_with(".partial") {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
 }
 
 /// A token cancelled by SIGINT or SIGTERM.

@@ -2,16 +2,16 @@
 //! that resume exactly, and events for whoever watches.
 
 pub mod checkpoint;
+pub mod hyperparameters;
 pub mod optim;
 pub mod schedule;
-pub mod spec;
 pub mod trainer;
 
 use std::path::PathBuf;
 
+pub use hyperparameters::Hyperparameters;
 pub use optim::AdamW;
 pub use schedule::Schedule;
-pub use spec::{ExportSpec, Hyperparameters, JobSpec};
 pub use trainer::{evaluate, EvalResult, TrainEvent, TrainOutcome, Trainer, TrainerOptions};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,8 @@
 //! bf16 compute (the GPU recipe) tracks the f32 run: the fused ops' CPU twins compute what the
 //! CUDA kernels do, so this checks the bf16 training path in CI, where no GPU is.
 
-use qlorad::commands::{bench_train, BenchArgs};
-use qlorad::train::JobSpec;
+use qlorad::cli::bench::{bench_train, BenchArgs};
+use qlorad::finetune::JobSpec;
 
 fn losses(dtype: &str) -> Vec<f64> {
     let spec = JobSpec::from_json(&format!(

@@ -285,3 +285,21 @@ fn summary_counts_examples_tokens_and_truncation() {
         ex.iter().map(|e| e.input_ids.len()).sum::<usize>()
     );
 }
+
+/// Packing places examples in rows exactly as TRL's `pack_dataset(strategy="bfd")` does
+/// (`scripts/gen_pack_fixture.py`, trl 1.16.0): same rows, same order, same examples in each.
+#[test]
+fn packing_matches_trls_best_fit_decreasing() {
+    let f: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("pack-bfd.json")).unwrap()).unwrap();
+    for case in f["cases"].as_array().unwrap() {
+        let max_len = case["max_len"].as_u64().unwrap() as usize;
+        let lengths: Vec<usize> = serde_json::from_value(case["lengths"].clone()).unwrap();
+        let want: Vec<Vec<usize>> = serde_json::from_value(case["rows"].clone()).unwrap();
+        let rows = qlorad::data::pack::pack_bfd(&lengths, max_len);
+        assert_eq!(rows, want, "max_len {max_len}");
+        let s = qlorad::data::pack::summarize(&rows, &lengths, max_len);
+        assert_eq!(s.examples, lengths.len());
+        assert!(s.fill <= 1.0 && s.fill > 0.5, "{s:?}");
+    }
+}

@@ -7,12 +7,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use qlorad::commands::{train, TrainArgs};
+use qlorad::cli::train::{train, TrainArgs};
 use qlorad::data::TextTokenizer;
 use qlorad::export::{export_all, export_gguf, GgufType, MergeBase, MergeSource, Outputs};
+use qlorad::finetune::JobSpec;
 use qlorad::model::config::ModelConfig;
 use qlorad::model::llama::{CausalLm, LoadOptions};
-use qlorad::train::JobSpec;
 
 use common::rel;
 

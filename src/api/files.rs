@@ -13,7 +13,6 @@ use utoipa::IntoParams;
 use super::auth::Principal;
 use super::{ApiError, ApiResult, AppState, ErrorBody};
 use crate::jobs::store::FileRow;
-use crate::jobs::worker::file_path;
 
 super::list_type!(
     /// Uploaded datasets.
@@ -67,10 +66,6 @@ mod bytes_like {
     pub type Bytes = axum::body::Bytes;
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::internal(format!("upload: {e}"))
-}
-
 /// A filesystem error while storing an upload: a full disk is a 507 the client can retry.
 fn internal_io(e: std::io::Error) -> ApiError {
     ApiError::io("upload", e)
@@ -93,8 +88,9 @@ pub async fn files_create(
     Ok((StatusCode::CREATED, Json(row)))
 }
 
-/// Stream an upload to disk, validate it, record it. `check` sees the multipart text fields
-/// before anything is recorded; an error from it (or any other) leaves nothing behind.
+/// Stream an upload to disk, then hand it to the service's intake to check and record. `check`
+/// sees the multipart text fields before anything is recorded; an error from it (or any other)
+/// leaves nothing behind.
 pub(crate) async fn receive_upload(
     state: &AppState,
     who: &Principal,
@@ -102,159 +98,102 @@ pub(crate) async fn receive_upload(
     req: Request,
     check: impl FnOnce(&[(String, String)]) -> ApiResult<()>,
 ) -> ApiResult<FileRow> {
-    let id = format!("file-{}", uuid::Uuid::new_v4().simple());
-    let dir = state.config.storage.data_dir.join("files");
-    tokio::fs::create_dir_all(&dir).await.map_err(internal_io)?;
-    let partial = dir.join(format!(".{id}.partial"));
+    let up = state.jobs.stage_upload().await?;
+    let received = receive_body(state, &up.path, &q, req, check).await;
+    let (filename, bytes) = match received {
+        Ok(r) => r,
+        Err(e) => {
+            state.jobs.discard_upload(&up).await;
+            return Err(e);
+        }
+    };
+    let row = state
+        .jobs
+        .ingest_file(
+            up,
+            filename,
+            bytes,
+            q.format.as_deref(),
+            q.model.as_deref(),
+            who.owner(),
+        )
+        .await?;
+    Ok(row)
+}
+
+/// The upload's bytes into `partial` (a multipart `file` part or the raw body): its file name
+/// and size.
+async fn receive_body(
+    state: &AppState,
+    partial: &std::path::Path,
+    q: &UploadQuery,
+    req: Request,
+    check: impl FnOnce(&[(String, String)]) -> ApiResult<()>,
+) -> ApiResult<(String, u64)> {
     let limit = state.config.server.max_upload_bytes;
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
-    let result = async {
-        let mut filename = q.filename.clone().unwrap_or_else(|| "upload.jsonl".into());
-        let bytes = if is_multipart {
-            let mut mp = Multipart::from_request(req, state)
-                .await
-                .map_err(|e| ApiError::bad("invalid_body", e.body_text(), None))?;
-            let mut written = None;
-            let mut fields = Vec::new();
-            while let Some(mut field) = mp
-                .next_field()
-                .await
-                .map_err(|e| ApiError::bad("invalid_body", e.body_text(), None))?
-            {
-                let name = field.name().unwrap_or_default().to_string();
-                if name == "file" {
-                    if written.is_some() {
-                        return Err(ApiError::bad(
-                            "invalid_body",
-                            "the multipart body has more than one `file` field",
-                            Some("file"),
-                        ));
-                    }
-                    if let Some(n) = field.file_name() {
-                        filename = n.to_string();
-                    }
-                    let stream = field.map_err(|e| e.body_text());
-                    written = Some(write_stream(&partial, Box::pin(stream), limit).await?);
-                } else {
-                    let mut value = Vec::new();
-                    while let Some(chunk) = field
-                        .chunk()
-                        .await
-                        .map_err(|e| ApiError::bad("invalid_body", e.body_text(), Some(&name)))?
-                    {
-                        if value.len() + chunk.len() > FIELD_LIMIT {
-                            return Err(ApiError::bad(
-                                "invalid_body",
-                                format!("the multipart field `{name}` exceeds {FIELD_LIMIT} bytes"),
-                                Some(&name),
-                            ));
-                        }
-                        value.extend_from_slice(&chunk);
-                    }
-                    fields.push((name, String::from_utf8_lossy(&value).into_owned()));
-                }
-            }
-            check(&fields)?;
-            written.ok_or_else(|| {
-                ApiError::bad(
-                    "missing_field",
-                    "the multipart body has no `file` field",
-                    Some("file"),
-                )
-            })?
-        } else {
-            check(&[])?;
-            let stream = Body::into_data_stream(req.into_body());
-            write_stream(&partial, stream, limit).await?
-        };
-        let format = match &q.format {
-            Some(f) => Some(
-                f.parse()
-                    .map_err(|e: String| ApiError::bad("invalid_format", e, Some("format")))?,
-            ),
-            None => None,
-        };
-        let check = partial.clone();
-        let (format, examples) = tokio::task::spawn_blocking(move || {
-            crate::data::visit_records(&check, format, |_, _| Ok(()))
-        })
+    let mut filename = q.filename.clone().unwrap_or_else(|| "upload.jsonl".into());
+    if !is_multipart {
+        check(&[])?;
+        let stream = Body::into_data_stream(req.into_body());
+        return Ok((filename, write_stream(partial, stream, limit).await?));
+    }
+    let mut mp = Multipart::from_request(req, state)
         .await
-        .map_err(internal)?
-        .map_err(|e| {
-            ApiError::bad(
-                "invalid_file",
-                e.to_string()
-                    .replace(&partial.display().to_string(), &filename),
-                Some("file"),
-            )
-        })?;
-        let tokens = match &q.model {
-            Some(m) => {
-                let dir =
-                    crate::jobs::worker::resolve_model(&state.config, m).ok_or_else(|| {
-                        ApiError::bad(
-                            "unknown_model",
-                            format!("model {m:?} is not in the model roots"),
-                            Some("model"),
-                        )
-                    })?;
-                let check = partial.clone();
-                let fmt = Some(format);
-                let counted = tokio::task::spawn_blocking(move || -> Result<usize, String> {
-                    let tok = crate::data::TextTokenizer::load(&dir).map_err(|e| e.to_string())?;
-                    let opts = crate::data::EncodeOptions {
-                        format: fmt,
-                        max_seq_len: usize::MAX,
-                        train_on_prompt: false,
-                    };
-                    Ok(crate::data::encode_dataset(&check, &tok, &opts)
-                        .map_err(|e| e.to_string())?
-                        .1
-                        .tokens)
-                })
-                .await
-                .map_err(internal)?
-                .map_err(|e| {
-                    ApiError::bad(
-                        "invalid_file",
-                        e.replace(&partial.display().to_string(), &filename),
-                        Some("file"),
-                    )
-                })?;
-                Some(counted as i64)
+        .map_err(|e| ApiError::bad("invalid_body", e.body_text(), None))?;
+    let mut written = None;
+    let mut fields = Vec::new();
+    while let Some(mut field) = mp
+        .next_field()
+        .await
+        .map_err(|e| ApiError::bad("invalid_body", e.body_text(), None))?
+    {
+        let name = field.name().unwrap_or_default().to_string();
+        if name == "file" {
+            if written.is_some() {
+                return Err(ApiError::bad(
+                    "invalid_body",
+                    "the multipart body has more than one `file` field",
+                    Some("file"),
+                ));
             }
-            None => None,
-        };
-        let row = FileRow {
-            id: id.clone(),
-            filename,
-            bytes: bytes as i64,
-            format: format.as_str().into(),
-            examples: examples as i64,
-            tokens,
-            created_at: crate::jobs::now(),
-        };
-        tokio::fs::rename(&partial, file_path(&state.config, &id))
-            .await
-            .map_err(internal_io)?;
-        if let Err(e) = state.store.insert_file(&row, who.owner()).await {
-            let _ = tokio::fs::remove_file(file_path(&state.config, &id)).await;
-            return Err(e.into());
-        }
-        Ok(row)
-    }
-    .await;
-    match result {
-        Ok(row) => Ok(row),
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&partial).await;
-            Err(e)
+            if let Some(n) = field.file_name() {
+                filename = n.to_string();
+            }
+            let stream = field.map_err(|e| e.body_text());
+            written = Some(write_stream(partial, Box::pin(stream), limit).await?);
+        } else {
+            let mut value = Vec::new();
+            while let Some(chunk) = field
+                .chunk()
+                .await
+                .map_err(|e| ApiError::bad("invalid_body", e.body_text(), Some(&name)))?
+            {
+                if value.len() + chunk.len() > FIELD_LIMIT {
+                    return Err(ApiError::bad(
+                        "invalid_body",
+                        format!("the multipart field `{name}` exceeds {FIELD_LIMIT} bytes"),
+                        Some(&name),
+                    ));
+                }
+                value.extend_from_slice(&chunk);
+            }
+            fields.push((name, String::from_utf8_lossy(&value).into_owned()));
         }
     }
+    check(&fields)?;
+    let bytes = written.ok_or_else(|| {
+        ApiError::bad(
+            "missing_field",
+            "the multipart body has no `file` field",
+            Some("file"),
+        )
+    })?;
+    Ok((filename, bytes))
 }
 
 /// Every uploaded file of the key, newest first.
@@ -265,7 +204,7 @@ pub async fn files_list(
     who: Principal,
 ) -> ApiResult<Json<FileList>> {
     Ok(Json(FileList::new(
-        state.store.files(who.scope()).await?,
+        state.jobs.store.files(who.scope()).await?,
         false,
     )))
 }
@@ -278,7 +217,7 @@ pub async fn files_get(
     who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<FileRow>> {
-    Ok(Json(state.store.file(&id, who.scope()).await?))
+    Ok(Json(state.jobs.store.file(&id, who.scope()).await?))
 }
 
 /// Delete a file that no queued or running job uses.
@@ -291,7 +230,6 @@ pub async fn files_delete(
     who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.store.delete_file(&id, who.scope()).await?;
-    let _ = tokio::fs::remove_file(file_path(&state.config, &id)).await;
+    state.jobs.delete_file(&id, who.scope()).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -11,7 +11,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::stream::{self, Stream, StreamExt};
+use futures::stream::StreamExt;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use utoipa::IntoParams;
@@ -19,9 +19,7 @@ use utoipa::IntoParams;
 use super::auth::Principal;
 use super::{ApiError, ApiResult, AppState, ErrorBody};
 use crate::jobs::store::{ArtifactRow, CheckpointRow, JobLabels, JobRow};
-use crate::jobs::worker::{job_dir, resolve_model};
 use crate::jobs::{Event, Status};
-use crate::train::{JobSpec, TrainError};
 
 super::list_type!(
     /// A page of jobs, newest first.
@@ -84,95 +82,10 @@ pub(crate) async fn create_job(
     body: serde_json::Value,
     labels: JobLabels,
 ) -> ApiResult<JobRow> {
-    let Some(body) = body.as_object() else {
-        return Err(ApiError::bad(
-            "invalid_json",
-            "the body must be a JSON object",
-            None,
-        ));
-    };
-    // Every spec field has a default, so an explicit null means the default.
-    let body = without_nulls(body);
-    let spec: JobSpec = serde_json::from_value(body).map_err(|e| {
-        let msg = e.to_string();
-        let param = msg.split('`').nth(1).map(String::from);
-        ApiError {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            code: "invalid_spec",
-            message: msg,
-            param,
-        }
-    })?;
-    spec.validate().map_err(|e| match e {
-        TrainError::Spec { field, message } => ApiError {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            code: "invalid_spec",
-            message: format!("{field}: {message}"),
-            param: Some(field),
-        },
-        other => ApiError::bad("invalid_spec", other.to_string(), None),
-    })?;
-    let model = spec
-        .model
-        .as_deref()
-        .ok_or_else(|| ApiError::bad("missing_field", "`model` is required", Some("model")))?;
-    if resolve_model(&state.config, model).is_none() {
-        return Err(ApiError::bad(
-            "unknown_model",
-            format!("model {model:?} is not in the model roots (see GET /models)"),
-            Some("model"),
-        ));
-    }
-    let train = spec.training_file.as_deref().ok_or_else(|| {
-        ApiError::bad(
-            "missing_field",
-            "`training_file` is required",
-            Some("training_file"),
-        )
-    })?;
-    for (field, id) in [
-        ("training_file", Some(train)),
-        ("validation_file", spec.validation_file.as_deref()),
-    ] {
-        if let Some(id) = id {
-            // Another key's file is as unknown as a missing one.
-            if state.store.file(id, who.scope()).await.is_err() {
-                return Err(ApiError::bad(
-                    "unknown_file",
-                    format!("file {id:?} does not exist (see GET /files)"),
-                    Some(field),
-                ));
-            }
-        }
-    }
-    let id = format!("job-{}", uuid::Uuid::new_v4().simple());
-    let spec_json = serde_json::to_value(&spec).expect("spec serializes");
-    let job = state
-        .store
-        .insert_job(
-            &id,
-            &spec_json,
-            spec.priority,
-            &labels,
-            who.owner(),
-            state.config.limits.max_queued_jobs_per_key as i64,
-        )
-        .await?;
-    state.workers.wake.notify_waiters();
-    Ok(job)
-}
-
-/// The object without its null members, at every level of nested objects.
-fn without_nulls(o: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
-    serde_json::Value::Object(
-        o.iter()
-            .filter(|(_, v)| !v.is_null())
-            .map(|(k, v)| match v {
-                serde_json::Value::Object(inner) => (k.clone(), without_nulls(inner)),
-                other => (k.clone(), other.clone()),
-            })
-            .collect(),
-    )
+    Ok(state
+        .jobs
+        .create_job(body, labels, who.owner(), who.scope())
+        .await?)
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -216,6 +129,7 @@ pub async fn jobs_list(
     };
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
     let mut rows = state
+        .jobs
         .store
         .jobs(status, q.after.as_deref(), limit + 1, who.scope())
         .await?;
@@ -233,7 +147,7 @@ pub async fn jobs_get(
     who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobRow>> {
-    Ok(Json(state.store.job(&id, who.scope()).await?))
+    Ok(Json(state.jobs.store.job(&id, who.scope()).await?))
 }
 
 /// Cancel: a queued job at once; a running one checkpoints and stops (its status follows).
@@ -245,11 +159,7 @@ pub async fn jobs_cancel(
     who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobRow>> {
-    // A queued job is cancelled here and now, its event recorded with it.
-    if let Some(e) = state.store.request_cancel(&id, who.scope()).await? {
-        state.hub.publish(&id, &e);
-    }
-    Ok(Json(state.store.job(&id, who.scope()).await?))
+    Ok(Json(state.jobs.cancel_job(&id, who.scope()).await?))
 }
 
 /// Delete a finished job with its files.
@@ -262,8 +172,7 @@ pub async fn jobs_delete(
     who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    state.store.delete_job(&id, who.scope()).await?;
-    let _ = tokio::fs::remove_dir_all(job_dir(&state.config, &id)).await;
+    state.jobs.delete_job(&id, who.scope()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -276,18 +185,10 @@ pub struct EventsQuery {
     limit: Option<i64>,
 }
 
-fn is_final_event(e: &Event) -> bool {
-    e.kind == "status"
-        && e.data["status"]
-            .as_str()
-            .and_then(Status::parse)
-            .is_some_and(Status::is_final)
-}
-
 fn sse(e: &Event) -> SseEvent {
     SseEvent::default()
         .id(e.seq.to_string())
-        .event(e.kind.clone())
+        .event(e.kind.as_str())
         .data(serde_json::to_string(e).expect("event serializes"))
 }
 
@@ -306,7 +207,7 @@ pub async fn events_list(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let q = query(q)?;
-    let job = state.store.job(&id, who.scope()).await?;
+    state.jobs.store.job(&id, who.scope()).await?; // 404 for another key's job
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -319,7 +220,7 @@ pub async fn events_list(
         .unwrap_or(0);
     if !wants_sse {
         let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-        let mut data = state.store.events(&id, after, limit + 1).await?;
+        let mut data = state.jobs.store.events(&id, after, limit + 1).await?;
         let has_more = data.len() as i64 > limit;
         data.truncate(limit as usize);
         return Ok(Json(EventList::new(data, has_more)).into_response());
@@ -327,77 +228,11 @@ pub async fn events_list(
     let slot = state
         .streams
         .acquire(who.owner(), state.config.limits.max_event_streams_per_key)?;
-    // Subscribe before replaying so nothing falls between the two.
-    let rx = state.hub.subscribe(&id);
-    let replay = state.store.events(&id, after, i64::MAX).await?;
-    let finished =
-        replay.iter().any(is_final_event) || (job.status.is_final() && replay.is_empty());
-    let last = replay.last().map(|e| e.seq).unwrap_or(after);
-    let store = state.store.clone();
-    let replayed = stream::iter(
-        replay
-            .clone()
-            .into_iter()
-            .map(|e| Ok::<_, Infallible>(sse(&e))),
-    );
-    let live: std::pin::Pin<Box<dyn Stream<Item = Result<SseEvent, Infallible>> + Send>> =
-        if finished {
-            Box::pin(stream::empty())
-        } else {
-            let id2 = id.clone();
-            Box::pin(
-                stream::unfold(
-                    (rx, last, false, store, id2),
-                    |(mut rx, mut last, done, store, id)| async move {
-                        if done {
-                            return None;
-                        }
-                        loop {
-                            match rx.recv().await {
-                                Ok(e) if e.seq <= last => continue,
-                                Ok(e) => {
-                                    // Fill any gap from the store (e.g. after a lagged receiver).
-                                    let mut batch = if e.seq > last + 1 {
-                                        store
-                                            .events(&id, last, e.seq - last - 1)
-                                            .await
-                                            .unwrap_or_default()
-                                    } else {
-                                        vec![]
-                                    };
-                                    batch.push(e);
-                                    last = batch.last().map(|x| x.seq).unwrap_or(last);
-                                    let end = batch.iter().any(is_final_event);
-                                    let items: Vec<Result<SseEvent, Infallible>> =
-                                        batch.iter().map(|x| Ok(sse(x))).collect();
-                                    return Some((stream::iter(items), (rx, last, end, store, id)));
-                                }
-                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                                    let batch =
-                                        store.events(&id, last, i64::MAX).await.unwrap_or_default();
-                                    if batch.is_empty() {
-                                        continue;
-                                    }
-                                    last = batch.last().map(|x| x.seq).unwrap_or(last);
-                                    let end = batch.iter().any(is_final_event);
-                                    let items: Vec<Result<SseEvent, Infallible>> =
-                                        batch.iter().map(|x| Ok(sse(x))).collect();
-                                    return Some((stream::iter(items), (rx, last, end, store, id)));
-                                }
-                                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                                    return None
-                                }
-                            }
-                        }
-                    },
-                )
-                .flatten(),
-            )
-        };
+    let events = state.jobs.follow_events(&id, after).await?;
     // The stream holds its slot until it ends or the client goes away.
-    let body = replayed.chain(live).map(move |e| {
+    let body = events.map(move |e| {
         let _held = &slot;
-        e
+        Ok::<_, Infallible>(sse(&e))
     });
     Ok(Sse::new(body)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
@@ -412,9 +247,9 @@ pub async fn checkpoints_list(
     who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<CheckpointList>> {
-    state.store.job(&id, who.scope()).await?;
+    state.jobs.store.job(&id, who.scope()).await?;
     Ok(Json(CheckpointList::new(
-        state.store.checkpoints(&id).await?,
+        state.jobs.store.checkpoints(&id).await?,
         false,
     )))
 }
@@ -427,9 +262,9 @@ pub async fn artifacts_list(
     who: Principal,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ArtifactList>> {
-    state.store.job(&id, who.scope()).await?;
+    state.jobs.store.job(&id, who.scope()).await?;
     Ok(Json(ArtifactList::new(
-        state.store.artifacts(&id).await?,
+        state.jobs.store.artifacts(&id).await?,
         false,
     )))
 }
@@ -491,15 +326,16 @@ pub async fn artifacts_get(
             Some("name"),
         ));
     }
-    state.store.job(&id, who.scope()).await?;
+    state.jobs.store.job(&id, who.scope()).await?;
     let art = state
+        .jobs
         .store
         .artifacts(&id)
         .await?
         .into_iter()
         .find(|a| a.name == name)
         .ok_or_else(|| ApiError::not_found(format!("artifact {name} of job {id} not found")))?;
-    let dir = job_dir(&state.config, &id).join("artifacts");
+    let dir = state.jobs.layout.artifacts_dir(&id);
     // A symlink planted in the directory must not lead out of it.
     let path = super::paths::contained(&dir, &name)
         .ok_or_else(|| ApiError::not_found(format!("artifact {name} is gone")))?;

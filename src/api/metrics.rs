@@ -156,7 +156,7 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
         (status = 500, body = ErrorBody)))]
 pub async fn metrics_get(State(state): State<AppState>) -> ApiResult<Response> {
     let mut out = String::new();
-    let counts = state.store.count_by_status().await?;
+    let counts = state.jobs.store.count_by_status().await?;
     header(&mut out, "qlorad_jobs", "gauge", "Jobs by status.");
     for (status, n) in &counts {
         let _ = writeln!(out, "qlorad_jobs{{status=\"{}\"}} {n}", status.as_str());
@@ -173,7 +173,7 @@ pub async fn metrics_get(State(state): State<AppState>) -> ApiResult<Response> {
     );
     let _ = writeln!(out, "qlorad_queue_depth {queued}");
 
-    let workers = state.workers.stats.snapshot();
+    let workers = state.jobs.workers.stats.snapshot();
     let per_worker: [WorkerMetric; 5] = [
         (
             "qlorad_worker_busy",

@@ -76,6 +76,20 @@ pub fn secure(doc: &mut utoipa::openapi::OpenApi) {
     }
 }
 
+/// Store rows carry the spec as plain JSON (the store knows no API types): document it as the
+/// API's `JobSpec`.
+pub fn spec_schema(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{schema::Schema, Ref, RefOr};
+
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    if let Some(RefOr::T(Schema::Object(row))) = components.schemas.get_mut("JobRow") {
+        row.properties
+            .insert("spec".into(), RefOr::Ref(Ref::from_schema_name("JobSpec")));
+    }
+}
+
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "service",
     responses((status = 200, description = "the OpenAPI document", content_type = "application/json", body = Object)))]
@@ -264,7 +278,7 @@ pub fn spec_properties() -> HashMap<String, Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::JobSpec;
+    use crate::finetune::JobSpec;
 
     fn keys(v: &serde_json::Value) -> Vec<String> {
         let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();

@@ -1,4 +1,5 @@
-//! Batches: seeded shuffling per epoch, optional length grouping, right padding with masks.
+//! Batches: seeded shuffling per epoch, optional length grouping or packed rows, right padding
+//! with masks or examples laid end to end in one row.
 
 use candle_core::{Device, Tensor};
 
@@ -17,6 +18,37 @@ pub struct Batch {
     pub tokens: usize,
     /// Tokens that count in the loss (after the one-position shift).
     pub target_tokens: usize,
+    /// For examples laid end to end in one row (`collate_packed`): their lengths, in order;
+    /// empty for a padded batch.
+    pub lengths: Vec<usize>,
+}
+
+/// Labels that count in an example's loss: every position but the first can be predicted.
+pub fn target_tokens(e: &Example) -> usize {
+    e.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()
+}
+
+/// Lay a group of examples end to end in one `[1, total]` row, without padding. The model
+/// restarts positions at each example and keeps attention inside it (`forward_loss_packed`),
+/// so the loss and gradients are the padded batch's.
+pub fn collate_packed(examples: &[&Example], device: &Device) -> candle_core::Result<Batch> {
+    let total: usize = examples.iter().map(|e| e.input_ids.len()).sum();
+    let mut ids = Vec::with_capacity(total);
+    let mut labels = Vec::with_capacity(total);
+    let mut lengths = Vec::with_capacity(examples.len());
+    for e in examples {
+        ids.extend_from_slice(&e.input_ids);
+        labels.extend_from_slice(&e.labels);
+        lengths.push(e.input_ids.len());
+    }
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (1, total), device)?,
+        attention_mask: Tensor::ones((1, total), candle_core::DType::U32, device)?,
+        labels: Tensor::from_vec(labels, (1, total), device)?,
+        tokens: total,
+        target_tokens: examples.iter().map(|e| target_tokens(e)).sum(),
+        lengths,
+    })
 }
 
 /// Pad a group of examples into a batch.
@@ -39,7 +71,7 @@ pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> candle_co
         mask[i * s..i * s + n].fill(1);
         labels[i * s..i * s + n].copy_from_slice(&e.labels);
         tokens += n;
-        target_tokens += e.labels.iter().skip(1).filter(|&&l| l != IGNORE).count();
+        target_tokens += self::target_tokens(e);
     }
     Ok(Batch {
         input_ids: Tensor::from_vec(ids, (b, s), device)?,
@@ -47,6 +79,7 @@ pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> candle_co
         labels: Tensor::from_vec(labels, (b, s), device)?,
         tokens,
         target_tokens,
+        lengths: Vec::new(),
     })
 }
 
@@ -58,15 +91,35 @@ pub struct Batcher {
     pub shuffle: bool,
     pub group_by_length: bool,
     pub seed: u64,
+    /// With packing: the packed rows (example indices, see `data::pack`); a batch is then
+    /// `batch_size` rows, shuffled as rows.
+    pub packed_rows: Option<Vec<Vec<usize>>>,
 }
 
 impl Batcher {
     pub fn batches_per_epoch(&self, n: usize) -> usize {
-        n.div_ceil(self.batch_size)
+        match &self.packed_rows {
+            Some(rows) => rows.len().div_ceil(self.batch_size),
+            None => n.div_ceil(self.batch_size),
+        }
     }
 
     /// Example indices of each batch of `epoch`.
     pub fn epoch_batches(&self, examples: &[Example], epoch: usize) -> Vec<Vec<usize>> {
+        if let Some(rows) = &self.packed_rows {
+            let mut order: Vec<usize> = (0..rows.len()).collect();
+            if self.shuffle {
+                let mut rng = Rng::new(self.seed).fork(epoch as u64 + 1);
+                for i in (1..order.len()).rev() {
+                    let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+                    order.swap(i, j);
+                }
+            }
+            return order
+                .chunks(self.batch_size)
+                .map(|c| c.iter().flat_map(|&r| rows[r].iter().copied()).collect())
+                .collect();
+        }
         let mut order: Vec<usize> = (0..examples.len()).collect();
         let mut rng = Rng::new(self.seed).fork(epoch as u64 + 1);
         if self.shuffle {
@@ -127,6 +180,18 @@ mod tests {
     }
 
     #[test]
+    fn collate_packed_lays_examples_end_to_end() {
+        let (a, b) = (ex(3), ex(5));
+        let batch = collate_packed(&[&a, &b], &Device::Cpu).unwrap();
+        assert_eq!(
+            batch.input_ids.to_vec2::<u32>().unwrap()[0],
+            vec![0, 1, 2, 0, 1, 2, 3, 4]
+        );
+        assert_eq!(batch.lengths, vec![3, 5]);
+        assert_eq!((batch.tokens, batch.target_tokens), (8, 2 + 4));
+    }
+
+    #[test]
     fn shuffling_is_seeded_per_epoch_and_covers_everything() {
         let data: Vec<Example> = (1..=10).map(ex).collect();
         let b = Batcher {
@@ -134,6 +199,7 @@ mod tests {
             shuffle: true,
             group_by_length: false,
             seed: 7,
+            packed_rows: None,
         };
         let e0 = b.epoch_batches(&data, 0);
         assert_eq!(e0, b.epoch_batches(&data, 0));
@@ -142,5 +208,36 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
         assert_eq!(e0.len(), b.batches_per_epoch(10));
+    }
+
+    #[test]
+    fn packed_batches_are_rows_shuffled_whole() {
+        let data: Vec<Example> = [3, 6, 1, 6, 4, 2].map(ex).to_vec();
+        let lengths: Vec<usize> = data.iter().map(|e| e.input_ids.len()).collect();
+        let rows = crate::data::pack::pack_bfd(&lengths, 10);
+        let b = Batcher {
+            batch_size: 2,
+            shuffle: true,
+            group_by_length: false,
+            seed: 7,
+            packed_rows: Some(rows.clone()),
+        };
+        assert_eq!(b.batches_per_epoch(data.len()), 2);
+        let e0 = b.epoch_batches(&data, 0);
+        assert_eq!(e0.len(), 2);
+        // Every batch is whole rows, and the epoch covers every example once.
+        for batch in &e0 {
+            let mut rest = batch.as_slice();
+            while !rest.is_empty() {
+                let row = rows
+                    .iter()
+                    .find(|r| rest.starts_with(r))
+                    .expect("a whole row");
+                rest = &rest[row.len()..];
+            }
+        }
+        let mut all = e0.concat();
+        all.sort();
+        assert_eq!(all, (0..6).collect::<Vec<_>>());
     }
 }

@@ -8,7 +8,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row, SqlitePool};
 use utoipa::ToSchema;
 
-use super::{now, Event, JobsError, Result, Status};
+use super::events::{Event, EventKind, Level};
+use super::{now, JobsError, Result, Status};
 
 #[derive(Clone)]
 pub struct Store {
@@ -57,8 +58,8 @@ pub struct JobLabels {
 pub struct JobRow {
     pub id: String,
     pub status: Status,
-    /// The job spec with every default filled in.
-    #[schema(value_type = crate::api::openapi::JobSpecSchema)]
+    /// The job spec with every default filled in (its schema is the API's `JobSpec`).
+    #[schema(value_type = Object)]
     pub spec: serde_json::Value,
     pub priority: i64,
     pub created_at: i64,
@@ -100,8 +101,9 @@ fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
     Ok(JobRow {
         id: r.try_get("id")?,
         status: Status::parse(&status)
-            .ok_or_else(|| JobsError::Conflict(format!("bad status {status}")))?,
-        spec: serde_json::from_str(&spec).unwrap_or(serde_json::Value::Null),
+            .ok_or_else(|| JobsError::Corrupt(format!("job status {status:?}")))?,
+        spec: serde_json::from_str(&spec)
+            .map_err(|e| JobsError::Corrupt(format!("job spec: {e}")))?,
         priority: r.try_get("priority")?,
         created_at: r.try_get("created_at")?,
         started_at: r.try_get("started_at")?,
@@ -137,13 +139,18 @@ fn file_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<FileRow> {
 
 fn event_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Event> {
     let data: String = r.try_get("data")?;
+    let kind: String = r.try_get("type")?;
+    let level: String = r.try_get("level")?;
     Ok(Event {
         seq: r.try_get("seq")?,
         created_at: r.try_get("created_at")?,
-        kind: r.try_get("type")?,
-        level: r.try_get("level")?,
+        kind: EventKind::parse(&kind)
+            .ok_or_else(|| JobsError::Corrupt(format!("event type {kind:?}")))?,
+        level: Level::parse(&level)
+            .ok_or_else(|| JobsError::Corrupt(format!("event level {level:?}")))?,
         message: r.try_get("message")?,
-        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+        data: serde_json::from_str(&data)
+            .map_err(|e| JobsError::Corrupt(format!("event data: {e}")))?,
     })
 }
 
@@ -363,7 +370,15 @@ impl Store {
         };
         let (id, spec): (String, String) = (r.try_get("id")?, r.try_get("spec")?);
         let data = serde_json::json!({"status": "running", "worker": worker});
-        let e = insert_event(&mut tx, &id, "status", "info", "running", data).await?;
+        let e = insert_event(
+            &mut tx,
+            &id,
+            EventKind::Status,
+            Level::Info,
+            "running",
+            data,
+        )
+        .await?;
         tx.commit().await?;
         Ok(Some((id, spec, e)))
     }
@@ -459,8 +474,12 @@ impl Store {
         if let Some(e) = error {
             data["error"] = e.into();
         }
-        let level = if error.is_some() { "error" } else { "info" };
-        let e = insert_event(&mut tx, id, "status", level, message, data).await?;
+        let level = if error.is_some() {
+            Level::Error
+        } else {
+            Level::Info
+        };
+        let e = insert_event(&mut tx, id, EventKind::Status, level, message, data).await?;
         tx.commit().await?;
         Ok(Some(e))
     }
@@ -480,7 +499,15 @@ impl Store {
         .await?;
         if r.rows_affected() == 1 {
             let data = serde_json::json!({"status": "cancelled"});
-            let e = insert_event(&mut tx, id, "status", "info", "cancelled", data).await?;
+            let e = insert_event(
+                &mut tx,
+                id,
+                EventKind::Status,
+                Level::Info,
+                "cancelled",
+                data,
+            )
+            .await?;
             tx.commit().await?;
             return Ok(Some(e));
         }
@@ -512,7 +539,15 @@ impl Store {
             let id: String = r.try_get("id")?;
             let data = serde_json::json!({"status": "queued"});
             let message = "queued again: its worker stopped; resumes from its last checkpoint";
-            let e = insert_event(&mut tx, &id, "status", "warning", message, data).await?;
+            let e = insert_event(
+                &mut tx,
+                &id,
+                EventKind::Status,
+                Level::Warning,
+                message,
+                data,
+            )
+            .await?;
             out.push((id, e));
         }
         tx.commit().await?;
@@ -550,8 +585,8 @@ impl Store {
     pub async fn append_event(
         &self,
         id: &str,
-        kind: &str,
-        level: &str,
+        kind: EventKind,
+        level: Level,
         message: &str,
         data: serde_json::Value,
     ) -> Result<Event> {
@@ -660,8 +695,8 @@ impl Store {
 async fn insert_event(
     conn: &mut sqlx::SqliteConnection,
     id: &str,
-    kind: &str,
-    level: &str,
+    kind: EventKind,
+    level: Level,
     message: &str,
     data: serde_json::Value,
 ) -> Result<Event> {
@@ -672,8 +707,8 @@ async fn insert_event(
     )
     .bind(id)
     .bind(t)
-    .bind(kind)
-    .bind(level)
+    .bind(kind.as_str())
+    .bind(level.as_str())
     .bind(message)
     .bind(data.to_string())
     .fetch_one(&mut *conn)
@@ -681,8 +716,8 @@ async fn insert_event(
     Ok(Event {
         seq: r.try_get("seq")?,
         created_at: t,
-        kind: kind.into(),
-        level: level.into(),
+        kind,
+        level,
         message: message.into(),
         data,
     })
@@ -703,5 +738,323 @@ impl Scope<'_> {
             Scope::All => None,
             Scope::Owner(o) => Some(o),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).await.unwrap();
+        (tmp, store)
+    }
+
+    fn file(id: &str) -> FileRow {
+        FileRow {
+            id: id.into(),
+            filename: "train.jsonl".into(),
+            bytes: 10,
+            format: "chat".into(),
+            examples: 2,
+            tokens: None,
+            created_at: now(),
+        }
+    }
+
+    async fn queue(s: &Store, id: &str, priority: i64) -> JobRow {
+        let spec = serde_json::json!({"training_file": "file-1", "priority": priority});
+        s.insert_job(id, &spec, priority, &JobLabels::default(), "alice", 10)
+            .await
+            .unwrap()
+    }
+
+    fn statuses(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::Status)
+            .map(|e| e.data["status"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_job_goes_queued_running_succeeded_with_one_event_per_change() {
+        let (_tmp, s) = store().await;
+        let job = queue(&s, "job-a", 0).await;
+        assert_eq!((job.status, job.attempts), (Status::Queued, 0));
+
+        let (id, spec, running) = s.claim("w1", 30).await.unwrap().unwrap();
+        assert_eq!((id.as_str(), running.seq), ("job-a", 2));
+        assert!(spec.contains("file-1"));
+        assert!(s.claim("w2", 30).await.unwrap().is_none(), "claimed once");
+        let job = s.job("job-a", Scope::All).await.unwrap();
+        assert_eq!((job.status, job.attempts), (Status::Running, 1));
+        assert!(job.started_at.is_some());
+
+        assert!(!s.heartbeat("job-a", "w1", 30).await.unwrap());
+        assert!(!s.heartbeat("job-a", "w2", 30).await.unwrap(), "not w2's");
+        let p = Progress {
+            step: 3,
+            total_steps: Some(5),
+            last_loss: Some(1.5),
+            tokens_per_second: Some(10.0),
+            eta_seconds: Some(2.0),
+            trained_tokens: 0,
+        };
+        s.update_progress("job-a", &p, 40).await.unwrap();
+        s.update_progress("job-a", &p, 40).await.unwrap();
+        let job = s.job("job-a", Scope::All).await.unwrap();
+        assert_eq!((job.progress.step, job.progress.trained_tokens), (3, 80));
+
+        assert!(s
+            .finish("job-a", "w2", Status::Succeeded, None, "succeeded")
+            .await
+            .unwrap()
+            .is_none());
+        let end = s
+            .finish("job-a", "w1", Status::Succeeded, None, "succeeded")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(end.is_final());
+        let job = s.job("job-a", Scope::All).await.unwrap();
+        assert_eq!(job.status, Status::Succeeded);
+        assert!(job.finished_at.is_some());
+        // Ended: no further update or heartbeat touches it.
+        s.update_progress("job-a", &Progress { step: 9, ..p }, 1)
+            .await
+            .unwrap();
+        assert_eq!(s.job("job-a", Scope::All).await.unwrap().progress.step, 3);
+        let events = s.events("job-a", 0, 100).await.unwrap();
+        assert_eq!(statuses(&events), ["queued", "running", "succeeded"]);
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn claims_take_priority_then_age_and_failures_record_their_error() {
+        let (_tmp, s) = store().await;
+        queue(&s, "job-old", 0).await;
+        queue(&s, "job-urgent", 5).await;
+        let (first, _, _) = s.claim("w", 30).await.unwrap().unwrap();
+        assert_eq!(first, "job-urgent");
+        let e = s
+            .finish(
+                "job-urgent",
+                "w",
+                Status::Failed,
+                Some("bad data"),
+                "failed: bad data",
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (e.level, e.data["error"].as_str()),
+            (Level::Error, Some("bad data"))
+        );
+        let job = s.job("job-urgent", Scope::All).await.unwrap();
+        assert_eq!(
+            (job.status, job.error.as_deref()),
+            (Status::Failed, Some("bad data"))
+        );
+
+        // A retry goes back to the queue; the next claim counts a second attempt.
+        let (id, _, _) = s.claim("w", 30).await.unwrap().unwrap();
+        assert_eq!(id, "job-old");
+        s.finish("job-old", "w", Status::Queued, None, "queued again")
+            .await
+            .unwrap()
+            .unwrap();
+        let (id, _, _) = s.claim("w", 30).await.unwrap().unwrap();
+        assert_eq!(id, "job-old");
+        assert_eq!(s.job("job-old", Scope::All).await.unwrap().attempts, 2);
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_a_queued_job_at_once_and_flags_a_running_one() {
+        let (_tmp, s) = store().await;
+        queue(&s, "job-q", 0).await;
+        let e = s
+            .request_cancel("job-q", Scope::All)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(e.is_final());
+        assert_eq!(
+            s.job("job-q", Scope::All).await.unwrap().status,
+            Status::Cancelled
+        );
+
+        queue(&s, "job-r", 0).await;
+        s.claim("w", 30).await.unwrap().unwrap();
+        assert!(s
+            .request_cancel("job-r", Scope::All)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(
+            s.heartbeat("job-r", "w", 30).await.unwrap(),
+            "the worker sees the flag"
+        );
+        assert!(matches!(
+            s.request_cancel("job-r", Scope::Owner("bob")).await,
+            Err(JobsError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.request_cancel("job-missing", Scope::All).await,
+            Err(JobsError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn stale_leases_requeue_and_only_ended_jobs_delete() {
+        let (_tmp, s) = store().await;
+        queue(&s, "job-a", 0).await;
+        s.claim("w", -1).await.unwrap().unwrap(); // a lease already expired
+        assert!(matches!(
+            s.delete_job("job-a", Scope::All).await,
+            Err(JobsError::Conflict(_))
+        ));
+        let requeued = s.requeue_stale(false).await.unwrap();
+        assert_eq!(requeued.len(), 1);
+        assert_eq!(requeued[0].1.level, Level::Warning);
+        assert_eq!(
+            s.job("job-a", Scope::All).await.unwrap().status,
+            Status::Queued
+        );
+        assert!(s.requeue_stale(false).await.unwrap().is_empty());
+        s.claim("w", 30).await.unwrap().unwrap();
+        assert!(
+            s.requeue_stale(false).await.unwrap().is_empty(),
+            "lease live"
+        );
+        assert_eq!(s.requeue_stale(true).await.unwrap().len(), 1, "a restart");
+
+        s.request_cancel("job-a", Scope::All).await.unwrap();
+        s.delete_job("job-a", Scope::All).await.unwrap();
+        assert!(matches!(
+            s.job("job-a", Scope::All).await,
+            Err(JobsError::NotFound(_))
+        ));
+        assert!(
+            s.events("job-a", 0, 10).await.unwrap().is_empty(),
+            "cascade"
+        );
+    }
+
+    #[tokio::test]
+    async fn queue_limits_file_ownership_and_files_in_use() {
+        let (_tmp, s) = store().await;
+        s.insert_file(&file("file-1"), "alice").await.unwrap();
+        assert!(s.file("file-1", Scope::Owner("alice")).await.is_ok());
+        assert!(matches!(
+            s.file("file-1", Scope::Owner("bob")).await,
+            Err(JobsError::NotFound(_))
+        ));
+        let spec = serde_json::json!({"training_file": "file-1"});
+        for i in 0..2 {
+            s.insert_job(
+                &format!("job-{i}"),
+                &spec,
+                0,
+                &JobLabels::default(),
+                "alice",
+                2,
+            )
+            .await
+            .unwrap();
+        }
+        assert!(matches!(
+            s.insert_job("job-2", &spec, 0, &JobLabels::default(), "alice", 2)
+                .await,
+            Err(JobsError::Limit(_))
+        ));
+        s.insert_job("job-3", &spec, 0, &JobLabels::default(), "bob", 2)
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.delete_file("file-1", Scope::All).await,
+            Err(JobsError::Conflict(_))
+        ));
+        for id in ["job-0", "job-1", "job-3"] {
+            s.request_cancel(id, Scope::All).await.unwrap();
+        }
+        s.delete_file("file-1", Scope::All).await.unwrap();
+        assert!(s.files(Scope::All).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn checkpoints_artifacts_and_events_keep_their_order() {
+        let (_tmp, s) = store().await;
+        queue(&s, "job-a", 0).await;
+        for seq in 2..=4 {
+            let e = s
+                .append_event(
+                    "job-a",
+                    EventKind::Log,
+                    Level::Info,
+                    "log",
+                    serde_json::json!({}),
+                )
+                .await
+                .unwrap();
+            assert_eq!(e.seq, seq);
+        }
+        let desc: Vec<i64> = s
+            .events_desc("job-a", Some(4), 2)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(desc, [3, 2]);
+        s.add_checkpoint("job-a", 4, "checkpoint-4", Some(1.0))
+            .await
+            .unwrap();
+        s.add_checkpoint("job-a", 2, "checkpoint-2", None)
+            .await
+            .unwrap();
+        let steps: Vec<i64> = s
+            .checkpoints("job-a")
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.step)
+            .collect();
+        assert_eq!(steps, [2, 4]);
+        let art = ArtifactRow {
+            name: "adapter/adapter_model.safetensors".into(),
+            bytes: 3,
+            sha256: "ab".into(),
+            created_at: now(),
+        };
+        s.add_artifact("job-a", &art).await.unwrap();
+        assert_eq!(s.artifacts("job-a").await.unwrap(), [art]);
+        s.clear_artifacts("job-a").await.unwrap();
+        assert!(s.artifacts("job-a").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_row_is_an_internal_error_not_a_conflict() {
+        let (_tmp, s) = store().await;
+        queue(&s, "job-a", 0).await;
+        sqlx::query("UPDATE jobs SET status = 'paused?' WHERE id = 'job-a'")
+            .execute(&s.pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.job("job-a", Scope::All).await,
+            Err(JobsError::Corrupt(_))
+        ));
+        sqlx::query("UPDATE job_events SET type = 'weird' WHERE job_id = 'job-a'")
+            .execute(&s.pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.events("job-a", 0, 10).await,
+            Err(JobsError::Corrupt(_))
+        ));
     }
 }

@@ -1,22 +1,20 @@
 //! Worker tasks: one per device. Each claims a job, runs it on its own thread, records and
 //! broadcasts its events, renews its lease, honours cancellation and shutdown.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
-use super::runner::{self, RunMsg, RunOutcome, RunPlan};
 use super::stats::{RunMeter, WorkerStats};
 use super::store::{ArtifactRow, Progress};
-use super::{now, EventHub, Result, Scope, Status, Store};
-use crate::config::Config;
-use crate::train::{JobSpec, TrainEvent};
+use super::{now, EventKind, Level, Result, Scope, Service, Status};
+use crate::finetune::{self, JobSpec, Plan, RunEvent, Split};
+use crate::train::TrainEvent;
 
 /// Shared by the API (to wake workers) and the server (to wait for them on shutdown).
 #[derive(Clone)]
@@ -25,38 +23,6 @@ pub struct WorkerHandle {
     pub shutdown: CancellationToken,
     /// Live throughput per worker, for `/metrics`.
     pub stats: WorkerStats,
-}
-
-/// Resolve a spec's `model` inside the configured roots: a name or a path below a root.
-pub fn resolve_model(cfg: &Config, model: &str) -> Option<PathBuf> {
-    if model.is_empty() || model.contains("..") {
-        return None;
-    }
-    for root in &cfg.models.roots {
-        let candidate = if Path::new(model).is_absolute() {
-            PathBuf::from(model)
-        } else {
-            root.join(model)
-        };
-        let (Ok(c), Ok(r)) = (candidate.canonicalize(), root.canonicalize()) else {
-            continue;
-        };
-        if c.starts_with(&r) && crate::model::is_model_path(&c) {
-            return Some(c);
-        }
-    }
-    None
-}
-
-pub fn file_path(cfg: &Config, id: &str) -> PathBuf {
-    cfg.storage
-        .data_dir
-        .join("files")
-        .join(format!("{id}.jsonl"))
-}
-
-pub fn job_dir(cfg: &Config, id: &str) -> PathBuf {
-    cfg.storage.data_dir.join("jobs").join(id)
 }
 
 /// The stable part of a worker's name (`cpu#0`), for metrics labels.
@@ -68,39 +34,29 @@ fn stats_name(worker: &str) -> String {
 }
 
 /// Start one worker per configured device.
-pub fn spawn_workers(
-    cfg: Arc<Config>,
-    store: Store,
-    hub: EventHub,
-    handle: WorkerHandle,
-) -> Vec<JoinHandle<()>> {
-    cfg.workers
+pub fn spawn_workers(svc: &Service) -> Vec<JoinHandle<()>> {
+    svc.config
+        .workers
         .devices
         .iter()
         .enumerate()
         .map(|(i, device)| {
             let name = format!("{device}#{i}-{}", uuid::Uuid::new_v4().simple());
-            handle.stats.register(&stats_name(&name), device);
-            let (cfg, store, hub, handle, device) = (
-                cfg.clone(),
-                store.clone(),
-                hub.clone(),
-                handle.clone(),
-                device.clone(),
-            );
-            tokio::spawn(async move { worker_task(name, device, cfg, store, hub, handle).await })
+            svc.workers.stats.register(&stats_name(&name), device);
+            let (svc, device) = (svc.clone(), device.clone());
+            tokio::spawn(async move { worker_task(name, device, svc).await })
         })
         .collect()
 }
 
-async fn worker_task(
-    name: String,
-    device: String,
-    cfg: Arc<Config>,
-    store: Store,
-    hub: EventHub,
-    handle: WorkerHandle,
-) {
+async fn worker_task(name: String, device: String, svc: Service) {
+    let Service {
+        config: cfg,
+        store,
+        hub,
+        workers: handle,
+        ..
+    } = &svc;
     info!(worker = %name, "worker started");
     let mut last_reap = std::time::Instant::now();
     loop {
@@ -129,10 +85,7 @@ async fn worker_task(
                     worker: &name,
                     device: &device,
                     id: &id,
-                    cfg: &cfg,
-                    store: &store,
-                    hub: &hub,
-                    handle: &handle,
+                    svc: &svc,
                 };
                 run_claimed(&job, &spec).instrument(span).await;
             }
@@ -160,23 +113,22 @@ struct Claimed<'a> {
     worker: &'a str,
     device: &'a str,
     id: &'a str,
-    cfg: &'a Config,
-    store: &'a Store,
-    hub: &'a EventHub,
-    handle: &'a WorkerHandle,
+    svc: &'a Service,
 }
 
+/// Store an event, then broadcast it.
 async fn record(
-    store: &Store,
-    hub: &EventHub,
+    svc: &Service,
     id: &str,
-    kind: &str,
-    level: &str,
+    kind: EventKind,
     message: &str,
     data: serde_json::Value,
 ) -> Result<()> {
-    let e = store.append_event(id, kind, level, message, data).await?;
-    hub.publish(id, &e);
+    let e = svc
+        .store
+        .append_event(id, kind, Level::Info, message, data)
+        .await?;
+    svc.hub.publish(id, &e);
     Ok(())
 }
 
@@ -188,54 +140,84 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
         worker,
         device,
         id,
-        cfg,
-        store,
-        hub,
-        handle,
+        svc,
     } = *job;
-    let plan = (|| -> std::result::Result<RunPlan, String> {
+    let Service {
+        config: cfg,
+        store,
+        layout,
+        workers: handle,
+        ..
+    } = svc;
+    let plan = (|| -> std::result::Result<Plan, String> {
         let mut spec: JobSpec =
             serde_json::from_str(spec_text).map_err(|e| format!("stored spec: {e}"))?;
         if spec.device == "cpu" || spec.device.is_empty() {
             spec.device = device.to_string();
         }
         let model = spec.model.clone().unwrap_or_default();
-        let model_dir = resolve_model(cfg, &model)
+        let model_dir = layout
+            .model(&model)
             .ok_or_else(|| format!("model {model:?} is not in the model roots"))?;
-        let training_file = file_path(cfg, spec.training_file.as_deref().unwrap_or_default());
-        let validation_file = spec.validation_file.as_deref().map(|f| file_path(cfg, f));
-        Ok(RunPlan {
-            job_dir: job_dir(cfg, id),
+        let training_file = layout.file(spec.training_file.as_deref().unwrap_or_default());
+        let validation_file = spec.validation_file.as_deref().map(|f| layout.file(f));
+        Ok(Plan {
+            run_dir: layout.run_dir(id),
+            artifacts_dir: layout.artifacts_dir(id),
             model_dir,
             training_file,
             validation_file,
+            init_adapter: None,
+            resume: true,
+            base_model_name: spec.model.clone(),
             spec,
         })
     })();
     let plan = match plan {
         Ok(p) => p,
-        Err(e) => return conclude(job, RunOutcome::Failed(e), false).await,
+        Err(e) => return conclude(job, Ended::fatal(e), false).await,
     };
     // A rerun (after a restart) produces the artifacts again: forget any listed before, so no
     // listing ever names a file being rewritten.
     if let Err(e) = store.clear_artifacts(id).await {
-        let outcome = RunOutcome::Failed(format!("clearing earlier artifacts: {e}"));
-        return conclude(job, outcome, false).await;
+        let ended = Ended::retryable(format!("clearing earlier artifacts: {e}"));
+        return conclude(job, ended, false).await;
     }
-    let cancel = runner::new_cancel();
-    let (tx, mut rx) = mpsc::channel::<RunMsg>(256);
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Events, each with an acknowledgement the thread waits for when it must know the event
+    // is stored (a checkpoint: it becomes resumable only once its history is recorded).
+    let (tx, mut rx) = mpsc::channel::<(RunEvent, Option<oneshot::Sender<()>>)>(256);
     let thread_cancel = cancel.clone();
     let span = tracing::Span::current();
     let thread = match std::thread::Builder::new()
         .name(format!("job-{id}"))
         .spawn(move || {
             let _g = span.enter();
-            runner::run(&plan, &thread_cancel, &tx)
+            // The worker holds the receiver for the whole run; a send fails only if it is gone.
+            let outcome = finetune::run(&plan, &thread_cancel, &mut |e| {
+                if let RunEvent::Train(TrainEvent::Checkpoint { .. }) = e {
+                    let (ack, stored) = oneshot::channel();
+                    if tx.blocking_send((e.clone(), Some(ack))).is_ok() {
+                        // An error: the worker gave up recording; the cancel flag stops the run.
+                        let _ = stored.blocking_recv();
+                    }
+                } else {
+                    let _ = tx.blocking_send((e.clone(), None));
+                }
+            });
+            match outcome {
+                Ok(finetune::Outcome::Finished { .. }) => Ended::Finished,
+                Ok(finetune::Outcome::Stopped { .. }) => Ended::Stopped,
+                Err(e) => Ended::Failed {
+                    retryable: e.retryable(),
+                    message: e.to_string(),
+                },
+            }
         }) {
         Ok(t) => t,
         Err(e) => {
-            let outcome = RunOutcome::Failed(format!("starting the training thread: {e}"));
-            return conclude(job, outcome, false).await;
+            let ended = Ended::retryable(format!("starting the training thread: {e}"));
+            return conclude(job, ended, false).await;
         }
     };
     let mut meter = RunMeter::new(&handle.stats, &stats_name(worker), id);
@@ -247,24 +229,31 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
     loop {
         tokio::select! {
             msg = rx.recv() => {
-                let Some(msg) = msg else { break };
+                let Some((msg, ack)) = msg else { break };
                 if broken.is_some() {
                     continue; // drain until the thread stops
                 }
                 // Retry through brief faults (a locked or busy database): three tries.
-                let mut result = handle_msg(store, hub, id, &mut meter, &msg).await;
+                let mut result = handle_msg(svc, id, &mut meter, &msg).await;
                 let mut pause = Duration::from_millis(200);
                 for _ in 0..2 {
                     let Err(e) = &result else { break };
                     warn!(job.id = %id, error = %e, "recording progress failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause *= 4;
-                    result = handle_msg(store, hub, id, &mut meter, &msg).await;
+                    result = handle_msg(svc, id, &mut meter, &msg).await;
                 }
-                if let Err(e) = result {
-                    warn!(job.id = %id, error = %e, "recording progress failed; stopping the run");
-                    broken = Some(format!("recording progress: {e}"));
-                    cancel.store(true, Ordering::Relaxed);
+                match result {
+                    Ok(()) => {
+                        if let Some(ack) = ack {
+                            let _ = ack.send(());
+                        }
+                    }
+                    Err(e) => {
+                        warn!(job.id = %id, error = %e, "recording progress failed; stopping the run");
+                        broken = Some(format!("recording progress: {e}"));
+                        cancel.store(true, Ordering::Relaxed);
+                    }
                 }
             }
             _ = heartbeat.tick() => {
@@ -283,45 +272,99 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
     }
     // The worker is idle from here on; say so before the job's final status is visible.
     drop(meter);
-    let outcome = join_run(thread).await;
-    let outcome = match broken {
-        Some(e) => RunOutcome::Failed(e),
-        None => outcome,
+    let ended = join_run(thread).await;
+    let ended = match broken {
+        // The store refused progress records: likely a full disk or a busy database.
+        Some(e) => Ended::retryable(e),
+        None => ended,
     };
-    conclude(job, outcome, shutting_down).await
+    conclude(job, ended, shutting_down).await
+}
+
+/// How a run ended, as the worker records it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Ended {
+    Finished,
+    /// Stopped by the cancel flag (a cancel, or shutdown) after writing a checkpoint.
+    Stopped,
+    /// `retryable`: another attempt could succeed (see `FinetuneError::retryable`).
+    Failed {
+        message: String,
+        retryable: bool,
+    },
+}
+
+impl Ended {
+    fn fatal(message: String) -> Self {
+        Ended::Failed {
+            message,
+            retryable: false,
+        }
+    }
+
+    fn retryable(message: String) -> Self {
+        Ended::Failed {
+            message,
+            retryable: true,
+        }
+    }
 }
 
 /// Wait for the training thread without blocking the runtime; a panic becomes a failure that
 /// carries the panic's message.
-pub(crate) async fn join_run(thread: std::thread::JoinHandle<RunOutcome>) -> RunOutcome {
+pub(crate) async fn join_run(thread: std::thread::JoinHandle<Ended>) -> Ended {
     match tokio::task::spawn_blocking(move || thread.join()).await {
-        Ok(Ok(outcome)) => outcome,
+        Ok(Ok(ended)) => ended,
         Ok(Err(panic)) => {
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".into());
-            RunOutcome::Failed(format!("the training thread panicked: {what}"))
+            Ended::fatal(format!("the training thread panicked: {what}"))
         }
-        Err(e) => RunOutcome::Failed(format!("waiting for the training thread: {e}")),
+        Err(e) => Ended::fatal(format!("waiting for the training thread: {e}")),
     }
 }
 
 /// Record how the run ended, retrying until the store takes it: a full disk or an unavailable
 /// database must not leave the job running forever. On shutdown the retries stop and the next
-/// start requeues the job.
-async fn conclude(job: &Claimed<'_>, outcome: RunOutcome, shutting_down: bool) {
-    let (to, message, error) = match &outcome {
-        RunOutcome::Succeeded => (Status::Succeeded, "succeeded".to_string(), None),
+/// start requeues the job. A retryable failure queues the job again while it has attempts left;
+/// it resumes from its last checkpoint.
+async fn conclude(job: &Claimed<'_>, ended: Ended, shutting_down: bool) {
+    let attempts = match &ended {
+        Ended::Failed {
+            retryable: true, ..
+        } => job
+            .svc
+            .store
+            .job(job.id, Scope::All)
+            .await
+            .map(|j| j.attempts)
+            .unwrap_or(i64::MAX),
+        _ => 0,
+    };
+    let max_attempts = i64::from(job.svc.config.workers.max_attempts.max(1));
+    let (to, message, error) = match &ended {
+        Ended::Finished => (Status::Succeeded, "succeeded".to_string(), None),
         // Shutdown: the job checkpointed and waits for the next start.
-        RunOutcome::Stopped if shutting_down => (
+        Ended::Stopped if shutting_down => (
             Status::Queued,
             "queued (server shutting down; resumes from its checkpoint)".to_string(),
             None,
         ),
-        RunOutcome::Stopped => (Status::Cancelled, "cancelled".to_string(), None),
-        RunOutcome::Failed(e) => {
+        Ended::Stopped => (Status::Cancelled, "cancelled".to_string(), None),
+        Ended::Failed {
+            message: e,
+            retryable: true,
+        } if attempts < max_attempts => {
+            warn!(job.id = %job.id, error = %e, attempts, "run failed; queued again");
+            let message = format!(
+                "queued again after attempt {attempts} of {max_attempts} failed: {e}; resumes from its last checkpoint"
+            );
+            (Status::Queued, message, None)
+        }
+        Ended::Failed { message: e, .. } => {
             warn!(job.id = %job.id, error = %e, "job failed");
             (Status::Failed, format!("failed: {e}"), Some(e.as_str()))
         }
@@ -329,17 +372,18 @@ async fn conclude(job: &Claimed<'_>, outcome: RunOutcome, shutting_down: bool) {
     let mut pause = Duration::from_millis(200);
     loop {
         match job
+            .svc
             .store
             .finish(job.id, job.worker, to, error, &message)
             .await
         {
-            Ok(Some(e)) => return job.hub.publish(job.id, &e),
+            Ok(Some(e)) => return job.svc.hub.publish(job.id, &e),
             Ok(None) => return, // no longer ours (requeued after a lost lease)
             Err(e) => {
                 warn!(job.id = %job.id, error = %e, "recording the job's end failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = job.handle.shutdown.cancelled() => return,
+                    _ = job.svc.workers.shutdown.cancelled() => return,
                 }
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
@@ -347,18 +391,26 @@ async fn conclude(job: &Claimed<'_>, outcome: RunOutcome, shutting_down: bool) {
     }
 }
 
-async fn handle_msg(
-    store: &Store,
-    hub: &EventHub,
-    id: &str,
-    meter: &mut RunMeter,
-    msg: &RunMsg,
-) -> Result<()> {
+async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEvent) -> Result<()> {
     match msg.clone() {
-        RunMsg::Log { message, data } => {
-            record(store, hub, id, "log", "info", &message, data).await
+        RunEvent::Data { split, summary } => {
+            let message = match split {
+                Split::Training => "training data",
+                Split::Validation => "validation data",
+            };
+            let data = serde_json::to_value(&summary).unwrap_or_default();
+            record(svc, id, EventKind::Log, message, data).await
         }
-        RunMsg::Artifact {
+        RunEvent::Resumed { step, .. } => {
+            let message = format!("resumed from checkpoint at step {step}");
+            let data = serde_json::json!({"step": step});
+            record(svc, id, EventKind::Log, &message, data).await
+        }
+        RunEvent::Exporting => {
+            let data = serde_json::json!({});
+            record(svc, id, EventKind::Log, "exporting", data).await
+        }
+        RunEvent::Artifact {
             name,
             bytes,
             sha256,
@@ -369,27 +421,27 @@ async fn handle_msg(
                 sha256: sha256.clone(),
                 created_at: now(),
             };
-            store.add_artifact(id, &row).await?;
+            svc.store.add_artifact(id, &row).await?;
             record(
-                store,
-                hub,
+                svc,
                 id,
-                "artifact",
-                "info",
+                EventKind::Artifact,
                 &format!("artifact {name}"),
                 serde_json::json!({"name": name, "bytes": bytes, "sha256": sha256}),
             )
             .await
         }
-        RunMsg::Train(e) => match e {
+        RunEvent::Train(e) => match e {
             TrainEvent::Started {
                 total_steps,
                 start_step,
                 examples,
             } => {
                 meter.started(start_step);
-                store.reset_trained_tokens(id, start_step as i64).await?;
-                record(store, hub, id, "log", "info", "training started", serde_json::json!({"total_steps": total_steps, "start_step": start_step, "examples": examples})).await
+                svc.store
+                    .reset_trained_tokens(id, start_step as i64)
+                    .await?;
+                record(svc, id, EventKind::Log, "training started", serde_json::json!({"total_steps": total_steps, "start_step": start_step, "examples": examples})).await
             }
             TrainEvent::Step {
                 step,
@@ -411,15 +463,13 @@ async fn handle_msg(
                     trained_tokens: 0,
                 };
                 meter.step(step, tokens, tokens_per_second);
-                store.update_progress(id, &p, tokens as i64).await?;
+                svc.store.update_progress(id, &p, tokens as i64).await?;
                 let data = serde_json::json!({"step": step, "total_steps": total_steps, "loss": loss, "learning_rate": learning_rate,
                     "grad_norm": grad_norm, "tokens": tokens, "tokens_per_second": tokens_per_second, "eta_seconds": eta_seconds, "epoch": epoch});
                 record(
-                    store,
-                    hub,
+                    svc,
                     id,
-                    "metrics",
-                    "info",
+                    EventKind::Metrics,
                     &format!("step {step}/{total_steps} loss {loss:.4}"),
                     data,
                 )
@@ -433,11 +483,9 @@ async fn handle_msg(
             } => {
                 let data = serde_json::json!({"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy, "eval_tokens": eval_tokens});
                 record(
-                    store,
-                    hub,
+                    svc,
                     id,
-                    "metrics",
-                    "info",
+                    EventKind::Metrics,
                     &format!("step {step} eval loss {eval_loss:.4}"),
                     data,
                 )
@@ -448,14 +496,14 @@ async fn handle_msg(
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let loss = store.job(id, Scope::All).await?.progress.last_loss;
-                store.add_checkpoint(id, step as i64, &name, loss).await?;
+                let loss = svc.store.job(id, Scope::All).await?.progress.last_loss;
+                svc.store
+                    .add_checkpoint(id, step as i64, &name, loss)
+                    .await?;
                 record(
-                    store,
-                    hub,
+                    svc,
                     id,
-                    "checkpoint",
-                    "info",
+                    EventKind::Checkpoint,
                     &format!("checkpoint {name}"),
                     serde_json::json!({"step": step, "name": name}),
                 )
@@ -463,11 +511,9 @@ async fn handle_msg(
             }
             TrainEvent::Finished { step, loss } => {
                 record(
-                    store,
-                    hub,
+                    svc,
                     id,
-                    "log",
-                    "info",
+                    EventKind::Log,
                     "training finished",
                     serde_json::json!({"step": step, "loss": loss}),
                 )
@@ -475,11 +521,9 @@ async fn handle_msg(
             }
             TrainEvent::Cancelled { step } => {
                 record(
-                    store,
-                    hub,
+                    svc,
                     id,
-                    "log",
-                    "info",
+                    EventKind::Log,
                     "training stopped",
                     serde_json::json!({"step": step}),
                 )
@@ -495,19 +539,88 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_training_thread_fails_the_run_with_its_message() {
-        let t = std::thread::spawn(|| -> RunOutcome { panic!("device lost: {}", 7) });
+        let t = std::thread::spawn(|| -> Ended { panic!("device lost: {}", 7) });
         match join_run(t).await {
-            RunOutcome::Failed(m) => {
-                assert_eq!(m, "the training thread panicked: device lost: 7")
+            Ended::Failed { message, .. } => {
+                assert_eq!(message, "the training thread panicked: device lost: 7")
             }
             other => panic!("{other:?}"),
         }
-        let t = std::thread::spawn(|| -> RunOutcome { std::panic::panic_any(3u8) });
+        let t = std::thread::spawn(|| -> Ended { std::panic::panic_any(3u8) });
         assert_eq!(
             join_run(t).await,
-            RunOutcome::Failed("the training thread panicked: no message".into())
+            Ended::fatal("the training thread panicked: no message".into())
         );
-        let t = std::thread::spawn(|| RunOutcome::Succeeded);
-        assert_eq!(join_run(t).await, RunOutcome::Succeeded);
+        let t = std::thread::spawn(|| Ended::Finished);
+        assert_eq!(join_run(t).await, Ended::Finished);
+    }
+
+    async fn service(data_dir: &std::path::Path) -> Service {
+        let overrides = crate::config::Overrides {
+            data_dir: Some(data_dir.to_path_buf()),
+            ..Default::default()
+        };
+        let config = crate::config::Config::load(None, [], &overrides).unwrap();
+        assert_eq!(config.workers.max_attempts, 3);
+        Service {
+            layout: super::super::Layout::new(&config),
+            config: Arc::new(config),
+            store: super::super::Store::open(data_dir).await.unwrap(),
+            hub: Default::default(),
+            workers: WorkerHandle {
+                wake: Default::default(),
+                shutdown: CancellationToken::new(),
+                stats: Default::default(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_requeues_until_the_attempts_run_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let svc = service(tmp.path()).await;
+        let spec = serde_json::json!({});
+        svc.store
+            .insert_job("job-a", &spec, 0, &Default::default(), "", 10)
+            .await
+            .unwrap();
+        for attempt in 1..=3 {
+            let (id, _, _) = svc.store.claim("w", 30).await.unwrap().unwrap();
+            let job = Claimed {
+                worker: "w",
+                device: "cpu",
+                id: &id,
+                svc: &svc,
+            };
+            conclude(&job, Ended::retryable("disk full".into()), false).await;
+            let row = svc.store.job("job-a", Scope::All).await.unwrap();
+            assert_eq!(row.attempts, attempt);
+            let last = svc.store.events_desc("job-a", None, 1).await.unwrap();
+            if attempt < 3 {
+                assert_eq!(row.status, Status::Queued);
+                assert!(last[0].message.starts_with(&format!(
+                    "queued again after attempt {attempt} of 3 failed: disk full"
+                )));
+            } else {
+                assert_eq!(row.status, Status::Failed);
+                assert_eq!(row.error.as_deref(), Some("disk full"));
+            }
+        }
+
+        // A failure that would repeat ends the job at its first attempt.
+        svc.store
+            .insert_job("job-b", &spec, 0, &Default::default(), "", 10)
+            .await
+            .unwrap();
+        let (id, _, _) = svc.store.claim("w", 30).await.unwrap().unwrap();
+        let job = Claimed {
+            worker: "w",
+            device: "cpu",
+            id: &id,
+            svc: &svc,
+        };
+        conclude(&job, Ended::fatal("bad data".into()), false).await;
+        let row = svc.store.job("job-b", Scope::All).await.unwrap();
+        assert_eq!((row.status, row.attempts), (Status::Failed, 1));
     }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::checkpoint::{self, TrainState};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use super::spec::Hyperparameters;
+use super::Hyperparameters;
 use super::{io_err, Result, TrainError};
 use crate::data::batch::collate;
 use crate::data::encode::IGNORE;
@@ -132,6 +132,7 @@ impl<'a> Trainer<'a> {
             shuffle: opts.shuffle,
             group_by_length: opts.group_by_length,
             seed: h.seed,
+            packed_rows: None,
         };
         let per_epoch = batcher.batches_per_epoch(train.len());
         let total_steps = match h.max_steps {
@@ -280,7 +281,8 @@ impl<'a> Trainer<'a> {
         unreachable!("no GPU device exists without the cuda feature")
     }
 
-    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>> {
+    /// Write a checkpoint under a temporary name; [`Trainer::checkpoint`] renames it into place.
+    fn write_checkpoint(&self) -> Result<Option<(PathBuf, PathBuf)>> {
         let Some(out) = &self.opts.out_dir else {
             return Ok(None);
         };
@@ -291,12 +293,28 @@ impl<'a> Trainer<'a> {
         self.model
             .save_adapter(&partial, &self.opts.lora, self.opts.base_model.as_deref())?;
         checkpoint::write_state(&partial, &self.state, &self.names, &self.optimizer)?;
+        Ok(Some((partial, dir)))
+    }
+
+    /// Save a checkpoint and report it. The checkpoint's event goes out while it still has its
+    /// temporary name: a watcher that records events (the service's worker) has every event up
+    /// to this one stored before the checkpoint can be resumed from, so a resume never skips a
+    /// step that nobody heard of.
+    fn checkpoint(&self, on_event: &mut dyn FnMut(&TrainEvent)) -> Result<()> {
+        let Some((partial, dir)) = self.write_checkpoint()? else {
+            return Ok(());
+        };
+        on_event(&TrainEvent::Checkpoint {
+            step: self.state.step,
+            path: dir.clone(),
+        });
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         }
         std::fs::rename(&partial, &dir).map_err(io_err(&dir))?;
+        let out = self.opts.out_dir.as_ref().expect("written above");
         checkpoint::prune(out, self.opts.keep_checkpoints)?;
-        Ok(Some(dir))
+        Ok(())
     }
 
     /// Train until the last step or until `cancel` is set (then checkpoint and stop).
@@ -320,12 +338,7 @@ impl<'a> Trainer<'a> {
         let dropout = self.opts.lora.dropout > 0.0;
         while self.state.step < total {
             if cancel.load(Ordering::Relaxed) {
-                if let Some(path) = self.save_checkpoint()? {
-                    on_event(&TrainEvent::Checkpoint {
-                        step: self.state.step,
-                        path,
-                    });
-                }
+                self.checkpoint(on_event)?;
                 on_event(&TrainEvent::Cancelled {
                     step: self.state.step,
                 });
@@ -452,12 +465,7 @@ impl<'a> Trainer<'a> {
                     .checkpoint_every
                     .is_some_and(|n| self.state.step.is_multiple_of(n))
             {
-                if let Some(path) = self.save_checkpoint()? {
-                    on_event(&TrainEvent::Checkpoint {
-                        step: self.state.step,
-                        path,
-                    });
-                }
+                self.checkpoint(on_event)?;
             }
         }
         if let Some(out) = &self.opts.out_dir {

@@ -14,7 +14,6 @@ use crate::api::auth::Principal;
 use crate::api::files::{receive_upload, UploadQuery};
 use crate::api::{ApiError, ApiResult, AppState, ErrorBody};
 use crate::jobs::store::FileRow;
-use crate::jobs::worker::file_path;
 
 /// OpenAI's file object (`object: "file"`), with qlorad's counts as extra fields.
 #[derive(Serialize, ToSchema)]
@@ -147,6 +146,7 @@ pub async fn v1_files_list(
         Some(p) if p != "fine-tune" => Vec::new(),
         _ => {
             state
+                .jobs
                 .store
                 .files_page(q.after.as_deref(), limit + 1, who.scope())
                 .await?
@@ -158,6 +158,7 @@ pub async fn v1_files_list(
 
 async fn file(state: &AppState, who: &Principal, id: &str) -> ApiResult<FileRow> {
     state
+        .jobs
         .store
         .file(id, who.scope())
         .await
@@ -186,8 +187,7 @@ pub async fn v1_files_delete(
     Path(id): Path<String>,
 ) -> ApiResult<Json<V1FileDeleted>> {
     file(&state, &who, &id).await?;
-    state.store.delete_file(&id, who.scope()).await?;
-    let _ = tokio::fs::remove_file(file_path(&state.config, &id)).await;
+    state.jobs.delete_file(&id, who.scope()).await?;
     Ok(Json(V1FileDeleted {
         id,
         object: "file".into(),
@@ -206,7 +206,7 @@ pub async fn v1_files_content(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let row = file(&state, &who, &id).await?;
-    let f = tokio::fs::File::open(file_path(&state.config, &id))
+    let f = tokio::fs::File::open(state.jobs.layout.file(&id))
         .await
         .map_err(|_| ApiError::not_found(format!("the content of file {id} is gone")))?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(f));

@@ -18,8 +18,8 @@ use crate::api::auth::Principal;
 use crate::api::jobs::{create_job, json_body};
 use crate::api::{ApiError, ApiResult, AppState, ErrorBody};
 use crate::jobs::store::{CheckpointRow, JobLabels, JobRow, Progress};
-use crate::jobs::{Event, Status};
-use crate::train::spec::Hyperparameters;
+use crate::jobs::{Event, EventKind, Level, Status};
+use crate::train::Hyperparameters;
 
 /// OpenAI's `fine_tuning.job`, with qlorad's progress and full spec as extra fields.
 #[derive(Serialize, ToSchema)]
@@ -449,6 +449,7 @@ pub async fn fine_tuning_jobs_list(
     let q = query(q)?;
     let limit = page_limit(q.limit, 20, 100)?;
     let rows = state
+        .jobs
         .store
         .jobs(None, q.after.as_deref(), limit + 1, who.scope())
         .await?;
@@ -458,6 +459,7 @@ pub async fn fine_tuning_jobs_list(
 
 async fn job(state: &AppState, who: &Principal, id: &str) -> ApiResult<JobRow> {
     state
+        .jobs
         .store
         .job(id, who.scope())
         .await
@@ -494,8 +496,8 @@ pub async fn fine_tuning_jobs_cancel(
             param: Some("fine_tuning_job_id".into()),
         });
     }
-    if let Some(e) = state.store.request_cancel(&id, who.scope()).await? {
-        state.hub.publish(&id, &e);
+    if let Some(e) = state.jobs.store.request_cancel(&id, who.scope()).await? {
+        state.jobs.hub.publish(&id, &e);
     }
     Ok(Json(job_view(job(&state, &who, &id).await?)))
 }
@@ -522,7 +524,7 @@ fn job_key(id: &str) -> &str {
 }
 
 fn event_view(job: &str, e: Event) -> V1Event {
-    let (kind, data) = if e.kind == "metrics" {
+    let (kind, data) = if e.kind == EventKind::Metrics {
         let mut d = e.data;
         if let Some(loss) = d.get("loss").cloned() {
             d["train_loss"] = loss;
@@ -542,10 +544,9 @@ fn event_view(job: &str, e: Event) -> V1Event {
         id: format!("ftevent-{}-{}", job_key(job), e.seq),
         object: "fine_tuning.job.event".into(),
         created_at: e.created_at,
-        level: if e.level == "warning" {
-            "warn".into()
-        } else {
-            e.level
+        level: match e.level {
+            Level::Warning => "warn".into(),
+            other => other.as_str().into(),
         },
         message: e.message,
         kind: kind.into(),
@@ -568,7 +569,7 @@ pub async fn fine_tuning_events_list(
     let limit = page_limit(q.limit, 20, 100)?;
     let before = cursor(q.after.as_deref())?;
     job(&state, &who, &id).await?;
-    let rows = state.store.events_desc(&id, before, limit + 1).await?;
+    let rows = state.jobs.store.events_desc(&id, before, limit + 1).await?;
     let rows: Vec<V1Event> = rows.into_iter().map(|e| event_view(&id, e)).collect();
     Ok(Json(Page::new(rows, limit, |e| e.id.clone())))
 }
@@ -604,7 +605,7 @@ pub async fn fine_tuning_checkpoints_list(
     let limit = page_limit(q.limit, 10, 100)?;
     let before = cursor(q.after.as_deref())?;
     let job = job(&state, &who, &id).await?;
-    let mut rows = state.store.checkpoints(&id).await?;
+    let mut rows = state.jobs.store.checkpoints(&id).await?;
     rows.reverse();
     let rows: Vec<V1Checkpoint> = rows
         .into_iter()

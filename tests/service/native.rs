@@ -1,63 +1,16 @@
-//! The service end to end over real HTTP, a real SQLite file and a tiny generated model.
+//! The native routes: uploads, jobs, events, cancel, artifacts, restarts and shutdown.
 
-mod common;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
-use qlorad::config::{Config, Overrides};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
-struct Server {
-    base: String,
-    data: PathBuf,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-    _tmp: tempfile::TempDir,
-}
+use crate::harness::{start, Server, DATA};
 
 fn tiny_model(root: &Path) {
-    common::tiny_model(&root.join("tiny"), "tok-chatml");
+    crate::common::tiny_model(&root.join("tiny"), "tok-chatml");
 }
-
-async fn start(workers: &[&str]) -> Server {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = tmp.path().join("models");
-    tiny_model(&models);
-    let data = tmp.path().join("data");
-    let overrides = Overrides {
-        listen: Some("127.0.0.1:0".into()),
-        data_dir: Some(data.clone()),
-        model_roots: vec![models],
-        workers: Some(workers.iter().map(|s| s.to_string()).collect()),
-        ..Default::default()
-    };
-    let cfg = Config::load(None, Vec::new(), &overrides).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let task =
-        tokio::spawn(async move { qlorad::server::serve_on(cfg, listener, s).await.unwrap() });
-    Server {
-        base,
-        data,
-        stop,
-        task,
-        _tmp: tmp,
-    }
-}
-
-const DATA: &str = concat!(
-    r#"{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}"#,
-    "\n",
-    r#"{"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}"#,
-    "\n",
-    r#"{"messages": [{"role": "user", "content": "Boil time?"}, {"role": "assistant", "content": "Ninety seconds."}]}"#,
-    "\n",
-);
 
 async fn upload(c: &reqwest::Client, s: &Server, body: &str) -> reqwest::Response {
     c.post(format!("{}/files?filename=train.jsonl", s.base))
@@ -106,7 +59,7 @@ async fn running_job(c: &reqwest::Client, s: &Server) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_upload_train_stream_download() {
-    let s = start(&["cpu"]).await;
+    let mut s = start(&["cpu"]).await;
     let c = reqwest::Client::new();
     let health: Value = c
         .get(format!("{}/healthz", s.base))
@@ -291,13 +244,12 @@ async fn happy_path_upload_train_stream_download() {
         .unwrap();
     assert_eq!(r.status(), 204);
     assert!(!s.data.join("jobs").join(&id).exists());
-    s.stop.cancel();
-    s.task.await.unwrap();
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_4xx_naming_the_problem() {
-    let s = start(&["cpu"]).await;
+    let mut s = start(&["cpu"]).await;
     let c = reqwest::Client::new();
     let err = |v: &Value| v["error"].clone();
 
@@ -396,13 +348,12 @@ async fn bad_input_gets_a_4xx_naming_the_problem() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    s.stop.cancel();
-    s.task.await.unwrap();
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_running_job_and_keeps_its_checkpoints() {
-    let s = start(&["cpu"]).await;
+    let mut s = start(&["cpu"]).await;
     let c = reqwest::Client::new();
     let id = running_job(&c, &s).await;
     let r = c
@@ -433,13 +384,12 @@ async fn cancel_stops_a_running_job_and_keeps_its_checkpoints() {
         1,
         "the stop wrote a checkpoint: {cps}"
     );
-    s.stop.cancel();
-    s.task.await.unwrap();
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_run_fifty_concurrent_jobs_exactly_once() {
-    let s = start(&["cpu", "cpu"]).await;
+    let mut s = start(&["cpu", "cpu"]).await;
     let c = reqwest::Client::new();
     let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
     let spec = json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"max_steps": 1, "batch_size": 3}, "lora": {"r": 2}});
@@ -506,8 +456,7 @@ async fn two_workers_run_fifty_concurrent_jobs_exactly_once() {
         );
     }
     assert_eq!(workers.len(), 2, "both workers took jobs");
-    s.stop.cancel();
-    s.task.await.unwrap();
+    s.shutdown().await;
 }
 
 /// The server as a child process, so it can be killed with SIGKILL.
@@ -679,11 +628,10 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_checkpoints_and_requeues_running_jobs() {
-    let s = start(&["cpu"]).await;
+    let mut s = start(&["cpu"]).await;
     let c = reqwest::Client::new();
     let id = running_job(&c, &s).await;
-    s.stop.cancel(); // what SIGINT/SIGTERM do
-    s.task.await.unwrap();
+    s.shutdown().await; // what SIGINT/SIGTERM do
     let store = qlorad::jobs::Store::open(&s.data).await.unwrap();
     let j = store.job(&id, qlorad::jobs::Scope::All).await.unwrap();
     assert_eq!(j.status, qlorad::jobs::Status::Queued, "back in the queue");
@@ -696,7 +644,7 @@ async fn graceful_shutdown_checkpoints_and_requeues_running_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_job_is_cancelled_at_once_and_only_once() {
-    let s = start(&[]).await; // no workers: the job stays queued
+    let mut s = start(&[]).await; // no workers: the job stays queued
     let c = reqwest::Client::new();
     let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
     let spec = json!({"model": "tiny", "training_file": file["id"]});
@@ -742,6 +690,5 @@ async fn a_queued_job_is_cancelled_at_once_and_only_once() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    s.stop.cancel();
-    s.task.await.unwrap();
+    s.shutdown().await;
 }

@@ -1,9 +1,6 @@
 //! API keys and per-key isolation on every route, limits, hostile paths and faults (a locked
 //! database, a failing device), over real HTTP with a real SQLite file and a tiny model.
 
-mod common;
-
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -11,64 +8,12 @@ use qlorad::config::{Config, Overrides};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-const ALICE: &str = "alice-secret-0123456789";
-const BOB: &str = "bob-secret-0123456789";
-const ROOT: &str = "root-secret-0123456789";
-
-struct Server {
-    base: String,
-    data: PathBuf,
-    stop: CancellationToken,
-    _tmp: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
+use crate::harness::{Options, Server, ALICE, BOB, ROOT};
 
 /// A server with alice, bob and an admin key (or none when `keys` is false), `env` layered
 /// over the defaults as `QLORAD_*` variables.
 async fn start(keys: bool, workers: &[&str], env: &[(&str, &str)]) -> Server {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = tmp.path().join("models");
-    common::tiny_model(&models.join("tiny"), "tok-chatml");
-    let data = tmp.path().join("data");
-    let keys_file = tmp.path().join("keys");
-    let bob_digest: String = {
-        use sha2::Digest;
-        sha2::Sha256::digest(BOB.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
-    std::fs::write(
-        &keys_file,
-        format!("# test keys\nalice:{ALICE}\nbob:sha256:{bob_digest}\nroot:{ROOT}:admin\n"),
-    )
-    .unwrap();
-    let overrides = Overrides {
-        listen: Some("127.0.0.1:0".into()),
-        data_dir: Some(data.clone()),
-        model_roots: vec![models],
-        workers: Some(workers.iter().map(|s| s.to_string()).collect()),
-        api_keys_file: keys.then_some(keys_file),
-        ..Default::default()
-    };
-    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-    let cfg = Config::load(None, env, &overrides).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move { qlorad::server::serve_on(cfg, listener, s).await.unwrap() });
-    Server {
-        base,
-        data,
-        stop,
-        _tmp: tmp,
-    }
+    crate::harness::start_with(Options { keys, workers, env }).await
 }
 
 const DATA: &str = concat!(
@@ -580,7 +525,7 @@ async fn hostile_artifact_names_and_model_paths_are_refused() {
     }
     // Models only from the roots: no `..`, no absolute paths elsewhere, no symlinks out.
     let outside = s.data.parent().unwrap().join("outside");
-    common::tiny_model(&outside, "tok-chatml");
+    crate::common::tiny_model(&outside, "tok-chatml");
     let root = s.data.parent().unwrap().join("models");
     std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
     for model in [

@@ -12,6 +12,27 @@ use serde_json::Value;
 
 pub use commands::{files, jobs, FilesCommand, JobsCommand};
 
+const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+/// Where the service is and the key to it, for `qlorad jobs` and `qlorad files`.
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// The service's URL.
+    #[arg(long, global = true, default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// The API key (default: the QLORAD_API_KEY environment variable).
+    #[arg(long, global = true)]
+    pub api_key: Option<String>,
+}
+
+impl ServerArgs {
+    pub fn key(&self) -> Option<String> {
+        self.api_key
+            .clone()
+            .or_else(|| std::env::var("QLORAD_API_KEY").ok())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{url}: {source}")]

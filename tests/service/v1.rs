@@ -1,58 +1,15 @@
 //! The OpenAI-shaped `/v1` API, `/metrics`, `/openapi.json` and the dashboard, over real HTTP
 //! with a tiny generated model.
 
-mod common;
-
 use std::time::Duration;
 
-use qlorad::config::{Config, Overrides};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
-struct Server {
-    base: String,
-    stop: CancellationToken,
-    _tmp: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
+use crate::harness::{Server, DATA};
 
 async fn start() -> Server {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = tmp.path().join("models");
-    common::tiny_model(&models.join("tiny"), "tok-chatml");
-    let overrides = Overrides {
-        listen: Some("127.0.0.1:0".into()),
-        data_dir: Some(tmp.path().join("data")),
-        model_roots: vec![models],
-        workers: Some(vec!["cpu".into()]),
-        ..Default::default()
-    };
-    let cfg = Config::load(None, Vec::new(), &overrides).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move { qlorad::server::serve_on(cfg, listener, s).await.unwrap() });
-    Server {
-        base,
-        stop,
-        _tmp: tmp,
-    }
+    crate::harness::start(&["cpu"]).await
 }
-
-const DATA: &str = concat!(
-    r#"{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}"#,
-    "\n",
-    r#"{"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}"#,
-    "\n",
-    r#"{"messages": [{"role": "user", "content": "Boil time?"}, {"role": "assistant", "content": "Ninety seconds."}]}"#,
-    "\n",
-);
 
 /// A multipart/form-data body as the openai client sends it: text fields, then the file.
 fn multipart(fields: &[(&str, &str)], file: &str) -> (String, Vec<u8>) {
@@ -540,6 +497,11 @@ async fn metrics_openapi_and_dashboard() {
     ] {
         assert!(schemas[name].is_object(), "{name}");
     }
+    // A stored job's spec is documented as the spec itself.
+    assert_eq!(
+        schemas["JobRow"]["properties"]["spec"]["$ref"],
+        "#/components/schemas/JobSpec"
+    );
 
     let page = c.get(format!("{}/", s.base)).send().await.unwrap();
     assert!(page.headers()["content-type"]

@@ -3,57 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Schedule, TrainError};
 use crate::data::DataFormat;
 use crate::lora::{LoraConfig, TargetModules};
 use crate::quant::{QuantConfig, QuantType};
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Hyperparameters {
-    /// Passes over the training set (ignored when `max_steps` is set).
-    pub n_epochs: usize,
-    /// Optimizer steps to run; overrides `n_epochs`.
-    pub max_steps: Option<usize>,
-    /// Examples per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub gradient_accumulation_steps: usize,
-    pub learning_rate: f64,
-    pub lr_scheduler: Schedule,
-    /// Fraction of steps spent warming up (rounded up), unless `warmup_steps` is given.
-    pub warmup_ratio: f64,
-    pub warmup_steps: Option<usize>,
-    pub weight_decay: f64,
-    /// Global gradient-norm clip; 0 disables.
-    pub max_grad_norm: f64,
-    pub max_seq_len: usize,
-    pub seed: u64,
-    /// Recompute each decoder layer in backward: less memory, about a third more compute.
-    pub gradient_checkpointing: bool,
-}
-
-impl Default for Hyperparameters {
-    /// artidoro/qlora's defaults where it has them (lr 2e-4, constant schedule, warmup 3%,
-    /// clip 0.3).
-    fn default() -> Self {
-        Hyperparameters {
-            n_epochs: 3,
-            max_steps: None,
-            batch_size: 4,
-            gradient_accumulation_steps: 1,
-            learning_rate: 2e-4,
-            lr_scheduler: Schedule::Constant,
-            warmup_ratio: 0.03,
-            warmup_steps: None,
-            weight_decay: 0.0,
-            max_grad_norm: 0.3,
-            max_seq_len: 2048,
-            seed: 42,
-            gradient_checkpointing: false,
-        }
-    }
-}
+use crate::train::Hyperparameters;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -214,23 +167,60 @@ impl Default for JobSpec {
     }
 }
 
-fn spec_err(field: &str, message: impl Into<String>) -> TrainError {
-    TrainError::Spec {
-        field: field.into(),
-        message: message.into(),
+/// A spec that cannot run, with the field at fault (`hyperparameters.max_steps`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("spec: field `{field}`: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        SpecError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
+}
+
+fn spec_err(field: &str, message: impl Into<String>) -> SpecError {
+    SpecError::new(field, message)
+}
+
+/// A deserialization error with the path of the value at fault (`hyperparameters.max_steps`),
+/// an unknown field by its own name, or `(json)` when the document itself is wrong.
+fn type_err(e: serde_path_to_error::Error<serde_json::Error>) -> SpecError {
+    let path = e.path().to_string();
+    let message = e.into_inner().to_string();
+    let field = if path.is_empty() || path == "." {
+        "(json)".to_string()
+    } else if message.starts_with("unknown field") {
+        // The field at fault is the unknown one itself; the message lists the known ones.
+        path.rsplit('.').next().unwrap_or(&path).to_string()
+    } else {
+        path
+    };
+    SpecError::new(&field, message)
 }
 
 impl JobSpec {
     /// Parse and validate; errors name the field.
-    pub fn from_json(text: &str) -> Result<Self, TrainError> {
-        let spec: JobSpec =
-            serde_json::from_str(text).map_err(|e| spec_err("(json)", format!("{e}")))?;
+    pub fn from_json(text: &str) -> Result<Self, SpecError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(type_err)?;
         spec.validate()?;
         Ok(spec)
     }
 
-    pub fn validate(&self) -> Result<(), TrainError> {
+    /// From a JSON value (a request body); validated, errors name the field.
+    pub fn from_value(value: serde_json::Value) -> Result<Self, SpecError> {
+        let spec: JobSpec = serde_path_to_error::deserialize(value).map_err(type_err)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
         let h = &self.hyperparameters;
         if h.batch_size == 0 {
             return Err(spec_err("hyperparameters.batch_size", "must be at least 1"));
@@ -345,5 +335,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("step"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_name_their_field() {
+        let e = JobSpec::from_json(r#"{"hyperparameters": {"max_steps": -1}}"#).unwrap_err();
+        assert_eq!(e.field, "hyperparameters.max_steps");
+        assert!(e.message.contains("-1"), "{e}");
+        let e = JobSpec::from_value(serde_json::json!({"lora": {"dropout": "high"}})).unwrap_err();
+        assert_eq!(e.field, "lora.dropout");
+        let e = JobSpec::from_json(r#"{"lora": {"rank": 8}}"#).unwrap_err();
+        assert_eq!(e.field, "rank");
+        let e = JobSpec::from_json("42").unwrap_err();
+        assert_eq!(e.field, "(json)");
     }
 }

@@ -1,0 +1,268 @@
+//! `qlorad bench`: training throughput on random tokens (`bench train`) and the kernels on a
+//! device checked against the CPU (`bench kernels`).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::{CliError, SpecArg};
+use crate::data::Example;
+use crate::finetune::{load_model, FinetuneError, JobSpec, SpecError};
+use crate::rng::Rng;
+use crate::train::{TrainEvent, Trainer, TrainerOptions};
+
+type Result<T> = std::result::Result<T, FinetuneError>;
+
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// Training throughput on random tokens: tokens/s, step time, approximate TFLOP/s.
+    Train {
+        /// A model directory; a random 4-layer Llama (hidden 512) when absent.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Timed steps (after two warm-up steps).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Attribute the step time to kernel groups, synchronizing around each (slower steps).
+        #[arg(long)]
+        profile: bool,
+        /// Bracket the first timed step with cuProfilerStart/Stop, for an external profiler
+        /// run with --profile-from-start off (ncu, nsys).
+        #[arg(long)]
+        profiler_range: bool,
+        #[command(flatten)]
+        spec: SpecArg,
+    },
+    /// The 4-bit kernels on a device: quantize and dequantize checked bit for bit against the
+    /// CPU, dequantization bandwidth against a plain copy, fused ops against the CPU.
+    Kernels {
+        /// cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Rows of the test weight (columns: 4096).
+        #[arg(long, default_value_t = 14336)]
+        rows: usize,
+        #[arg(long, default_value_t = 4096)]
+        cols: usize,
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+    },
+}
+
+pub fn run(c: BenchCommand) -> std::result::Result<(), CliError> {
+    let report = match c {
+        BenchCommand::Train {
+            model,
+            seq_len,
+            batch_size,
+            steps,
+            profile,
+            profiler_range,
+            spec,
+        } => bench_train(&BenchArgs {
+            model,
+            seq_len,
+            batch_size,
+            steps: steps.max(1),
+            spec: spec.load()?,
+            profile,
+            profiler_range,
+        })?,
+        BenchCommand::Kernels {
+            device,
+            rows,
+            cols,
+            iters,
+        } => {
+            let dev = crate::model::parse_device(&device)
+                .map_err(|message| SpecError::new("device", message))?;
+            crate::bench::bench_kernels(&dev, rows, cols, iters.max(1))
+                .map_err(|e| CliError::Bench(e.to_string()))?
+        }
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).expect("a report serializes")
+    );
+    Ok(())
+}
+
+/// What `qlorad bench train` measures.
+pub struct BenchArgs {
+    pub model: Option<PathBuf>,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub steps: usize,
+    pub spec: JobSpec,
+    /// Attribute step time to kernel groups (synchronizing around each; slower).
+    pub profile: bool,
+    /// Bracket the first timed step with the CUDA profiler's start and stop, for
+    /// `ncu --profile-from-start off` and the like.
+    pub profiler_range: bool,
+}
+
+/// The process's peak resident memory in GiB, loading included: Linux's VmHWM, None elsewhere.
+/// On the CPU it is what training takes; `bench train` reports it beside the GPU's peak.
+fn peak_rss_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / (1024.0 * 1024.0))
+}
+
+/// Time forward + backward + optimizer steps on random tokens and report throughput.
+pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
+    let tmp;
+    let model_dir = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            tmp = tempfile_dir()?;
+            crate::model::random::RandomLlama {
+                vocab_size: 4096,
+                hidden_size: 512,
+                intermediate_size: 1408,
+                num_hidden_layers: 4,
+                num_attention_heads: 8,
+                num_key_value_heads: 2,
+                tie_word_embeddings: false,
+                dtype: safetensors::Dtype::BF16,
+                seed: 1,
+            }
+            .write(&tmp.0)?;
+            tmp.0.clone()
+        }
+    };
+    let dev = crate::model::parse_device(&args.spec.device)
+        .map_err(|message| SpecError::new("device", message))?;
+    let meter = crate::bench::PeakMemory::start(&dev);
+    let loaded = Instant::now();
+    let mut model = load_model(&model_dir, &args.spec)?;
+    model.add_lora(&args.spec.lora.config(), 0)?;
+    crate::bench::sync(model.device())?;
+    let load_s = loaded.elapsed().as_secs_f64();
+    let vocab = model.config.vocab_size as u32;
+    let mut rng = Rng::new(7);
+    // Two warm-up steps (allocator pools, kernel loading), then the timed ones.
+    let warmup = 2;
+    let examples: Vec<Example> = (0..args.batch_size * (args.steps + warmup))
+        .map(|_| {
+            let ids: Vec<u32> = (0..args.seq_len)
+                .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                .collect();
+            Example {
+                labels: ids.iter().map(|&t| t as i64).collect(),
+                input_ids: ids,
+            }
+        })
+        .collect();
+    let hyper = crate::train::Hyperparameters {
+        max_steps: Some(args.steps + warmup),
+        batch_size: args.batch_size,
+        ..args.spec.hyperparameters.clone()
+    };
+    let opts = TrainerOptions {
+        hyper,
+        lora: args.spec.lora.config(),
+        shuffle: false,
+        group_by_length: false,
+        eval_every: None,
+        checkpoint_every: None,
+        keep_checkpoints: 1,
+        out_dir: None,
+        base_model: None,
+    };
+    let mut trainer = Trainer::new(&model, &examples, None, 0, opts)?;
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    let mut last = Instant::now();
+    trainer.run(&AtomicBool::new(false), &mut |e| {
+        if let TrainEvent::Step { loss, .. } = e {
+            times.push(last.elapsed().as_secs_f64());
+            losses.push(*loss);
+            if args.profile && times.len() == warmup {
+                crate::profile::start(model.device());
+            }
+            if args.profiler_range && (times.len() == warmup || times.len() == warmup + 1) {
+                // Errors here only lose the capture, never the benchmark.
+                let _ = crate::bench::profiler_range(model.device(), times.len() == warmup);
+            }
+            last = Instant::now();
+        }
+        if let TrainEvent::Started { .. } = e {
+            last = Instant::now();
+        }
+    })?;
+    let peak = meter.finish();
+    let spans = crate::profile::stop();
+    let mut steady = times[warmup.min(times.len() - 1)..].to_vec();
+    steady.sort_by(f64::total_cmp);
+    let step_s = steady[steady.len() / 2];
+    let tokens = (args.batch_size * args.seq_len) as f64;
+    let c = &model.config;
+    // Per token: 4·N_linear (forward and input gradient of the frozen linears, LM head
+    // included) plus attention, 6·layers·seq·hidden (QKᵀ and PV forward, twice that backward,
+    // halved by causality). Checkpointing's recomputation is not counted.
+    let linear = c.num_hidden_layers
+        * (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+            + c.num_attention_heads * c.head_dim * c.hidden_size
+            + 3 * c.hidden_size * c.intermediate_size)
+        + c.vocab_size * c.hidden_size;
+    let flops_per_token =
+        4.0 * linear as f64 + 6.0 * (c.num_hidden_layers * args.seq_len * c.hidden_size) as f64;
+    let tps = tokens / step_s;
+    Ok(json!({
+        "device": args.spec.device,
+        "compute_dtype": format!("{:?}", args.spec.quantization.dtype()).to_lowercase(),
+        "quantization": args.spec.quantization.config().map(|q| q.quant_type.as_str()).unwrap_or("none"),
+        "gradient_checkpointing": args.spec.hyperparameters.gradient_checkpointing,
+        "lora_r": args.spec.lora.r,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "steps_timed": steady.len(),
+        "step_seconds_median": step_s,
+        "tokens_per_second": tps,
+        "peak_gpu_memory_gib": peak,
+        "peak_rss_gib": peak_rss_gib(),
+        "mfu": tps * flops_per_token / 989e12,
+        "load_quantize_seconds": load_s,
+        "losses": losses,
+        "profile_seconds_per_step": args.profile.then(|| {
+            let steps = steady.len() as f64;
+            let mut m = serde_json::Map::new();
+            for (name, calls, secs) in &spans {
+                m.insert(name.to_string(), json!({"seconds": secs / steps, "calls": *calls as f64 / steps}));
+            }
+            let attributed: f64 = spans.iter().map(|s| s.2).sum::<f64>() / steps;
+            m.insert("everything else (autograd's own ops, launches)".into(), json!({"seconds": step_s - attributed}));
+            m
+        }),
+    }))
+}
+
+/// A temporary directory removed on drop (no extra dependency in the library).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> Result<TempDir> {
+    let p = std::env::temp_dir().join(format!("qlorad-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&p).map_err(crate::finetune::io_err(&p))?;
+    Ok(TempDir(p))
+}

@@ -1,0 +1,245 @@
+//! What the service takes in, checked before anything is stored: job specs (validated, the
+//! model resolved, the files the caller's own) and datasets (checked record by record, counted
+//! with a model's tokenizer when asked). A refused request leaves nothing behind.
+
+use std::path::PathBuf;
+
+use super::store::{FileRow, JobLabels, JobRow};
+use super::{now, JobsError, Scope, Service};
+use crate::finetune::{JobSpec, SpecError};
+
+/// Why a request was refused; each names the field at fault where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("the body must be a JSON object")]
+    NotAnObject,
+    #[error("{}: {}", .0.field, .0.message)]
+    Spec(SpecError),
+    #[error("`{0}` is required")]
+    Missing(&'static str),
+    #[error("model {name:?} is not in the model roots (see GET /models)")]
+    UnknownModel { field: &'static str, name: String },
+    #[error("file {id:?} does not exist (see GET /files)")]
+    UnknownFile { field: &'static str, id: String },
+    #[error("{0}")]
+    InvalidFormat(String),
+    /// The dataset, with the uploaded file's name, line and field in the message.
+    #[error("{0}")]
+    InvalidFile(String),
+    #[error(transparent)]
+    Jobs(#[from] JobsError),
+}
+
+/// An upload being received: its id, and where its bytes go until it is checked.
+#[derive(Debug)]
+pub struct StagedUpload {
+    pub id: String,
+    pub path: PathBuf,
+}
+
+impl Service {
+    /// Validate a spec (as JSON), check its model and files, queue it and wake the workers.
+    pub async fn create_job(
+        &self,
+        body: serde_json::Value,
+        labels: JobLabels,
+        owner: &str,
+        scope: Scope<'_>,
+    ) -> Result<JobRow, IntakeError> {
+        let Some(body) = body.as_object() else {
+            return Err(IntakeError::NotAnObject);
+        };
+        // Every spec field has a default, so an explicit null means the default.
+        let spec = JobSpec::from_value(without_nulls(body)).map_err(IntakeError::Spec)?;
+        let model = spec.model.as_deref().ok_or(IntakeError::Missing("model"))?;
+        if self.layout.model(model).is_none() {
+            return Err(IntakeError::UnknownModel {
+                field: "model",
+                name: model.into(),
+            });
+        }
+        let train = spec
+            .training_file
+            .as_deref()
+            .ok_or(IntakeError::Missing("training_file"))?;
+        for (field, id) in [
+            ("training_file", Some(train)),
+            ("validation_file", spec.validation_file.as_deref()),
+        ] {
+            if let Some(id) = id {
+                // Another key's file is as unknown as a missing one.
+                if self.store.file(id, scope).await.is_err() {
+                    return Err(IntakeError::UnknownFile {
+                        field,
+                        id: id.into(),
+                    });
+                }
+            }
+        }
+        let id = format!("job-{}", uuid::Uuid::new_v4().simple());
+        let spec_json = serde_json::to_value(&spec).expect("spec serializes");
+        let job = self
+            .store
+            .insert_job(
+                &id,
+                &spec_json,
+                spec.priority,
+                &labels,
+                owner,
+                self.config.limits.max_queued_jobs_per_key as i64,
+            )
+            .await?;
+        self.workers.wake.notify_waiters();
+        Ok(job)
+    }
+
+    /// A fresh upload id and its staging path (the files directory created).
+    pub async fn stage_upload(&self) -> Result<StagedUpload, JobsError> {
+        let id = format!("file-{}", uuid::Uuid::new_v4().simple());
+        tokio::fs::create_dir_all(self.layout.files_dir()).await?;
+        let path = self.layout.staged_file(&id);
+        Ok(StagedUpload { id, path })
+    }
+
+    /// Drop an upload that will not be ingested.
+    pub async fn discard_upload(&self, up: &StagedUpload) {
+        let _ = tokio::fs::remove_file(&up.path).await;
+    }
+
+    /// Check a received upload record by record (as `format`, or detected), count its tokens
+    /// with `model`'s tokenizer when asked, and record it. The file is removed on any error.
+    pub async fn ingest_file(
+        &self,
+        up: StagedUpload,
+        filename: String,
+        bytes: u64,
+        format: Option<&str>,
+        model: Option<&str>,
+        owner: &str,
+    ) -> Result<FileRow, IntakeError> {
+        let result = self
+            .check_upload(&up, filename, bytes, format, model, owner)
+            .await;
+        if result.is_err() {
+            self.discard_upload(&up).await;
+        }
+        result
+    }
+
+    async fn check_upload(
+        &self,
+        up: &StagedUpload,
+        filename: String,
+        bytes: u64,
+        format: Option<&str>,
+        model: Option<&str>,
+        owner: &str,
+    ) -> Result<FileRow, IntakeError> {
+        let format = match format {
+            Some(f) => Some(f.parse().map_err(IntakeError::InvalidFormat)?),
+            None => None,
+        };
+        // Messages name the user's file, not the staging path.
+        let staged = up.path.display().to_string();
+        let named = |e: String| IntakeError::InvalidFile(e.replace(&staged, &filename));
+        let path = up.path.clone();
+        let (format, examples) = blocking(move || {
+            crate::data::visit_records(&path, format, |_, _| Ok(())).map_err(|e| e.to_string())
+        })
+        .await?
+        .map_err(named)?;
+        let tokens = match model {
+            Some(m) => {
+                let dir = self
+                    .layout
+                    .model(m)
+                    .ok_or_else(|| IntakeError::UnknownModel {
+                        field: "model",
+                        name: m.into(),
+                    })?;
+                let path = up.path.clone();
+                let counted = blocking(move || -> Result<usize, String> {
+                    let tok = crate::data::TextTokenizer::load(&dir).map_err(|e| e.to_string())?;
+                    let opts = crate::data::EncodeOptions {
+                        format: Some(format),
+                        max_seq_len: usize::MAX,
+                        train_on_prompt: false,
+                    };
+                    Ok(crate::data::encode_dataset(&path, &tok, &opts)
+                        .map_err(|e| e.to_string())?
+                        .1
+                        .tokens)
+                })
+                .await?
+                .map_err(named)?;
+                Some(counted as i64)
+            }
+            None => None,
+        };
+        let row = FileRow {
+            id: up.id.clone(),
+            filename,
+            bytes: bytes as i64,
+            format: format.as_str().into(),
+            examples: examples as i64,
+            tokens,
+            created_at: now(),
+        };
+        let file = self.layout.file(&up.id);
+        tokio::fs::rename(&up.path, &file)
+            .await
+            .map_err(JobsError::from)?;
+        if let Err(e) = self.store.insert_file(&row, owner).await {
+            let _ = tokio::fs::remove_file(&file).await;
+            return Err(e.into());
+        }
+        Ok(row)
+    }
+
+    /// Delete a finished job of `scope`, with its directory.
+    pub async fn delete_job(&self, id: &str, scope: Scope<'_>) -> Result<(), JobsError> {
+        self.store.delete_job(id, scope).await?;
+        let _ = tokio::fs::remove_dir_all(self.layout.job_dir(id)).await;
+        Ok(())
+    }
+
+    /// Delete a dataset of `scope` that no queued or running job uses, with its file.
+    pub async fn delete_file(&self, id: &str, scope: Scope<'_>) -> Result<(), JobsError> {
+        self.store.delete_file(id, scope).await?;
+        let _ = tokio::fs::remove_file(self.layout.file(id)).await;
+        Ok(())
+    }
+
+    /// Cancel a job: a queued one at once, a running one at its next checkpoint.
+    pub async fn cancel_job(&self, id: &str, scope: Scope<'_>) -> Result<JobRow, JobsError> {
+        if let Some(e) = self.store.request_cancel(id, scope).await? {
+            self.hub.publish(id, &e);
+        }
+        self.store.job(id, scope).await
+    }
+}
+
+/// Run file work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, IntakeError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        JobsError::Io(std::io::Error::other(format!(
+            "a checking task failed: {e}"
+        )))
+        .into()
+    })
+}
+
+/// The object without its null members, at every level of nested objects.
+fn without_nulls(o: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    serde_json::Value::Object(
+        o.iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| match v {
+                serde_json::Value::Object(inner) => (k.clone(), without_nulls(inner)),
+                other => (k.clone(), other.clone()),
+            })
+            .collect(),
+    )
+}
