@@ -10,6 +10,8 @@
 //! `hand_written` records a whole composed computation (a decoder layer, the LM head's loss) as
 //! one op whose backward is written by hand.
 
+pub mod attention;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,

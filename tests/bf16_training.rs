@@ -20,6 +20,7 @@ fn losses(dtype: &str) -> Vec<f64> {
         spec,
         profile: false,
         profiler_range: false,
+        lengths: None,
     })
     .unwrap();
     assert_eq!(report["compute_dtype"], dtype);
@@ -49,4 +50,35 @@ fn bf16_losses_track_f32_step_by_step() {
     }
     // Training moved the loss (the same way in both).
     assert_ne!(f32_run[0], f32_run[4]);
+}
+
+/// `bench train --lengths` with packing: uneven examples packed into rows of `max_seq_len`,
+/// throughput counted in trained tokens.
+#[test]
+fn bench_train_packs_uneven_lengths() {
+    let spec = JobSpec::from_json(
+        r#"{"hyperparameters": {"max_seq_len": 96, "warmup_ratio": 0.0}, "data": {"packing": true},
+            "lora": {"r": 4}}"#,
+    )
+    .unwrap();
+    let report = bench_train(&BenchArgs {
+        model: None,
+        seq_len: 96,
+        batch_size: 1,
+        steps: 2,
+        spec,
+        profile: false,
+        profiler_range: false,
+        lengths: Some(vec![10, 70, 25, 60, 33, 5, 90]),
+    })
+    .unwrap();
+    let packing = &report["packing"];
+    let (rows, examples) = (packing["rows"].as_u64().unwrap(), &packing["examples"]);
+    assert_eq!(examples, &report["examples"]);
+    assert!(
+        rows >= 4 && packing["fill"].as_f64().unwrap() > 0.7,
+        "{report}"
+    );
+    assert!(report["tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["losses"].as_array().unwrap().len(), 4);
 }

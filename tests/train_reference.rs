@@ -1,5 +1,7 @@
-//! Training: loss parity with PEFT + torch over 20 steps, exact resume, and a model that learns.
-//! Fixture: `scripts/gen_train_fixture.py` (torch 2.15.0, transformers 5.24.0, peft 0.21.2).
+//! Training: loss parity with PEFT + torch over 20 steps, packed training against TRL's packing,
+//! exact resume, and a model that learns. Fixtures: `scripts/gen_train_fixture.py` and
+//! `scripts/gen_packed_train_fixture.py` (torch 2.15.0, transformers 5.24.0, peft 0.21.2,
+//! trl 1.16.0).
 
 mod common;
 
@@ -71,6 +73,7 @@ fn options(hyper: Hyperparameters, lora: LoraConfig, out: Option<PathBuf>) -> Tr
         keep_checkpoints: 3,
         out_dir: out,
         base_model: None,
+        packing: false,
     }
 }
 
@@ -150,6 +153,121 @@ fn twenty_steps_match_peft_and_torch() {
         .unwrap();
         let r = rel(var.as_tensor(), &want);
         assert!(r <= 1e-3, "{name}: final adapter relative error {r}");
+    }
+}
+
+/// Sample packing against TRL + PEFT + torch (`scripts/gen_packed_train_fixture.py`): the same
+/// rows (TRL's best-fit decreasing), attention kept inside each example by position ids alone,
+/// each step's loss normalised over the label tokens of the whole step; 8 steps.
+#[test]
+fn packed_training_matches_trl_and_peft() {
+    let mut model = CausalLm::load(
+        &lm("llama-gqa"),
+        &LoadOptions {
+            quant: None,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let lora = model
+        .load_adapter(&lm("train-parity/initial-adapter"))
+        .unwrap();
+    let examples = parity_examples();
+    let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
+    let rows: Vec<Vec<usize>> =
+        serde_json::from_slice(&std::fs::read(lm("train-packed/rows.json")).unwrap()).unwrap();
+    assert_eq!(qlorad::data::pack::pack_bfd(&lengths, 24), rows);
+    let hyper = Hyperparameters {
+        max_steps: Some(8),
+        max_seq_len: 24,
+        ..parity_hyper()
+    };
+    let opts = TrainerOptions {
+        packing: true,
+        ..options(hyper, lora, None)
+    };
+    let mut trainer = Trainer::new(&model, &examples, None, 0, opts).unwrap();
+    let packing = trainer.packing().unwrap();
+    assert_eq!(
+        (packing.rows, packing.examples),
+        (rows.len(), examples.len())
+    );
+    let mut events = Vec::new();
+    trainer
+        .run(&AtomicBool::new(false), &mut |e| events.push(e.clone()))
+        .unwrap();
+    let ours = step_losses(&events);
+    let want: Value =
+        serde_json::from_slice(&std::fs::read(lm("train-packed/steps.json")).unwrap()).unwrap();
+    let want = want["steps"].as_array().unwrap();
+    assert_eq!(ours.len(), 8);
+    for ((step, loss, lr, norm), w) in ours.iter().zip(want) {
+        let wl = w["loss"].as_f64().unwrap() as f32;
+        assert!(
+            (loss - wl).abs() <= 1e-4 * wl,
+            "step {step}: loss {loss} vs {wl}"
+        );
+        let wlr = w["learning_rate"].as_f64().unwrap();
+        assert!((lr - wlr).abs() <= 1e-12 + 1e-9 * wlr, "step {step}: lr");
+        let wn = w["grad_norm"].as_f64().unwrap() as f32;
+        assert!(
+            (norm - wn).abs() <= 1e-3 * wn,
+            "step {step}: grad norm {norm} vs {wn}"
+        );
+    }
+    let fin = WeightFiles::open_file(&lm("train-packed/final-adapter/adapter_model.safetensors"))
+        .unwrap();
+    for (name, var) in model.trainable() {
+        let v = fin.tensor(&name).unwrap();
+        let want = Tensor::from_vec(
+            bytemuck::pod_collect_to_vec::<u8, f32>(v.data()),
+            v.shape(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let r = rel(var.as_tensor(), &want);
+        assert!(r <= 1e-3, "{name}: final adapter relative error {r}");
+    }
+}
+
+/// Examples laid end to end in one row give the padded batch's loss and gradients: positions
+/// restart and attention stays inside each example.
+#[test]
+fn a_padding_free_row_equals_the_padded_batch() {
+    let mut model = CausalLm::load(&lm("llama-gqa"), &LoadOptions::default()).unwrap();
+    model
+        .load_adapter(&lm("train-parity/initial-adapter"))
+        .unwrap();
+    let examples = parity_examples();
+    let refs: Vec<&Example> = examples[..5].iter().collect();
+    let padded = qlorad::data::batch::collate(&refs, 0, &Device::Cpu).unwrap();
+    let packed = qlorad::data::batch::collate_packed(&refs, &Device::Cpu).unwrap();
+    assert!(
+        packed.tokens < 5 * padded.input_ids.dim(1).unwrap(),
+        "no padding"
+    );
+    let a = model
+        .forward_loss(
+            &padded.input_ids,
+            Some(&padded.attention_mask),
+            &padded.labels,
+            None,
+        )
+        .unwrap();
+    let ga = model.backward(&a).unwrap();
+    let b = model
+        .forward_loss_packed(&packed.input_ids, &packed.lengths, &packed.labels, None)
+        .unwrap();
+    let gb = model.backward(&b).unwrap();
+    let (a, b) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+    assert!((a - b).abs() <= 1e-6 * a, "loss {b} vs padded {a}");
+    for (name, var) in model.trainable() {
+        let (x, y) = (
+            ga.get(var.as_tensor()).unwrap(),
+            gb.get(var.as_tensor()).unwrap(),
+        );
+        let r = rel(y, x);
+        assert!(r <= 1e-5, "{name}: gradient relative error {r}");
     }
 }
 

@@ -246,6 +246,9 @@ pub struct DataSchema {
     /// Also learn the prompt / user turns.
     train_on_prompt: Option<bool>,
     group_by_length: Option<bool>,
+    /// Pack examples into rows of `max_seq_len` tokens by best-fit decreasing (as TRL); a
+    /// micro-batch is `batch_size` rows and the loss is normalised over the whole step.
+    packing: Option<bool>,
 }
 
 #[derive(Deserialize, ToSchema)]

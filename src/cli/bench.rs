@@ -36,6 +36,11 @@ pub enum BenchCommand {
         /// run with --profile-from-start off (ncu, nsys).
         #[arg(long)]
         profiler_range: bool,
+        /// Example lengths (a JSON array of token counts, as scripts/gen_lengths.py writes) to
+        /// train on instead of --seq-len examples: with `"data": {"packing": true}` in the spec
+        /// they are packed into rows of `max_seq_len`; tokens/s counts trained tokens.
+        #[arg(long)]
+        lengths: Option<PathBuf>,
         #[command(flatten)]
         spec: SpecArg,
     },
@@ -65,16 +70,42 @@ pub fn run(c: BenchCommand) -> std::result::Result<(), CliError> {
             steps,
             profile,
             profiler_range,
+            lengths,
             spec,
-        } => bench_train(&BenchArgs {
-            model,
-            seq_len,
-            batch_size,
-            steps: steps.max(1),
-            spec: spec.load()?,
-            profile,
-            profiler_range,
-        })?,
+        } => {
+            let lengths = match lengths {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).map_err(|source| CliError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    let v: Vec<usize> = serde_json::from_str(&text).map_err(|e| {
+                        CliError::Usage(format!(
+                            "--lengths {}: not a JSON array of token counts: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    if v.is_empty() || v.contains(&0) {
+                        return Err(CliError::Usage(format!(
+                            "--lengths {}: needs at least one length, none of them 0",
+                            path.display()
+                        )));
+                    }
+                    Some(v)
+                }
+                None => None,
+            };
+            bench_train(&BenchArgs {
+                model,
+                seq_len,
+                batch_size,
+                steps: steps.max(1),
+                spec: spec.load()?,
+                profile,
+                profiler_range,
+                lengths,
+            })?
+        }
         BenchCommand::Kernels {
             device,
             rows,
@@ -106,6 +137,8 @@ pub struct BenchArgs {
     /// Bracket the first timed step with the CUDA profiler's start and stop, for
     /// `ncu --profile-from-start off` and the like.
     pub profiler_range: bool,
+    /// Example lengths to train on instead of `seq_len` (cycled as needed).
+    pub lengths: Option<Vec<usize>>,
 }
 
 /// The process's peak resident memory in GiB, loading included: Linux's VmHWM, None elsewhere.
@@ -157,9 +190,28 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
     let mut rng = Rng::new(7);
     // Two warm-up steps (allocator pools, kernel loading), then the timed ones.
     let warmup = 2;
-    let examples: Vec<Example> = (0..args.batch_size * (args.steps + warmup))
-        .map(|_| {
-            let ids: Vec<u32> = (0..args.seq_len)
+    // Uniform examples of seq_len, enough for every step; or the given lengths, repeated
+    // until there are as many tokens as uniform steps would take (packing needs the whole set).
+    let lengths: Vec<usize> = match &args.lengths {
+        None => vec![args.seq_len; args.batch_size * (args.steps + warmup)],
+        Some(l) => {
+            let want = args.batch_size * (args.steps + warmup) * args.seq_len;
+            let mut out = Vec::new();
+            let mut total = 0;
+            for &n in l.iter().cycle() {
+                if total >= want && out.len() >= l.len() {
+                    break;
+                }
+                out.push(n);
+                total += n;
+            }
+            out
+        }
+    };
+    let examples: Vec<Example> = lengths
+        .iter()
+        .map(|&n| {
+            let ids: Vec<u32> = (0..n)
                 .map(|_| (rng.next_u64() % vocab as u64) as u32)
                 .collect();
             Example {
@@ -183,14 +235,18 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         keep_checkpoints: 1,
         out_dir: None,
         base_model: None,
+        packing: args.spec.data.packing,
     };
     let mut trainer = Trainer::new(&model, &examples, None, 0, opts)?;
+    let packing = trainer.packing();
     let mut times = Vec::new();
+    let mut step_tokens = Vec::new();
     let mut losses = Vec::new();
     let mut last = Instant::now();
     trainer.run(&AtomicBool::new(false), &mut |e| {
-        if let TrainEvent::Step { loss, .. } = e {
+        if let TrainEvent::Step { loss, tokens, .. } = e {
             times.push(last.elapsed().as_secs_f64());
+            step_tokens.push(*tokens);
             losses.push(*loss);
             if args.profile && times.len() == warmup {
                 crate::profile::start(model.device());
@@ -207,10 +263,17 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
     })?;
     let peak = meter.finish();
     let spans = crate::profile::stop();
-    let mut steady = times[warmup.min(times.len() - 1)..].to_vec();
+    let first = warmup.min(times.len() - 1);
+    let mut steady = times[first..].to_vec();
     steady.sort_by(f64::total_cmp);
     let step_s = steady[steady.len() / 2];
-    let tokens = (args.batch_size * args.seq_len) as f64;
+    // Uneven steps (given lengths) count their trained tokens over their time.
+    let tps = match &args.lengths {
+        None => (args.batch_size * args.seq_len) as f64 / step_s,
+        Some(_) => {
+            step_tokens[first..].iter().sum::<usize>() as f64 / times[first..].iter().sum::<f64>()
+        }
+    };
     let c = &model.config;
     // Per token: 4·N_linear (forward and input gradient of the frozen linears, LM head
     // included) plus attention, 6·layers·seq·hidden (QKᵀ and PV forward, twice that backward,
@@ -222,7 +285,6 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         + c.vocab_size * c.hidden_size;
     let flops_per_token =
         4.0 * linear as f64 + 6.0 * (c.num_hidden_layers * args.seq_len * c.hidden_size) as f64;
-    let tps = tokens / step_s;
     Ok(json!({
         "device": args.spec.device,
         "compute_dtype": format!("{:?}", args.spec.quantization.dtype()).to_lowercase(),
@@ -234,6 +296,8 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         "steps_timed": steady.len(),
         "step_seconds_median": step_s,
         "tokens_per_second": tps,
+        "packing": packing,
+        "examples": examples.len(),
         "peak_gpu_memory_gib": peak,
         "peak_rss_gib": peak_rss_gib(),
         "mfu": tps * flops_per_token / 989e12,
@@ -262,7 +326,10 @@ impl Drop for TempDir {
 }
 
 fn tempfile_dir() -> Result<TempDir> {
-    let p = std::env::temp_dir().join(format!("qlorad-bench-{}", std::process::id()));
+    // Unique per call: benchmarks may run side by side in one process (tests do).
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = std::env::temp_dir().join(format!("qlorad-bench-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&p).map_err(crate::finetune::io_err(&p))?;
     Ok(TempDir(p))
 }

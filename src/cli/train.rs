@@ -167,6 +167,11 @@ impl Progress {
                 bar.suspend(|| eprintln!("resumed from {} at step {step}", checkpoint.display()));
                 None
             }
+            RunEvent::Packed(p) => {
+                let summary = serde_json::to_string(p).expect("json");
+                bar.suspend(|| eprintln!("packing: {summary}"));
+                None
+            }
             RunEvent::Exporting => {
                 bar.suspend(|| eprintln!("exporting"));
                 None

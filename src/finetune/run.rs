@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 use sha2::{Digest, Sha256};
 
 use super::{io_err, JobSpec, Result, SpecError};
+use crate::data::pack::PackingSummary;
 use crate::data::{encode_dataset, DatasetSummary, EncodeOptions, TextTokenizer};
 use crate::export::{export_all, MergeBase, Outputs};
 use crate::model::llama::{CausalLm, LoadOptions};
@@ -47,6 +48,8 @@ pub enum RunEvent {
         split: Split,
         summary: DatasetSummary,
     },
+    /// The training set packed into rows: how many, how full.
+    Packed(PackingSummary),
     /// Training continues from a checkpoint.
     Resumed {
         step: usize,
@@ -152,8 +155,12 @@ fn run_inner(
         keep_checkpoints: spec.keep_checkpoints,
         out_dir: Some(plan.run_dir.clone()),
         base_model: plan.base_model_name.clone(),
+        packing: spec.data.packing,
     };
     let mut trainer = Trainer::new(&model, &train_set, eval_set.as_deref(), tok.pad_id, topts)?;
+    if let Some(summary) = trainer.packing() {
+        on_event(&RunEvent::Packed(summary));
+    }
     if let Some(dir) = checkpoint::latest(&plan.run_dir).filter(|_| plan.resume) {
         trainer.resume_from(&dir)?;
         on_event(&RunEvent::Resumed {

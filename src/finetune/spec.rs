@@ -108,8 +108,12 @@ pub struct DataSpec {
     pub format: Option<DataFormat>,
     /// Also learn the prompt / user turns.
     pub train_on_prompt: bool,
-    /// Sort examples by length within windows so batches carry less padding.
+    /// Sort examples by length within windows so similar lengths share a batch.
     pub group_by_length: bool,
+    /// Pack examples into rows of `max_seq_len` tokens by best-fit decreasing, as TRL packs
+    /// them: a micro-batch is `batch_size` rows, attention stays inside each example, and the
+    /// loss is normalised over the label tokens of the whole step.
+    pub packing: bool,
 }
 
 /// Files made from the trained adapter when a job finishes.

@@ -401,6 +401,17 @@ async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEven
             let data = serde_json::to_value(&summary).unwrap_or_default();
             record(svc, id, EventKind::Log, message, data).await
         }
+        RunEvent::Packed(summary) => {
+            let message = format!(
+                "packed {} examples into {} rows ({:.1} a row, {:.0}% full)",
+                summary.examples,
+                summary.rows,
+                summary.examples_per_row,
+                summary.fill * 100.0
+            );
+            let data = serde_json::to_value(summary).unwrap_or_default();
+            record(svc, id, EventKind::Log, &message, data).await
+        }
         RunEvent::Resumed { step, .. } => {
             let message = format!("resumed from checkpoint at step {step}");
             let data = serde_json::json!({"step": step});

@@ -94,6 +94,27 @@ pub(crate) struct LayerCtx {
     sin: Tensor,
     /// u8 `[batch, seq]`: 1 for a real token a query may see (with causality), 0 for padding.
     keep: Tensor,
+    /// `(start, len)` of the sequences along a row: `(0, seq)` for padded rows, one per example
+    /// for examples laid end to end in one row. Attention never crosses a segment.
+    segments: Vec<(usize, usize)>,
+}
+
+/// Score elements one block of the hand-written attention holds: with 32 heads, 2048 keys for
+/// 2048 queries at a time, fewer queries for longer sequences.
+const ATTN_BLOCK: usize = 1 << 27;
+
+impl LayerCtx {
+    /// The blocked attention of this pass; probabilities are kept for the backward only when
+    /// they are as small as one block.
+    fn attention(&self) -> crate::ops::attention::Attention<'_> {
+        crate::ops::attention::Attention {
+            keep: &self.keep,
+            scale: 1.0 / (self.head_dim as f64).sqrt(),
+            segments: &self.segments,
+            block_elements: ATTN_BLOCK,
+            keep_elements: ATTN_BLOCK,
+        }
+    }
 }
 
 fn bad(tensor: &str, message: impl Into<String>) -> ModelError {
@@ -458,7 +479,7 @@ impl CausalLm {
         attention_mask: Option<&Tensor>,
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
-        let x = self.hidden(input_ids, attention_mask, rng)?;
+        let x = self.hidden(input_ids, attention_mask, None, rng)?;
         Ok(crate::quant::linear::lm_head(&x, self.head())?)
     }
 
@@ -478,6 +499,43 @@ impl CausalLm {
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
+        let (rows, targets) = self.loss_rows(labels, b, s, &[])?;
+        let x = self.hidden(input_ids, attention_mask, None, rng)?;
+        self.mean_nll(&x, rows, targets)
+    }
+
+    /// The loss of examples laid end to end in one row (`data::batch::collate_packed`):
+    /// input_ids and labels `[1, total]`, the examples' `lengths` in order. Positions restart at
+    /// each example, attention stays inside it and its first label is not predicted from the
+    /// example before, so the loss and gradients are those of the same examples padded.
+    pub fn forward_loss_packed(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        labels: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if b != 1 || lengths.iter().sum::<usize>() != s {
+            return Err(ModelError::Invalid {
+                path: "input_ids".into(),
+                message: format!("a [{b}, {s}] batch is not one row of examples {lengths:?}"),
+            });
+        }
+        let (rows, targets) = self.loss_rows(labels, b, s, lengths)?;
+        let x = self.hidden(input_ids, None, Some(lengths), rng)?;
+        self.mean_nll(&x, rows, targets)
+    }
+
+    /// The rows whose next label counts, and those labels: position i predicts label i + 1,
+    /// never across the start of a row or of one of the examples of `lengths`.
+    fn loss_rows(
+        &self,
+        labels: &Tensor,
+        b: usize,
+        s: usize,
+        lengths: &[usize],
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
         let v = self.config.vocab_size;
         let flat: Vec<i64> = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
         if flat.len() != b * s {
@@ -486,13 +544,21 @@ impl CausalLm {
                 message: format!("has {} values for a [{b}, {s}] batch", flat.len()),
             });
         }
-        // Position i predicts label i + 1.
+        let mut starts = vec![false; s];
+        starts[0] = true;
+        let mut at = 0;
+        for &n in lengths {
+            if at < s {
+                starts[at] = true;
+            }
+            at += n;
+        }
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         for bi in 0..b {
             for i in 1..s {
                 let t = flat[bi * s + i];
-                if t == -100 {
+                if t == -100 || starts[i] {
                     continue;
                 }
                 if t < 0 || t as usize >= v {
@@ -507,8 +573,12 @@ impl CausalLm {
                 targets.push(t as u32);
             }
         }
-        let x = self.hidden(input_ids, attention_mask, rng)?;
-        let h = x.dim(2)?;
+        Ok((rows, targets))
+    }
+
+    /// Mean negative log-likelihood of `targets` at `rows` of hidden states `[b, s, hidden]`.
+    fn mean_nll(&self, x: &Tensor, rows: Vec<u32>, targets: Vec<u32>) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
         if rows.is_empty() {
             return Ok((x.sum_all()? * 0.0)?.to_dtype(DType::F32)?);
         }
@@ -527,11 +597,13 @@ impl CausalLm {
         Ok((nll.sum_all()? * (1.0 / n as f64))?)
     }
 
-    /// Final-norm hidden states `[batch, seq, hidden]`.
+    /// Final-norm hidden states `[batch, seq, hidden]`; with `lengths`, of examples laid end to
+    /// end in each row (positions restart and attention stays inside each).
     fn hidden(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        lengths: Option<&[usize]>,
         mut rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
@@ -540,7 +612,12 @@ impl CausalLm {
             .embed
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, s, c.hidden_size))?;
-        let (cos, sin) = self.rope_tables(s)?;
+        let segments = match lengths {
+            Some(l) => crate::ops::attention::segments(l),
+            None => vec![(0, s)],
+        };
+        let positions: Vec<usize> = segments.iter().flat_map(|&(_, n)| 0..n).collect();
+        let (cos, sin) = self.rope_tables(&positions)?;
         let ctx = Arc::new(LayerCtx {
             head_dim: c.head_dim,
             heads: c.num_attention_heads,
@@ -549,6 +626,7 @@ impl CausalLm {
             cos,
             sin,
             keep: self.key_mask(b, s, attention_mask)?,
+            segments,
         });
         let pass = if self.gradient_checkpointing {
             Pass::Output
@@ -572,11 +650,12 @@ impl CausalLm {
         Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?)
     }
 
-    /// cos and sin `[seq, head_dim]` for positions 0..seq, computed in f32 as transformers does.
-    fn rope_tables(&self, s: usize) -> Result<(Tensor, Tensor)> {
+    /// cos and sin `[seq, head_dim]` at these positions, computed in f32 as transformers does.
+    fn rope_tables(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
+        let s = positions.len();
         let mut freqs = Vec::with_capacity(s * half * 2);
-        for p in 0..s {
+        for &p in positions {
             let row: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
             freqs.extend_from_slice(&row);
             freqs.extend_from_slice(&row);
@@ -694,7 +773,7 @@ pub(crate) fn decoder_layer(
     let v = split(l[2].forward(&h, rng.as_deref_mut())?, nkv)?
         .transpose(1, 2)?
         .contiguous()?;
-    let (_, attn) = attention(&q, &k, &v, ctx)?;
+    let attn = attention(&q, &k, &v, ctx)?;
     let x = (x + l[3].forward(&attn, rng.as_deref_mut())?)?;
     let h = rms_norm(&x, &layer.post_norm, ctx.eps)?;
     let gate = l[4].forward(&h, rng.as_deref_mut())?;
@@ -703,76 +782,39 @@ pub(crate) fn decoder_layer(
     x + mlp
 }
 
-/// Attention on heads: q `[b, nh, s, hd]`, k and v `[b, nkv, s, hd]`, all contiguous. The
-/// nh/nkv query heads of a group share one key/value head, so q is viewed as
-/// `[b, nkv, group·s, hd]` and no key or value is repeated. Returns the probabilities
-/// `[b, nh, s, s]` and the output `[b, s, nh·hd]`.
-fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    ctx: &LayerCtx,
-) -> candle_core::Result<(Tensor, Tensor)> {
+/// Attention on heads through autograd, the reference of `ops::attention`: q `[b, nh, s, hd]`,
+/// k and v `[b, nkv, s, hd]`, all contiguous, each segment of `ctx` on its own with every score
+/// at once. The nh/nkv query heads of a group share one key/value head, so q is viewed as
+/// `[b, nkv, group·s, hd]` and no key or value is repeated. Returns the output `[b, s, nh·hd]`.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &LayerCtx) -> candle_core::Result<Tensor> {
     let (b, nh, s, hd) = q.dims4()?;
     let nkv = k.dim(1)?;
-    let grouped = (b, nkv, nh / nkv * s);
-    let scores = crate::profile::span("attention matmuls (forward)", || {
-        q.reshape((b, nkv, nh / nkv * s, hd))?
-            .matmul(&k.t()?.contiguous()?)
-    })?;
-    let probs = crate::ops::attn_softmax(
-        &scores.reshape((b, nh, s, s))?,
-        &ctx.keep,
-        1.0 / (hd as f64).sqrt(),
-        true,
-    )?;
-    let out = crate::profile::span("attention matmuls (forward)", || {
-        probs
-            .reshape((grouped.0, grouped.1, grouped.2, s))?
-            .matmul(v)
-    })?;
-    let attn = out
-        .reshape((b, nh, s, hd))?
+    let mut outs = Vec::with_capacity(ctx.segments.len());
+    for &(start, n) in &ctx.segments {
+        let (q, k, v) = if n == s {
+            (q.clone(), k.clone(), v.clone())
+        } else {
+            (
+                q.narrow(2, start, n)?.contiguous()?,
+                k.narrow(2, start, n)?.contiguous()?,
+                v.narrow(2, start, n)?.contiguous()?,
+            )
+        };
+        let scores = q
+            .reshape((b, nkv, nh / nkv * n, hd))?
+            .matmul(&k.t()?.contiguous()?)?;
+        let probs = crate::ops::attn_softmax(
+            &scores.reshape((b, nh, n, n))?,
+            &ctx.keep.narrow(1, start, n)?,
+            1.0 / (hd as f64).sqrt(),
+            true,
+        )?;
+        let out = probs.reshape((b, nkv, nh / nkv * n, n))?.matmul(&v)?;
+        outs.push(out.reshape((b, nh, n, hd))?);
+    }
+    Tensor::cat(&outs, 2)?
         .transpose(1, 2)?
-        .reshape((b, s, nh * hd))?;
-    Ok((probs, attn))
-}
-
-/// dL/dq `[b, nh, s, hd]`, dL/dk and dL/dv `[b, nkv, s, hd]` of `attention`, given its
-/// probabilities and dL/dout `[b·s, nh·hd]`. A group's key gradient sums inside the matmul.
-fn attention_bwd(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    probs: &Tensor,
-    g_out: &Tensor,
-    ctx: &LayerCtx,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (b, nh, s, hd) = q.dims4()?;
-    let nkv = k.dim(1)?;
-    let gs = nh / nkv * s;
-    let span = |f: &mut dyn FnMut() -> candle_core::Result<Tensor>| {
-        crate::profile::span("attention matmuls (backward)", f)
-    };
-    let go = g_out
-        .reshape((b, s, nh, hd))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, nkv, gs, hd))?;
-    let pg = probs.reshape((b, nkv, gs, s))?;
-    let g_probs = span(&mut || go.matmul(&v.t()?))?; // [b, nkv, gs, s]
-    let gv = span(&mut || pg.t()?.matmul(&go))?; // [b, nkv, s, hd]
-    let g_scores = crate::ops::attn_softmax_bwd(
-        probs,
-        &g_probs.reshape((b, nh, s, s))?,
-        &ctx.keep,
-        1.0 / (hd as f64).sqrt(),
-        true,
-    )?
-    .reshape((b, nkv, gs, s))?;
-    let gq = span(&mut || g_scores.matmul(k)?.reshape((b, nh, s, hd)))?;
-    let gk = span(&mut || g_scores.t()?.matmul(&q.reshape((b, nkv, gs, hd))?))?;
-    Ok((gq, gk, gv))
+        .reshape((b, s, nh * hd))
 }
 
 /// What a decoder layer's hand-written backward reads from its forward.
@@ -784,7 +826,8 @@ struct LayerSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    probs: Tensor,
+    /// The attention probabilities when they were small enough to keep.
+    probs: Option<crate::ops::attention::Kept>,
     attn: Tensor,
     so: LinearSaved,
     x2: Tensor,
@@ -833,7 +876,7 @@ fn layer_forward(
     let q = rope(&qp.reshape((b, s, nh, hd))?, &ctx.cos, &ctx.sin)?;
     let k = rope(&kp.reshape((b, s, nkv, hd))?, &ctx.cos, &ctx.sin)?;
     let v = vp.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-    let (probs, attn) = attention(&q, &k, &v, ctx)?;
+    let (attn, probs) = ctx.attention().forward(&q, &k, &v, pass != Pass::Output)?;
     let attn = attn.reshape((rows, nh * hd))?;
     let (o, so) = l[3].forward_saving(&attn, rng.as_deref_mut(), hold)?;
     let x2 = (x + o)?;
@@ -927,9 +970,10 @@ fn layer_backward(
     let (gq, gk, gv) = {
         let (g_attn, g) = l[3].backward(&fwd.attn, &fwd.so, &gx2, None)?;
         keep(3, g);
-        attention_bwd(&fwd.q, &fwd.k, &fwd.v, &fwd.probs, &g_attn, ctx)?
+        ctx.attention()
+            .backward(&fwd.q, &fwd.k, &fwd.v, fwd.probs, &g_attn)?
     };
-    drop((fwd.probs, fwd.attn, fwd.so, fwd.q, fwd.k, fwd.v));
+    drop((fwd.attn, fwd.so, fwd.q, fwd.k, fwd.v));
     let gqp = rope_bwd(&gq, &ctx.cos, &ctx.sin)?.reshape((rows, nh * hd))?;
     let gkp = rope_bwd(&gk, &ctx.cos, &ctx.sin)?.reshape((rows, nkv * hd))?;
     let gvp = gv.transpose(1, 2)?.reshape((rows, nkv * hd))?;

@@ -12,7 +12,7 @@ use super::checkpoint::{self, TrainState};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::Hyperparameters;
 use super::{io_err, Result, TrainError};
-use crate::data::batch::collate;
+use crate::data::batch::{collate, collate_packed, target_tokens};
 use crate::data::encode::IGNORE;
 use crate::data::{Batcher, Example};
 use crate::lora::{peft, LoraConfig};
@@ -33,6 +33,10 @@ pub struct TrainerOptions {
     pub out_dir: Option<PathBuf>,
     /// Recorded as `base_model_name_or_path` in saved adapters.
     pub base_model: Option<String>,
+    /// Pack examples into rows of `max_seq_len` tokens (`data::pack`); a micro-batch is then
+    /// `batch_size` rows, and the loss is normalised over the label tokens of the whole step.
+    /// Either way a micro-batch's examples lie end to end in one row, without padding.
+    pub packing: bool,
 }
 
 /// What happened, for progress displays, logs and the service's event stream.
@@ -132,7 +136,10 @@ impl<'a> Trainer<'a> {
             shuffle: opts.shuffle,
             group_by_length: opts.group_by_length,
             seed: h.seed,
-            packed_rows: None,
+            packed_rows: opts.packing.then(|| {
+                let lengths: Vec<usize> = train.iter().map(|e| e.input_ids.len()).collect();
+                crate::data::pack::pack_bfd(&lengths, h.max_seq_len)
+            }),
         };
         let per_epoch = batcher.batches_per_epoch(train.len());
         let total_steps = match h.max_steps {
@@ -168,6 +175,17 @@ impl<'a> Trainer<'a> {
 
     pub fn total_steps(&self) -> usize {
         self.state.total_steps
+    }
+
+    /// How full the packed rows are, when packing.
+    pub fn packing(&self) -> Option<crate::data::pack::PackingSummary> {
+        let rows = self.batcher.packed_rows.as_ref()?;
+        let lengths: Vec<usize> = self.train.iter().map(|e| e.input_ids.len()).collect();
+        Some(crate::data::pack::summarize(
+            rows,
+            &lengths,
+            self.opts.hyper.max_seq_len,
+        ))
     }
 
     fn warmup_steps(&self) -> usize {
@@ -360,6 +378,9 @@ impl<'a> Trainer<'a> {
             let mut device_grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
             let mut loss_sum = 0f32;
             let mut step_tokens = 0;
+            // The step's micro-batches up front: with packing, each one's loss is weighted by
+            // its share of the whole step's label tokens, so accumulation equals one big batch.
+            let mut step_batches = Vec::with_capacity(accum);
             for _ in 0..accum {
                 if self.state.batch_in_epoch == per_epoch {
                     self.state.epoch += 1;
@@ -372,19 +393,33 @@ impl<'a> Trainer<'a> {
                     ));
                 }
                 let idx = &epoch_batches.as_ref().expect("set above").1[self.state.batch_in_epoch];
+                step_batches.push(idx.clone());
+                self.state.batch_in_epoch += 1;
+            }
+            let step_targets: usize = step_batches
+                .iter()
+                .flatten()
+                .map(|&i| target_tokens(&self.train[i]))
+                .sum();
+            for idx in &step_batches {
                 let examples: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
-                let batch = collate(&examples, self.pad_id, self.model.device())?;
+                let batch = collate_packed(&examples, self.model.device())?;
+                let weight = if self.opts.packing {
+                    batch.target_tokens as f64 / step_targets.max(1) as f64
+                } else {
+                    1.0 / accum as f64
+                };
                 let mut rng = Rng {
                     state: self.state.rng_state,
                 };
-                let loss = self.model.forward_loss(
+                let loss = self.model.forward_loss_packed(
                     &batch.input_ids,
-                    Some(&batch.attention_mask),
+                    &batch.lengths,
                     &batch.labels,
                     if dropout { Some(&mut rng) } else { None },
                 )?;
                 self.state.rng_state = rng.state;
-                let scaled = (&loss / accum as f64)?;
+                let scaled = (&loss * weight)?;
                 let g = self.model.backward(&scaled)?;
                 if on_gpu {
                     for (acc, p) in device_grads.iter_mut().zip(&self.params) {
@@ -406,11 +441,10 @@ impl<'a> Trainer<'a> {
                         }
                     }
                 }
-                loss_sum += loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                loss_sum += loss.to_dtype(DType::F32)?.to_scalar::<f32>()? * weight as f32;
                 step_tokens += batch.tokens;
-                self.state.batch_in_epoch += 1;
             }
-            let loss = loss_sum / accum as f32;
+            let loss = loss_sum;
             if !loss.is_finite() {
                 return Err(TrainError::Diverged(loss));
             }
