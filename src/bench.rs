@@ -20,7 +20,7 @@ pub fn profiler_range(device: &Device, on: bool) -> candle_core::Result<()> {
     sync(device)?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
-        crate::cuda::profiler_range(d, on)?;
+        crate::ops::cuda::profiler_range(d, on)?;
     }
     let _ = on;
     Ok(())
@@ -177,7 +177,7 @@ pub fn bench_kernels(
 fn copy(t: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if t.device().is_cuda() {
-        return crate::cuda::copy(t);
+        return crate::ops::cuda::copy(t);
     }
     t.copy()
 }

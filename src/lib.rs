@@ -30,14 +30,14 @@ pub mod client;
 pub mod commands;
 pub mod config;
 #[cfg(feature = "cuda")]
-pub mod cuda;
+pub use ops::cuda;
 pub mod data;
 pub mod export;
 pub mod jobs;
 pub mod lora;
 pub mod model;
 pub mod ops;
-pub mod profile;
+pub use ops::profile;
 pub mod quant;
 pub mod rng;
 pub mod server;

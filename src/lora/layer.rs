@@ -83,7 +83,7 @@ impl FrozenLinear {
         let weight = match &self.weight {
             FrozenWeight::Dense(w) => FrozenWeight::Dense(w.to_dtype(dtype)?),
             FrozenWeight::Quant(q) => {
-                FrozenWeight::Dense(crate::profile::span("4-bit dequantize", || {
+                FrozenWeight::Dense(crate::ops::profile::span("4-bit dequantize", || {
                     q.dequantize(dtype)
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))
                 })?)
@@ -231,7 +231,9 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let y = self.base.forward(x)?;
         match &self.adapter {
-            Some(a) => y + crate::profile::span("LoRA adapter forwards", || a.forward(x, rng))?,
+            Some(a) => {
+                y + crate::ops::profile::span("LoRA adapter forwards", || a.forward(x, rng))?
+            }
             None => Ok(y),
         }
     }
@@ -259,7 +261,7 @@ impl LoraLinear {
         let a = self.adapter.as_ref().expect("saved implies an adapter");
         // The thin product first, then the frozen GEMM accumulates onto it: its epilogue reads
         // the output almost for free, where an add after it would be a pass of its own.
-        let y = crate::profile::span("LoRA adapter forwards", || {
+        let y = crate::ops::profile::span("LoRA adapter forwards", || {
             matmul_t(&lora.u, &a.weights(x.dtype(), false)?.1)
         })?;
         let y = base.forward_add(y, x)?;
@@ -294,7 +296,7 @@ impl LoraLinear {
             return Ok(y);
         };
         let a = self.adapter.as_ref().expect("saved implies an adapter");
-        crate::profile::span("LoRA adapter forwards", || {
+        crate::ops::profile::span("LoRA adapter forwards", || {
             matmul_add(y, &saved.u, &a.weights(x.dtype(), false)?.1, true)
         })
     }
@@ -304,7 +306,7 @@ impl LoraLinear {
         let Some(a) = &self.adapter else {
             return Ok(None);
         };
-        crate::profile::span("LoRA adapter forwards", || {
+        crate::ops::profile::span("LoRA adapter forwards", || {
             let seed = a.seed(rng);
             let d = a.dropped(x, seed)?;
             let u = matmul_t(&d, &a.weights(x.dtype(), false)?.0)?;
@@ -334,7 +336,7 @@ impl LoraLinear {
         };
         // The adapter's part first, the frozen GEMM accumulating onto it last (see
         // `forward_saving`).
-        let (gx, grads) = crate::profile::span("LoRA adapter backward", || {
+        let (gx, grads) = crate::ops::profile::span("LoRA adapter backward", || {
             let (wa, wb) = a.weights(x.dtype(), false)?;
             let gu = gy.matmul(&wb)?; // [rows, r]
             let gb = (gy.t()?.matmul(&saved.u)?.to_dtype(DType::F32)? * a.scale)?;

@@ -716,7 +716,7 @@ fn attention(
     let (b, nh, s, hd) = q.dims4()?;
     let nkv = k.dim(1)?;
     let grouped = (b, nkv, nh / nkv * s);
-    let scores = crate::profile::span("attention matmuls (forward)", || {
+    let scores = crate::ops::profile::span("attention matmuls (forward)", || {
         q.reshape((b, nkv, nh / nkv * s, hd))?
             .matmul(&k.t()?.contiguous()?)
     })?;
@@ -726,7 +726,7 @@ fn attention(
         1.0 / (hd as f64).sqrt(),
         true,
     )?;
-    let out = crate::profile::span("attention matmuls (forward)", || {
+    let out = crate::ops::profile::span("attention matmuls (forward)", || {
         probs
             .reshape((grouped.0, grouped.1, grouped.2, s))?
             .matmul(v)
@@ -752,7 +752,7 @@ fn attention_bwd(
     let nkv = k.dim(1)?;
     let gs = nh / nkv * s;
     let span = |f: &mut dyn FnMut() -> candle_core::Result<Tensor>| {
-        crate::profile::span("attention matmuls (backward)", f)
+        crate::ops::profile::span("attention matmuls (backward)", f)
     };
     let go = g_out
         .reshape((b, s, nh, hd))?

@@ -11,7 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 
 use super::Nf4Tensor;
-use crate::profile::span;
+use crate::ops::profile::span;
 
 /// `x · Wᵀ` for x `[..., in]` and W `[out, in]`, as one 2-D matmul over the flattened leading
 /// dimensions: a transposed 2-D operand needs no copy, a broadcast one does (and autograd would
