@@ -23,8 +23,9 @@ use super::config::ModelConfig;
 use super::source::BaseWeights;
 use super::weights::view_to_tensor;
 use super::{ModelError, Result};
-use crate::lora::{peft, FrozenLinear, FrozenWeight, LoraAdapter, LoraConfig, LoraLinear};
+use crate::lora::{peft, FrozenLinear, LoraAdapter, LoraConfig, LoraLinear};
 use crate::quant::bnb::from_bnb_tensors;
+use crate::quant::linear::FrozenWeight;
 use crate::quant::{FloatSlice, Nf4Tensor, QuantConfig};
 use crate::rng::Rng;
 use layer::{decoder_layer, layer_op, DecoderLayer, GradSink, LayerCtx, Pass};
@@ -356,7 +357,7 @@ impl CausalLm {
         let dev = self.device.clone();
         for (path, lin) in self.linears_mut() {
             if cfg.target_modules.matches(&path) {
-                let dims = lin.base.dims();
+                let dims = lin.base.weight.dims();
                 lin.adapter = Some(LoraAdapter::new(
                     dims,
                     cfg.r,
@@ -384,7 +385,7 @@ impl CausalLm {
         let mut weights = adapter.weights;
         for (path, lin) in self.linears_mut() {
             if let Some((a, b)) = weights.remove(&path) {
-                let (out, inp) = lin.base.dims();
+                let (out, inp) = lin.base.weight.dims();
                 if a.dims() != [cfg.r, inp] || b.dims() != [out, cfg.r] {
                     return Err(bad(
                         &format!("{path}.lora_A/lora_B"),
