@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::quant::{FloatSlice, Nf4Tensor, QuantConfig};
+use crate::quant::{FloatSlice, Quant4Tensor, QuantConfig};
 use crate::rng::Rng;
 
 /// Wait until the device has finished everything queued.
@@ -123,11 +123,12 @@ pub fn bench_kernels(
         .map(|_| half::bf16::from_f32(rng.uniform(-1.0, 1.0) * 0.05))
         .collect();
     let cfg = QuantConfig::default(); // NF4, blocks of 64, double quantization
-    let cpu = Nf4Tensor::quantize_slice(FloatSlice::BF16(&host), (rows, cols), &cfg, &Device::Cpu)?;
+    let cpu =
+        Quant4Tensor::quantize_slice(FloatSlice::BF16(&host), (rows, cols), &cfg, &Device::Cpu)?;
     let x = Tensor::from_slice(&host, (rows, cols), device)?;
 
     let t = Instant::now();
-    let q = Nf4Tensor::quantize(&x, &cfg)?;
+    let q = Quant4Tensor::quantize(&x, &cfg)?;
     sync(device)?;
     let quantize_s = t.elapsed().as_secs_f64();
     let quantize_matches = q.packed_bytes()? == cpu.packed_bytes()? && q.absmax() == cpu.absmax();

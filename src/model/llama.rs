@@ -26,7 +26,7 @@ use super::{ModelError, Result};
 use crate::lora::{peft, FrozenLinear, LoraAdapter, LoraConfig, LoraLinear};
 use crate::quant::bnb::from_bnb_tensors;
 use crate::quant::linear::FrozenWeight;
-use crate::quant::{FloatSlice, Nf4Tensor, QuantConfig};
+use crate::quant::{FloatSlice, Quant4Tensor, QuantConfig};
 use crate::rng::Rng;
 use layer::{decoder_layer, layer_op, DecoderLayer, GradSink, LayerCtx, Pass};
 
@@ -166,7 +166,7 @@ impl BaseWeights {
                 Ok(match &opts.quant {
                     Some(q) => {
                         let data = t.flatten_all()?.to_vec1::<f32>()?;
-                        let q = Nf4Tensor::quantize_slice(
+                        let q = Quant4Tensor::quantize_slice(
                             FloatSlice::F32(&data),
                             (shape[0], shape[1]),
                             q,
@@ -190,13 +190,15 @@ fn quantize_view(
     v: &TensorView<'_>,
     cfg: &QuantConfig,
     dev: &Device,
-) -> Result<Nf4Tensor> {
+) -> Result<Quant4Tensor> {
     use super::weights::cast_bytes as cast;
     let d = v.data();
     let r = match v.dtype() {
-        Dtype::F32 => Nf4Tensor::quantize_slice(FloatSlice::F32(&cast(d)), v.shape(), cfg, dev),
-        Dtype::BF16 => Nf4Tensor::quantize_slice(FloatSlice::BF16(&cast(d)), v.shape(), cfg, dev),
-        Dtype::F16 => Nf4Tensor::quantize_slice(FloatSlice::F16(&cast(d)), v.shape(), cfg, dev),
+        Dtype::F32 => Quant4Tensor::quantize_slice(FloatSlice::F32(&cast(d)), v.shape(), cfg, dev),
+        Dtype::BF16 => {
+            Quant4Tensor::quantize_slice(FloatSlice::BF16(&cast(d)), v.shape(), cfg, dev)
+        }
+        Dtype::F16 => Quant4Tensor::quantize_slice(FloatSlice::F16(&cast(d)), v.shape(), cfg, dev),
         other => return Err(bad(name, format!("dtype {other:?} is not a float type"))),
     };
     r.map_err(|source| ModelError::Tensor {

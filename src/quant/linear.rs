@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::Nf4Tensor;
+use super::Quant4Tensor;
 use crate::ops::matmul_add;
 use crate::ops::profile::span;
 
@@ -33,7 +33,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub enum FrozenWeight {
     Dense(Tensor),
-    Quant(Arc<Nf4Tensor>),
+    Quant(Arc<Quant4Tensor>),
 }
 
 /// The profile span the decoder layers' frozen products count under.
@@ -213,7 +213,7 @@ mod tests {
     fn setup() -> (Tensor, FrozenWeight, Tensor) {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.5, (24, 64), &dev).unwrap();
-        let q = Arc::new(Nf4Tensor::quantize(&w, &QuantConfig::default()).unwrap());
+        let q = Arc::new(Quant4Tensor::quantize(&w, &QuantConfig::default()).unwrap());
         let wd = q.dequantize(DType::F32).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
         (x, FrozenWeight::Quant(q), wd)

@@ -1,4 +1,4 @@
-//! `Nf4Tensor`: a weight held as packed 4-bit codes plus its quant state, on a candle device.
+//! `Quant4Tensor`: a weight held as packed 4-bit codes plus its quant state, on a candle device.
 
 use candle_core::{DType, Device, Shape, Tensor};
 use half::{bf16, f16};
@@ -37,7 +37,7 @@ impl Absmax {
 /// `ceil(numel / 2)` bytes, element 2j in the high nibble; the quant state is small and stays on
 /// the host. Dequantization returns a dense tensor on the same device.
 #[derive(Debug, Clone)]
-pub struct Nf4Tensor {
+pub struct Quant4Tensor {
     packed: Tensor,
     absmax: Absmax,
     /// The absmax again on the packed codes' device when that is a GPU, for its kernels.
@@ -48,6 +48,10 @@ pub struct Nf4Tensor {
     shape: Shape,
     dtype: FloatDType,
 }
+
+/// The name this type had when it held NF4 only; `quant::bnb`, `model::quantize` and
+/// `export::merge` still use it.
+pub type Nf4Tensor = Quant4Tensor;
 
 /// The quant state on a GPU: what the dequantization kernel reads.
 #[derive(Debug, Clone)]
@@ -82,7 +86,7 @@ impl DeviceAbsmax {
     }
 }
 
-impl Nf4Tensor {
+impl Quant4Tensor {
     /// Quantize a dense f32/f16/bf16 tensor of any shape.
     pub fn quantize(t: &Tensor, config: &QuantConfig) -> Result<Self> {
         let dtype = FloatDType::from_candle(t.dtype())?;
@@ -104,7 +108,7 @@ impl Nf4Tensor {
         };
         let n = packed.len();
         let packed = Tensor::from_vec(packed, n, t.device())?;
-        Ok(Nf4Tensor {
+        Ok(Quant4Tensor {
             packed,
             device_absmax: DeviceAbsmax::new(&absmax, t.device())?,
             absmax,
@@ -143,7 +147,7 @@ impl Nf4Tensor {
         }
         let (packed, absmax) = Self::quantize_host(data, config)?;
         let n = packed.len();
-        Ok(Nf4Tensor {
+        Ok(Quant4Tensor {
             packed: Tensor::from_vec(packed, n, device)?,
             device_absmax: DeviceAbsmax::new(&absmax, device)?,
             absmax,
@@ -191,7 +195,7 @@ impl Nf4Tensor {
         } else {
             Absmax::Plain(absmax)
         };
-        Ok(Nf4Tensor {
+        Ok(Quant4Tensor {
             packed,
             device_absmax: DeviceAbsmax::new(&absmax, t.device())?,
             absmax,
@@ -256,7 +260,7 @@ impl Nf4Tensor {
             }
         }
         let len = packed.len();
-        Ok(Nf4Tensor {
+        Ok(Quant4Tensor {
             packed: Tensor::from_vec(packed, len, device)?,
             device_absmax: DeviceAbsmax::new(&absmax, device)?,
             absmax,
@@ -507,7 +511,7 @@ mod tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let q = Nf4Tensor::quantize(&w, &QuantConfig::default()).unwrap();
+        let q = Quant4Tensor::quantize(&w, &QuantConfig::default()).unwrap();
         assert_eq!(q.shape().dims(), &[48, 40]);
         assert_eq!(q.packed().dims(), &[960]);
         assert_eq!(q.dtype(), FloatDType::BF16);
@@ -523,7 +527,7 @@ mod tests {
 
     #[test]
     fn inconsistent_parts_are_rejected() {
-        let err = Nf4Tensor::from_parts(
+        let err = Quant4Tensor::from_parts(
             vec![0; 10],
             Absmax::Plain(vec![1.0]),
             QuantType::Nf4,
