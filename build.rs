@@ -1,8 +1,10 @@
-//! With the `cuda` feature, compile `kernels/qlorad.cu` to PTX with nvcc (found on PATH or under
-//! CUDA_HOME); the driver turns it into machine code when the module first loads.
+//! With the `cuda` feature, compile `kernels/qlorad.cu` (which includes one file per op) to PTX
+//! with nvcc (found on PATH or under CUDA_HOME); the driver turns it into machine code when the
+//! module first loads.
 
 fn main() {
-    println!("cargo:rerun-if-changed=kernels/qlorad.cu");
+    // A directory: any file under it.
+    println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

@@ -7,8 +7,17 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::quant::{FloatSlice, Nf4Tensor, QuantConfig};
+use crate::quant::{FloatSlice, Quant4Tensor, QuantConfig, QuantError};
 use crate::rng::Rng;
+
+/// Why `bench_kernels` failed: in the 4-bit codec or in candle.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
 
 /// Wait until the device has finished everything queued.
 pub fn sync(device: &Device) -> candle_core::Result<()> {
@@ -20,7 +29,7 @@ pub fn profiler_range(device: &Device, on: bool) -> candle_core::Result<()> {
     sync(device)?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
-        crate::cuda::profiler_range(d, on)?;
+        crate::ops::cuda::profiler_range(d, on)?;
     }
     let _ = on;
     Ok(())
@@ -90,8 +99,8 @@ impl PeakMemory {
 fn time(
     device: &Device,
     iters: usize,
-    mut f: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<f64> {
+    mut f: impl FnMut() -> Result<(), BenchError>,
+) -> Result<f64, BenchError> {
     f()?;
     sync(device)?;
     let t = Instant::now();
@@ -102,10 +111,10 @@ fn time(
     Ok(t.elapsed().as_secs_f64() / iters as f64)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
 }
 
 /// Quantize and dequantize a random `[rows, cols]` bf16 weight on `device`; check both against
@@ -116,18 +125,19 @@ pub fn bench_kernels(
     rows: usize,
     cols: usize,
     iters: usize,
-) -> anyhow::Result<serde_json::Value> {
+) -> Result<serde_json::Value, BenchError> {
     let n = rows * cols;
     let mut rng = Rng::new(11);
     let host: Vec<half::bf16> = (0..n)
         .map(|_| half::bf16::from_f32(rng.uniform(-1.0, 1.0) * 0.05))
         .collect();
     let cfg = QuantConfig::default(); // NF4, blocks of 64, double quantization
-    let cpu = Nf4Tensor::quantize_slice(FloatSlice::BF16(&host), (rows, cols), &cfg, &Device::Cpu)?;
+    let cpu =
+        Quant4Tensor::quantize_slice(FloatSlice::BF16(&host), (rows, cols), &cfg, &Device::Cpu)?;
     let x = Tensor::from_slice(&host, (rows, cols), device)?;
 
     let t = Instant::now();
-    let q = Nf4Tensor::quantize(&x, &cfg)?;
+    let q = Quant4Tensor::quantize(&x, &cfg)?;
     sync(device)?;
     let quantize_s = t.elapsed().as_secs_f64();
     let quantize_matches = q.packed_bytes()? == cpu.packed_bytes()? && q.absmax() == cpu.absmax();
@@ -177,13 +187,13 @@ pub fn bench_kernels(
 fn copy(t: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if t.device().is_cuda() {
-        return crate::cuda::copy(t);
+        return crate::ops::cuda::copy(t);
     }
     t.copy()
 }
 
 /// The fused ops on `device` against the same ops on the CPU, in f32 and bf16.
-fn fused_ops_vs_cpu(device: &Device) -> anyhow::Result<serde_json::Value> {
+fn fused_ops_vs_cpu(device: &Device) -> candle_core::Result<serde_json::Value> {
     let cpu = Device::Cpu;
     let mut out = serde_json::Map::new();
     for dtype in [DType::F32, DType::BF16] {
@@ -198,7 +208,7 @@ fn fused_ops_vs_cpu(device: &Device) -> anyhow::Result<serde_json::Value> {
                 &cpu,
             )?;
             let w = Tensor::randn(0f32, 1.0, (2, 4, q, k), &cpu)?.to_dtype(dtype)?;
-            let run = |dev: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+            let run = |dev: &Device| -> candle_core::Result<(Tensor, Tensor)> {
                 let s = candle_core::Var::from_tensor(&s.to_device(dev)?)?;
                 let p =
                     crate::ops::attn_softmax(s.as_tensor(), &keep.to_device(dev)?, 0.125, true)?;
@@ -218,7 +228,7 @@ fn fused_ops_vs_cpu(device: &Device) -> anyhow::Result<serde_json::Value> {
 
         let logits = Tensor::randn(0f32, 3.0, (8, 1000), &cpu)?.to_dtype(dtype)?;
         let targets = Tensor::from_vec((0..8u32).map(|i| i * 97).collect::<Vec<_>>(), 8, &cpu)?;
-        let run = |dev: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+        let run = |dev: &Device| -> candle_core::Result<(Tensor, Tensor)> {
             let x = candle_core::Var::from_tensor(&logits.to_device(dev)?)?;
             let nll = crate::ops::cross_entropy(x.as_tensor(), &targets.to_device(dev)?)?;
             let g = nll.sum_all()?.backward()?;
@@ -255,7 +265,7 @@ fn fused_ops_vs_cpu(device: &Device) -> anyhow::Result<serde_json::Value> {
             ),
         ];
         for (op, f) in cases {
-            let run = |dev: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+            let run = |dev: &Device| -> candle_core::Result<(Tensor, Tensor)> {
                 let v = candle_core::Var::from_tensor(&x.to_device(dev)?)?;
                 let y = f(v.as_tensor(), dev)?;
                 let g = y.sqr()?.sum_all()?.backward()?;

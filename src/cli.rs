@@ -96,8 +96,8 @@ pub enum CliError {
     Server(#[from] crate::server::ServeError),
     #[error(transparent)]
     Client(#[from] client::ClientError),
-    #[error("{0}")]
-    Bench(String),
+    #[error(transparent)]
+    Bench(#[from] crate::bench::BenchError),
     #[error("starting the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("{0}")]

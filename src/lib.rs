@@ -30,8 +30,6 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod data;
 pub mod export;
 pub mod finetune;
@@ -39,7 +37,6 @@ pub mod jobs;
 pub mod lora;
 pub mod model;
 pub mod ops;
-pub mod profile;
 pub mod quant;
 pub mod rng;
 pub mod server;

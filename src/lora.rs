@@ -5,7 +5,7 @@ pub mod peft;
 
 use serde::{Deserialize, Serialize};
 
-pub use layer::{FrozenLinear, FrozenWeight, LoraAdapter, LoraLinear};
+pub use layer::{FrozenLinear, LoraAdapter, LoraLinear};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {

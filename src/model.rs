@@ -167,7 +167,7 @@ pub fn parse_device(name: &str) -> std::result::Result<candle_core::Device, Stri
         // cross-stream events candle records around every kernel would only cost time.
         // SAFETY: nothing has been allocated on this device yet; see above for the streams.
         unsafe { d.disable_event_tracking() };
-        crate::cuda::keep_freed_memory(d).map_err(|e| format!("{name}: {e}"))?;
+        crate::ops::cuda::keep_freed_memory(d).map_err(|e| format!("{name}: {e}"))?;
     }
     Ok(device)
 }

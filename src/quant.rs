@@ -17,7 +17,7 @@ use half::{bf16, f16};
 
 pub use blockwise::{dequantize_4bit, quantize_4bit};
 pub use double::NestedAbsmax;
-pub use tensor::{Absmax, Nf4Tensor};
+pub use tensor::{Absmax, Quant4Tensor};
 
 /// Block sizes bitsandbytes accepts for 4-bit quantization.
 pub const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];

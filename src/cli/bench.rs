@@ -114,8 +114,7 @@ pub fn run(c: BenchCommand) -> std::result::Result<(), CliError> {
         } => {
             let dev = crate::model::parse_device(&device)
                 .map_err(|message| SpecError::new("device", message))?;
-            crate::bench::bench_kernels(&dev, rows, cols, iters.max(1))
-                .map_err(|e| CliError::Bench(e.to_string()))?
+            crate::bench::bench_kernels(&dev, rows, cols, iters.max(1))?
         }
     };
     println!(
@@ -249,7 +248,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
             step_tokens.push(*tokens);
             losses.push(*loss);
             if args.profile && times.len() == warmup {
-                crate::profile::start(model.device());
+                crate::ops::profile::start(model.device());
             }
             if args.profiler_range && (times.len() == warmup || times.len() == warmup + 1) {
                 // Errors here only lose the capture, never the benchmark.
@@ -262,7 +261,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         }
     })?;
     let peak = meter.finish();
-    let spans = crate::profile::stop();
+    let spans = crate::ops::profile::stop();
     let first = warmup.min(times.len() - 1);
     let mut steady = times[first..].to_vec();
     steady.sort_by(f64::total_cmp);

@@ -17,7 +17,7 @@ use crate::model::source::BaseWeights;
 use crate::model::weights::view_to_tensor;
 use crate::model::SafetensorsWriter;
 use crate::quant::bnb::{from_bnb_tensors, is_aux_key, read_quant_state, QuantStateJson};
-use crate::quant::{FloatDType, FloatSlice, Nf4Tensor, QuantConfig};
+use crate::quant::{FloatDType, FloatSlice, Quant4Tensor, QuantConfig};
 
 /// What the adapter is merged into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +182,7 @@ impl MergeSource {
             );
             if let (MergeBase::Quantized(cfg), false) = (self.base, prequantized) {
                 let data = t.flatten_all()?.to_vec1::<f32>()?;
-                let q = Nf4Tensor::quantize_slice(
+                let q = Quant4Tensor::quantize_slice(
                     FloatSlice::F32(&data),
                     t.shape().clone(),
                     &cfg,

@@ -1,25 +1,13 @@
 //! A frozen linear layer (dense or 4-bit) with an optional trainable LoRA adapter beside it.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Result, Tensor, Var};
 
+use crate::ops::profile::span;
 use crate::ops::{dropout, dropout_add, matmul_add};
-use crate::quant::linear::{
-    linear_4bit, linear_4bit_add, linear_4bit_input_grad, linear_4bit_input_grad_add,
-    linear_frozen, linear_frozen_add, linear_frozen_input_grad, linear_frozen_input_grad_add,
-    matmul_t,
-};
-use crate::quant::Nf4Tensor;
+use crate::quant::linear::{matmul_t, FrozenWeight};
 use crate::rng::Rng;
 
-/// A base weight `[out, in]` that never trains.
-#[derive(Debug, Clone)]
-pub enum FrozenWeight {
-    Dense(Tensor),
-    Quant(Arc<Nf4Tensor>),
-}
-
+/// A frozen linear layer: its weight and bias.
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
     pub weight: FrozenWeight,
@@ -28,80 +16,29 @@ pub struct FrozenLinear {
 }
 
 impl FrozenLinear {
-    /// `(out, in)`.
-    pub fn dims(&self) -> (usize, usize) {
-        let d = match &self.weight {
-            FrozenWeight::Dense(w) => w.dims(),
-            FrozenWeight::Quant(q) => q.shape().dims(),
-        };
-        (d[0], d[1])
-    }
-
     /// `x · Wᵀ + b` for x `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            FrozenWeight::Dense(w) => linear_frozen(x, w)?,
-            FrozenWeight::Quant(q) => linear_4bit(x, q)?,
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        self.add_bias(self.weight.forward(x)?)
     }
 
     /// `acc + x · Wᵀ + b` for 2-D x, accumulating in place on a GPU: acc must not be shared.
     pub fn forward_add(&self, acc: Tensor, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            FrozenWeight::Dense(w) => linear_frozen_add(acc, x, w)?,
-            FrozenWeight::Quant(q) => linear_4bit_add(acc, x, q)?,
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-
-    /// dL/dx `[..., in]` given dL/dy `[..., out]`: `gy · W`.
-    pub fn input_grad(&self, gy: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            FrozenWeight::Dense(w) => linear_frozen_input_grad(gy, w),
-            FrozenWeight::Quant(q) => linear_4bit_input_grad(gy, q),
-        }
-    }
-
-    /// `acc + gy · W`, accumulating in place on a GPU: acc must not be shared.
-    pub fn input_grad_add(&self, acc: Tensor, gy: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            FrozenWeight::Dense(w) => linear_frozen_input_grad_add(acc, gy, w),
-            FrozenWeight::Quant(q) => linear_4bit_input_grad_add(acc, gy, q),
-        }
+        self.add_bias(self.weight.forward_add(acc, x)?)
     }
 
     /// This linear with its weight dense in `dtype`, for several products in a row: a 4-bit
     /// weight is dequantized once into a temporary.
     pub fn held(&self, dtype: DType) -> Result<FrozenLinear> {
-        let weight = match &self.weight {
-            FrozenWeight::Dense(w) => FrozenWeight::Dense(w.to_dtype(dtype)?),
-            FrozenWeight::Quant(q) => {
-                FrozenWeight::Dense(crate::profile::span("4-bit dequantize", || {
-                    q.dequantize(dtype)
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
-                })?)
-            }
-        };
         Ok(FrozenLinear {
-            weight,
+            weight: self.weight.held(dtype)?,
             bias: self.bias.clone(),
         })
     }
 
-    /// The weight as a dense tensor (dequantized if 4-bit).
-    pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
-        match &self.weight {
-            FrozenWeight::Dense(w) => w.to_dtype(dtype),
-            FrozenWeight::Quant(q) => q
-                .dequantize(dtype)
-                .map_err(|e| candle_core::Error::Msg(e.to_string())),
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
     }
 }
@@ -171,7 +108,7 @@ impl LoraAdapter {
 
     fn dropped(&self, x: &Tensor, seed: Option<u64>) -> Result<Tensor> {
         match seed {
-            Some(seed) => crate::ops::dropout(x, self.dropout, seed),
+            Some(seed) => dropout(x, self.dropout, seed),
             None => Ok(x.clone()),
         }
     }
@@ -231,7 +168,7 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let y = self.base.forward(x)?;
         match &self.adapter {
-            Some(a) => y + crate::profile::span("LoRA adapter forwards", || a.forward(x, rng))?,
+            Some(a) => y + span("LoRA adapter forwards", || a.forward(x, rng))?,
             None => Ok(y),
         }
     }
@@ -259,7 +196,7 @@ impl LoraLinear {
         let a = self.adapter.as_ref().expect("saved implies an adapter");
         // The thin product first, then the frozen GEMM accumulates onto it: its epilogue reads
         // the output almost for free, where an add after it would be a pass of its own.
-        let y = crate::profile::span("LoRA adapter forwards", || {
+        let y = span("LoRA adapter forwards", || {
             matmul_t(&lora.u, &a.weights(x.dtype(), false)?.1)
         })?;
         let y = base.forward_add(y, x)?;
@@ -294,7 +231,7 @@ impl LoraLinear {
             return Ok(y);
         };
         let a = self.adapter.as_ref().expect("saved implies an adapter");
-        crate::profile::span("LoRA adapter forwards", || {
+        span("LoRA adapter forwards", || {
             matmul_add(y, &saved.u, &a.weights(x.dtype(), false)?.1, true)
         })
     }
@@ -304,7 +241,7 @@ impl LoraLinear {
         let Some(a) = &self.adapter else {
             return Ok(None);
         };
-        crate::profile::span("LoRA adapter forwards", || {
+        span("LoRA adapter forwards", || {
             let seed = a.seed(rng);
             let d = a.dropped(x, seed)?;
             let u = matmul_t(&d, &a.weights(x.dtype(), false)?.0)?;
@@ -327,14 +264,14 @@ impl LoraLinear {
         let base = &saved.base;
         let (Some(a), Some(saved)) = (&self.adapter, &saved.lora) else {
             let gx = match acc {
-                Some(acc) => base.input_grad_add(acc, gy)?,
-                None => base.input_grad(gy)?,
+                Some(acc) => base.weight.input_grad_add(acc, gy)?,
+                None => base.weight.input_grad(gy)?,
             };
             return Ok((gx, None));
         };
         // The adapter's part first, the frozen GEMM accumulating onto it last (see
         // `forward_saving`).
-        let (gx, grads) = crate::profile::span("LoRA adapter backward", || {
+        let (gx, grads) = span("LoRA adapter backward", || {
             let (wa, wb) = a.weights(x.dtype(), false)?;
             let gu = gy.matmul(&wb)?; // [rows, r]
             let gb = (gy.t()?.matmul(&saved.u)?.to_dtype(DType::F32)? * a.scale)?;
@@ -349,7 +286,7 @@ impl LoraLinear {
             };
             Ok::<_, candle_core::Error>((gx, (ga, gb)))
         })?;
-        Ok((base.input_grad_add(gx, gy)?, Some(grads)))
+        Ok((base.weight.input_grad_add(gx, gy)?, Some(grads)))
     }
 }
 

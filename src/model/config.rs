@@ -113,11 +113,9 @@ impl Fields<'_> {
 }
 
 impl ModelConfig {
-    /// The configuration of a model directory (`config.json`) or a GGUF file (its metadata).
-    pub fn load(dir: &Path) -> Result<Self> {
-        if super::gguf::is_gguf(dir) {
-            return super::gguf::GgufModel::open(dir)?.config();
-        }
+    /// The `config.json` of a Hugging Face model directory (`ModelConfig::load` reads a GGUF
+    /// file's too).
+    pub(super) fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let v = read_json(&path)?;
         Self::from_json(v, &path)

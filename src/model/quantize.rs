@@ -16,7 +16,7 @@ use super::weights::{WeightFiles, INDEX_FILE};
 use super::writer::SafetensorsWriter;
 use super::{io_err, read_json, ModelError, Result};
 use crate::quant::bnb::{quantization_config, to_bnb_tensors};
-use crate::quant::{FloatDType, FloatSlice, Nf4Tensor, QuantConfig};
+use crate::quant::{FloatDType, FloatSlice, Quant4Tensor, QuantConfig};
 
 #[derive(Debug, Clone, Default)]
 pub struct QuantizeOptions {
@@ -211,7 +211,7 @@ fn write_quantized(
     Ok(report)
 }
 
-fn quantize_view(name: &str, view: &TensorView<'_>, cfg: &QuantConfig) -> Result<Nf4Tensor> {
+fn quantize_view(name: &str, view: &TensorView<'_>, cfg: &QuantConfig) -> Result<Quant4Tensor> {
     let bytes = view.data();
     let wrap = |source| ModelError::Tensor {
         tensor: name.to_string(),
@@ -221,15 +221,15 @@ fn quantize_view(name: &str, view: &TensorView<'_>, cfg: &QuantConfig) -> Result
     let q = match view.dtype() {
         Dtype::F32 => {
             let data = super::weights::cast_bytes::<f32>(bytes);
-            Nf4Tensor::quantize_slice(FloatSlice::F32(&data), view.shape(), cfg, &Device::Cpu)
+            Quant4Tensor::quantize_slice(FloatSlice::F32(&data), view.shape(), cfg, &Device::Cpu)
         }
         Dtype::F16 => {
             let data = super::weights::cast_bytes::<f16>(bytes);
-            Nf4Tensor::quantize_slice(FloatSlice::F16(&data), view.shape(), cfg, &Device::Cpu)
+            Quant4Tensor::quantize_slice(FloatSlice::F16(&data), view.shape(), cfg, &Device::Cpu)
         }
         Dtype::BF16 => {
             let data = super::weights::cast_bytes::<bf16>(bytes);
-            Nf4Tensor::quantize_slice(FloatSlice::BF16(&data), view.shape(), cfg, &Device::Cpu)
+            Quant4Tensor::quantize_slice(FloatSlice::BF16(&data), view.shape(), cfg, &Device::Cpu)
         }
         other => {
             return Err(ModelError::BadTensor {

@@ -77,7 +77,7 @@ impl Attention<'_> {
 
     fn probs(&self, blk: &Block, nh: usize) -> Result<Tensor> {
         let (b, _, _, _) = blk.q.dims4()?;
-        let scores = crate::profile::span("attention matmuls (forward)", || {
+        let scores = super::profile::span("attention matmuls (forward)", || {
             blk.q.matmul(&blk.k.t()?.contiguous()?)
         })?;
         attn_softmax(
@@ -107,7 +107,7 @@ impl Attention<'_> {
             for blk in blocks(len, nh, self.block_elements) {
                 let bl = self.block((q, k, v), start, blk)?;
                 let probs = self.probs(&bl, nh)?;
-                let out = crate::profile::span("attention matmuls (forward)", || {
+                let out = super::profile::span("attention matmuls (forward)", || {
                     probs
                         .reshape((b, nkv, nh / nkv * bl.rows, bl.keys))?
                         .matmul(&bl.v)
@@ -136,7 +136,7 @@ impl Attention<'_> {
         let (b, nh, s, hd) = q.dims4()?;
         let nkv = k.dim(1)?;
         let span = |f: &mut dyn FnMut() -> Result<Tensor>| {
-            crate::profile::span("attention matmuls (backward)", f)
+            super::profile::span("attention matmuls (backward)", f)
         };
         let go = g_out
             .reshape((b, s, nh, hd))?

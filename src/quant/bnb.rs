@@ -10,7 +10,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use super::double::NestedAbsmax;
-use super::tensor::{Absmax, Nf4Tensor};
+use super::tensor::{Absmax, Quant4Tensor};
 use super::{FloatDType, QuantConfig, QuantError, QuantType, Result};
 
 /// The suffix of the quant-state tensor for a quant type.
@@ -82,7 +82,7 @@ fn f32_tensor(name: String, v: &[f32]) -> BnbTensor {
 }
 
 /// The tensors bitsandbytes writes for the 4-bit weight `name`, in its order.
-pub fn to_bnb_tensors(name: &str, w: &Nf4Tensor) -> Result<Vec<BnbTensor>> {
+pub fn to_bnb_tensors(name: &str, w: &Quant4Tensor) -> Result<Vec<BnbTensor>> {
     let packed = w.packed_bytes()?;
     let mut state = QuantStateJson {
         quant_type: w.quant_type().as_str().to_string(),
@@ -249,7 +249,7 @@ pub fn from_bnb_tensors<'a>(
     name: &str,
     get: impl Fn(&str) -> Option<TensorView<'a>>,
     device: &candle_core::Device,
-) -> Result<Nf4Tensor> {
+) -> Result<Quant4Tensor> {
     let need = |suffix: &str| {
         let key = format!("{name}{suffix}");
         get(&key).ok_or_else(|| invalid(&key, "missing from the checkpoint"))
@@ -303,7 +303,7 @@ pub fn from_bnb_tensors<'a>(
     } else {
         Absmax::Plain(read_f32s(&format!("{name}.absmax"), &absmax_view)?)
     };
-    Nf4Tensor::from_parts(
+    Quant4Tensor::from_parts(
         packed,
         absmax,
         quant_type,
@@ -361,7 +361,7 @@ mod tests {
         let x: Vec<f32> = (0..3 * 100)
             .map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0)
             .collect();
-        let w = Nf4Tensor::quantize_slice(FloatSlice::F32(&x), (3, 100), &config, &Device::Cpu)
+        let w = Quant4Tensor::quantize_slice(FloatSlice::F32(&x), (3, 100), &config, &Device::Cpu)
             .unwrap();
         let tensors = to_bnb_tensors("m.w", &w).unwrap();
         let map: HashMap<_, _> = tensors
@@ -415,7 +415,7 @@ mod tests {
     #[test]
     fn truncated_state_is_a_clear_error() {
         let x = vec![0.25f32; 256];
-        let w = Nf4Tensor::quantize_slice(
+        let w = Quant4Tensor::quantize_slice(
             FloatSlice::F32(&x),
             (2, 128),
             &QuantConfig::default(),

@@ -1,4 +1,5 @@
-//! Frozen linears as custom autograd ops: `y = x · Wᵀ` with a gradient for x only.
+//! Frozen weights, dense or 4-bit, and their products as custom autograd ops: `y = x · Wᵀ` with a
+//! gradient for x only.
 //!
 //! The op's only input is `x`. For a 4-bit W the graph keeps the packed weight and nothing
 //! dense: forward dequantizes W into a temporary, backward dequantizes it again for `dx = dy · W`.
@@ -8,15 +9,16 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::Nf4Tensor;
-use crate::profile::span;
+use super::Quant4Tensor;
+use crate::ops::matmul_add;
+use crate::ops::profile::span;
 
 /// `x · Wᵀ` for x `[..., in]` and W `[out, in]`, as one 2-D matmul over the flattened leading
 /// dimensions: a transposed 2-D operand needs no copy, a broadcast one does (and autograd would
 /// keep that copy alive until backward).
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let inner = dims[dims.len() - 1];
     let rows = x.elem_count() / inner;
@@ -26,153 +28,104 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     y.reshape(out)
 }
 
-/// `x · Wᵀ` for a 4-bit W of shape `[out, in]`; x is `[..., in]`.
-pub fn linear_4bit(x: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenMatmul {
-        w: Frozen::Packed(w.clone()),
-        label: LINEAR,
-    })
+/// A base weight `[out, in]` that never trains: dense, or 4-bit (NF4 or FP4) and dequantized for
+/// each product. Every product with a frozen weight goes through here.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quant(Arc<Quant4Tensor>),
 }
 
-/// `x · Wᵀ` for a dense frozen W `[out, in]`, with no gradient computed for W.
-pub fn linear_frozen(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenMatmul {
-        w: Frozen::Dense(w.detach()),
-        label: LINEAR,
-    })
-}
+/// The profile span the decoder layers' frozen products count under.
+const LINEAR: &str = "frozen linear matmuls";
+/// The LM head's, counted apart.
+const LM_HEAD: &str = "LM head matmuls";
 
-/// `acc + x · Wᵀ` for a 4-bit W and 2-D x, accumulating in place on a GPU (see
-/// `ops::matmul_add`); nothing is tracked.
-pub fn linear_4bit_add(acc: Tensor, x: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
-    FrozenMatmul {
-        w: Frozen::Packed(w.clone()),
-        label: LINEAR,
+impl FrozenWeight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let d = match self {
+            FrozenWeight::Dense(w) => w.dims(),
+            FrozenWeight::Quant(q) => q.shape().dims(),
+        };
+        (d[0], d[1])
     }
-    .forward_add(acc, x)
-}
 
-/// `acc + x · Wᵀ` for a dense frozen W.
-pub fn linear_frozen_add(acc: Tensor, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    FrozenMatmul {
-        w: Frozen::Dense(w.detach()),
-        label: LINEAR,
+    /// W `[out, in]` dense in `dtype`: a 4-bit weight dequantized into a temporary.
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Quant(q) => span("4-bit dequantize", || {
+                q.dequantize(dtype).map_err(quant_err)
+            }),
+            FrozenWeight::Dense(w) => w.to_dtype(dtype),
+        }
     }
-    .forward_add(acc, x)
-}
 
-/// dL/dx of `x · Wᵀ` for a 4-bit W: `gy · W`, for hand-written backward passes.
-pub fn linear_4bit_input_grad(gy: &Tensor, w: &Arc<Nf4Tensor>) -> candle_core::Result<Tensor> {
-    FrozenMatmul {
-        w: Frozen::Packed(w.clone()),
-        label: LINEAR,
+    /// This weight dense in `dtype`, for several products in a row: a 4-bit weight is
+    /// dequantized once.
+    pub fn held(&self, dtype: DType) -> Result<FrozenWeight> {
+        Ok(FrozenWeight::Dense(self.dequantize(dtype)?))
     }
-    .input_grad(gy)
-}
 
-/// `acc + gy · W` for a 4-bit W, accumulating in place on a GPU (see `ops::matmul_add`).
-pub fn linear_4bit_input_grad_add(
-    acc: Tensor,
-    gy: &Tensor,
-    w: &Arc<Nf4Tensor>,
-) -> candle_core::Result<Tensor> {
-    FrozenMatmul {
-        w: Frozen::Packed(w.clone()),
-        label: LINEAR,
+    /// `x · Wᵀ` for x `[..., in]`, with a gradient for x only.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.product(x, LINEAR)
     }
-    .input_grad_add(acc, gy)
-}
 
-/// `acc + gy · W` for a dense frozen W.
-pub fn linear_frozen_input_grad_add(
-    acc: Tensor,
-    gy: &Tensor,
-    w: &Tensor,
-) -> candle_core::Result<Tensor> {
-    FrozenMatmul {
-        w: Frozen::Dense(w.detach()),
-        label: LINEAR,
+    /// `acc + x · Wᵀ` for 2-D x, accumulating in place on a GPU (see `ops::matmul_add`): acc must
+    /// not be shared. Nothing is tracked.
+    pub fn forward_add(&self, acc: Tensor, x: &Tensor) -> Result<Tensor> {
+        let w = self.dequantize(x.dtype())?; // [out, in]
+        span(LINEAR, || matmul_add(acc, x, &w, true))
     }
-    .input_grad_add(acc, gy)
-}
 
-/// dL/dx of `x · Wᵀ` for a dense frozen W: `gy · W`.
-pub fn linear_frozen_input_grad(gy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    FrozenMatmul {
-        w: Frozen::Dense(w.detach()),
-        label: LINEAR,
+    /// dL/dx `[..., in]` of `x · Wᵀ` given dL/dy `[..., out]`: `gy · W`, for hand-written
+    /// backward passes.
+    pub fn input_grad(&self, gy: &Tensor) -> Result<Tensor> {
+        self.product_grad(gy, LINEAR)
     }
-    .input_grad(gy)
+
+    /// `acc + gy · W` for 2-D acc `[rows, in]` and gy `[rows, out]`, accumulating in place on a
+    /// GPU: acc must not be shared.
+    pub fn input_grad_add(&self, acc: Tensor, gy: &Tensor) -> Result<Tensor> {
+        let w = self.dequantize(gy.dtype())?; // [out, in]
+        span(LINEAR, || matmul_add(acc, gy, &w, false))
+    }
+
+    /// `x · Wᵀ` as the custom op, its matmuls counted under `label`.
+    fn product(&self, x: &Tensor, label: &'static str) -> Result<Tensor> {
+        x.contiguous()?.apply_op1(FrozenMatmul {
+            w: self.clone(),
+            label,
+        })
+    }
+
+    /// `gy · W`, its matmul counted under `label`.
+    fn product_grad(&self, gy: &Tensor, label: &'static str) -> Result<Tensor> {
+        let w = self.dequantize(gy.dtype())?; // [out, in]
+        span(label, || matmul_t(gy, &w.t()?))
+    }
 }
 
-/// `x · Wᵀ` for the LM head `[vocab, hidden]`: `linear_frozen`, counted apart in profiles.
-pub fn lm_head(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(lm_head_op(w))
+/// `x · Wᵀ` for the LM head `[vocab, hidden]`: a dense frozen product, counted apart in profiles.
+pub fn lm_head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    FrozenWeight::Dense(w.detach()).product(x, LM_HEAD)
 }
 
 /// dL/dx of `lm_head(x, W)`: `gy · W`, for hand-written backward passes.
-pub fn lm_head_input_grad(gy: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    lm_head_op(w).input_grad(gy)
+pub fn lm_head_input_grad(gy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    FrozenWeight::Dense(w.detach()).product_grad(gy, LM_HEAD)
 }
 
-fn lm_head_op(w: &Tensor) -> FrozenMatmul {
-    FrozenMatmul {
-        w: Frozen::Dense(w.detach()),
-        label: "LM head matmuls",
-    }
-}
-
-enum Frozen {
-    Packed(Arc<Nf4Tensor>),
-    Dense(Tensor),
-}
-
+/// The op: the input is x alone, so the weight never gets a gradient.
 struct FrozenMatmul {
-    w: Frozen,
+    w: FrozenWeight,
     /// The profile span its matmuls count under.
     label: &'static str,
 }
 
-const LINEAR: &str = "frozen linear matmuls";
-
 fn quant_err(e: super::QuantError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
-}
-
-impl FrozenMatmul {
-    /// W `[out, in]` in `dtype`: a temporary dequantization for a packed weight.
-    fn weight(&self, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
-        match &self.w {
-            Frozen::Packed(q) => span("4-bit dequantize", || {
-                q.dequantize(dtype).map_err(quant_err)
-            }),
-            Frozen::Dense(w) => w.to_dtype(dtype),
-        }
-    }
-
-    fn input_grad(&self, gy: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.weight(gy.dtype())?; // [out, in]
-        span(self.matmul_name(), || matmul_t(gy, &w.t()?))
-    }
-
-    fn forward_add(&self, acc: Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.weight(x.dtype())?; // [out, in]
-        span(self.matmul_name(), || {
-            crate::ops::matmul_add(acc, x, &w, true)
-        })
-    }
-
-    /// `acc + gy · W` for 2-D acc `[rows, in]` and gy `[rows, out]`.
-    fn input_grad_add(&self, acc: Tensor, gy: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.weight(gy.dtype())?; // [out, in]
-        span(self.matmul_name(), || {
-            crate::ops::matmul_add(acc, gy, &w, false)
-        })
-    }
-
-    fn matmul_name(&self) -> &'static str {
-        self.label
-    }
 }
 
 impl FrozenMatmul {
@@ -183,8 +136,8 @@ impl FrozenMatmul {
         storage: &S,
         layout: &Layout,
         pick: fn(&Storage) -> Option<&S>,
-    ) -> candle_core::Result<(S, Shape)> {
-        let w = self.weight(storage.dtype())?.contiguous()?; // [out, in]
+    ) -> Result<(S, Shape)> {
+        let w = self.w.dequantize(storage.dtype())?.contiguous()?; // [out, in]
         let dims = layout.shape().dims();
         let inner = dims[dims.len() - 1];
         let rows = layout.shape().elem_count() / inner;
@@ -202,7 +155,7 @@ impl FrozenMatmul {
             candle_core::bail!("frozen-linear: weight and input are on different devices");
         };
         let x2 = Layout::contiguous_with_offset((rows, inner), layout.start_offset());
-        let y = span(self.matmul_name(), || {
+        let y = span(self.label, || {
             storage.matmul(ws, (1, rows, out, inner), &x2, &wl.transpose(0, 1)?)
         })?;
         let mut shape = dims.to_vec();
@@ -216,11 +169,7 @@ impl CustomOp1 for FrozenMatmul {
         "frozen-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         self.forward(storage, layout, |s| match s {
             Storage::Cpu(c) => Some(c),
             _ => None,
@@ -232,20 +181,15 @@ impl CustomOp1 for FrozenMatmul {
         &self,
         storage: &candle_core::CudaStorage,
         layout: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.forward(storage, layout, |s| match s {
             Storage::Cuda(c) => Some(c),
             _ => None,
         })
     }
 
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.input_grad(grad_res)?))
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.w.product_grad(grad_res, self.label)?))
     }
 }
 
@@ -266,19 +210,19 @@ mod tests {
             .unwrap()
     }
 
-    fn setup() -> (Tensor, Arc<Nf4Tensor>, Tensor) {
+    fn setup() -> (Tensor, FrozenWeight, Tensor) {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.5, (24, 64), &dev).unwrap();
-        let q = Arc::new(Nf4Tensor::quantize(&w, &QuantConfig::default()).unwrap());
+        let q = Arc::new(Quant4Tensor::quantize(&w, &QuantConfig::default()).unwrap());
         let wd = q.dequantize(DType::F32).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
-        (x, q, wd)
+        (x, FrozenWeight::Quant(q), wd)
     }
 
     #[test]
     fn forward_equals_dense_matmul_on_the_dequantized_weight() {
-        let (x, q, wd) = setup();
-        let y = linear_4bit(&x, &q).unwrap();
+        let (x, w, wd) = setup();
+        let y = w.forward(&x).unwrap();
         let want = x.broadcast_matmul(&wd.t().unwrap()).unwrap();
         let diff = max_abs_diff(&y, &want);
         assert!(diff < 1e-6, "{diff}");
@@ -286,11 +230,11 @@ mod tests {
 
     #[test]
     fn gradient_matches_the_dense_graph_and_finite_differences() {
-        let (x, q, wd) = setup();
+        let (x, w, wd) = setup();
         let xv = Var::from_tensor(&x).unwrap();
         // loss = sum(y * c) for a fixed c, so dL/dx = c · W
         let c = Tensor::randn(0f32, 1.0, (2, 3, 24), &Device::Cpu).unwrap();
-        let loss = (linear_4bit(xv.as_tensor(), &q).unwrap() * &c)
+        let loss = (w.forward(xv.as_tensor()).unwrap() * &c)
             .unwrap()
             .sum_all()
             .unwrap();
@@ -310,7 +254,7 @@ mod tests {
         let mut xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let f = |xs: &[f32]| -> f32 {
             let t = Tensor::from_slice(xs, (2, 3, 64), &Device::Cpu).unwrap();
-            (linear_4bit(&t, &q).unwrap() * &c)
+            (w.forward(&t).unwrap() * &c)
                 .unwrap()
                 .sum_all()
                 .unwrap()
@@ -332,9 +276,9 @@ mod tests {
 
     #[test]
     fn works_on_non_contiguous_input() {
-        let (x, q, wd) = setup();
+        let (x, w, wd) = setup();
         let xt = x.transpose(0, 1).unwrap(); // [3, 2, 64], strided
-        let y = linear_4bit(&xt, &q).unwrap();
+        let y = w.forward(&xt).unwrap();
         let want = xt
             .contiguous()
             .unwrap()

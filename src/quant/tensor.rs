@@ -1,4 +1,4 @@
-//! `Nf4Tensor`: a weight held as packed 4-bit codes plus its quant state, on a candle device.
+//! `Quant4Tensor`: a weight held as packed 4-bit codes plus its quant state, on a candle device.
 
 use candle_core::{DType, Device, Shape, Tensor};
 use half::{bf16, f16};
@@ -37,7 +37,7 @@ impl Absmax {
 /// `ceil(numel / 2)` bytes, element 2j in the high nibble; the quant state is small and stays on
 /// the host. Dequantization returns a dense tensor on the same device.
 #[derive(Debug, Clone)]
-pub struct Nf4Tensor {
+pub struct Quant4Tensor {
     packed: Tensor,
     absmax: Absmax,
     /// The absmax again on the packed codes' device when that is a GPU, for its kernels.
@@ -58,6 +58,8 @@ enum DeviceAbsmax {
         codes: Tensor,
         scales: Tensor,
         code: Tensor,
+        offset: f32,
+        block_size: usize,
     },
 }
 
@@ -73,12 +75,14 @@ impl DeviceAbsmax {
                 codes: Tensor::from_slice(&n.codes, n.codes.len(), device)?,
                 scales: Tensor::from_slice(&n.scales, n.scales.len(), device)?,
                 code: Tensor::from_slice(n.code.as_slice(), 256, device)?,
+                offset: n.offset,
+                block_size: n.block_size,
             },
         }))
     }
 }
 
-impl Nf4Tensor {
+impl Quant4Tensor {
     /// Quantize a dense f32/f16/bf16 tensor of any shape.
     pub fn quantize(t: &Tensor, config: &QuantConfig) -> Result<Self> {
         let dtype = FloatDType::from_candle(t.dtype())?;
@@ -100,7 +104,7 @@ impl Nf4Tensor {
         };
         let n = packed.len();
         let packed = Tensor::from_vec(packed, n, t.device())?;
-        Ok(Nf4Tensor {
+        Ok(Quant4Tensor {
             packed,
             device_absmax: DeviceAbsmax::new(&absmax, t.device())?,
             absmax,
@@ -139,7 +143,7 @@ impl Nf4Tensor {
         }
         let (packed, absmax) = Self::quantize_host(data, config)?;
         let n = packed.len();
-        Ok(Nf4Tensor {
+        Ok(Quant4Tensor {
             packed: Tensor::from_vec(packed, n, device)?,
             device_absmax: DeviceAbsmax::new(&absmax, device)?,
             absmax,
@@ -167,8 +171,7 @@ impl Nf4Tensor {
             *t = o as f32;
         }
         let flat = t.flatten_all()?;
-        let (packed, absmax) = match crate::cuda::quantize_4bit(&flat, config.block_size, &tables)?
-        {
+        let (packed, absmax) = match launch::quantize_4bit(&flat, config.block_size, &tables)? {
             Ok(r) => r,
             Err(index) => {
                 let index = index as usize;
@@ -188,7 +191,7 @@ impl Nf4Tensor {
         } else {
             Absmax::Plain(absmax)
         };
-        Ok(Nf4Tensor {
+        Ok(Quant4Tensor {
             packed,
             device_absmax: DeviceAbsmax::new(&absmax, t.device())?,
             absmax,
@@ -253,7 +256,7 @@ impl Nf4Tensor {
             }
         }
         let len = packed.len();
-        Ok(Nf4Tensor {
+        Ok(Quant4Tensor {
             packed: Tensor::from_vec(packed, len, device)?,
             device_absmax: DeviceAbsmax::new(&absmax, device)?,
             absmax,
@@ -311,29 +314,10 @@ impl Nf4Tensor {
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         let out = FloatDType::from_candle(dtype)?;
         #[cfg(feature = "cuda")]
-        if let Some(d) = &self.device_absmax {
-            use crate::cuda::DeviceAbsmax as K;
-            let absmax = match (d, &self.absmax) {
-                (DeviceAbsmax::Plain(a), _) => K::Plain(a),
-                (
-                    DeviceAbsmax::Nested {
-                        codes,
-                        scales,
-                        code,
-                    },
-                    Absmax::Nested(n),
-                ) => K::Nested {
-                    codes,
-                    scales,
-                    code,
-                    offset: n.offset,
-                    block_size: n.block_size,
-                },
-                _ => unreachable!("device absmax mirrors the host's"),
-            };
-            return Ok(crate::cuda::dequant_4bit(
+        if let Some(absmax) = &self.device_absmax {
+            return Ok(launch::dequant_4bit(
                 &self.packed,
-                &absmax,
+                absmax,
                 self.quant_type == QuantType::Fp4,
                 self.block_size,
                 &self.shape,
@@ -363,6 +347,155 @@ impl Nf4Tensor {
     }
 }
 
+/// The 4-bit kernels' launches (`kernels/quant_4bit.cu`); `blockwise` holds their CPU twins.
+#[cfg(feature = "cuda")]
+mod launch {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::{bail, DType, Result, Shape, Storage, Tensor};
+
+    use super::DeviceAbsmax;
+    use crate::ops::cuda::{alloc, func, grid, suffix, tensor, view, with_cuda};
+
+    /// Dequantize `n` packed 4-bit values to `dtype`.
+    pub(super) fn dequant_4bit(
+        packed: &Tensor,
+        absmax: &DeviceAbsmax,
+        fp4: bool,
+        block_size: usize,
+        shape: &Shape,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let n = shape.elem_count();
+        if !block_size.is_power_of_two() || block_size < 8 {
+            bail!("dequant_4bit: block size {block_size} is not a power of two of at least 8");
+        }
+        let name = match absmax {
+            DeviceAbsmax::Plain(_) => format!("dequant_4bit_{}", suffix(dtype)?),
+            DeviceAbsmax::Nested { .. } => format!("dequant_4bit_nested_{}", suffix(dtype)?),
+        };
+        let (a, codes, scales, code, offset, nested_shift) = match absmax {
+            DeviceAbsmax::Plain(a) => (a, a, a, a, 0f32, 0i32),
+            DeviceAbsmax::Nested {
+                codes,
+                scales,
+                code,
+                offset,
+                block_size,
+            } => {
+                if !block_size.is_power_of_two() {
+                    bail!("dequant_4bit: nested block size {block_size} is not a power of two");
+                }
+                let shift = block_size.trailing_zeros() as i32;
+                (scales, codes, scales, code, *offset, shift)
+            }
+        };
+        let (ps, pl) = packed.storage_and_layout();
+        let (as_, al) = a.storage_and_layout();
+        let (cs, cl) = codes.storage_and_layout();
+        let (ss, sl) = scales.storage_and_layout();
+        let (ks, kl) = code.storage_and_layout();
+        let (
+            Storage::Cuda(ps),
+            Storage::Cuda(as_),
+            Storage::Cuda(cs),
+            Storage::Cuda(ss),
+            Storage::Cuda(ks),
+        ) = (&*ps, &*as_, &*cs, &*ss, &*ks)
+        else {
+            bail!("dequant_4bit: quant state is not on a CUDA device");
+        };
+        let dev = ps.device().clone();
+        let packed_v = view::<u8>(ps, pl)?;
+        if packed_v.len() != n.div_ceil(2) {
+            bail!(
+                "dequant_4bit: {} packed bytes for {n} values",
+                packed_v.len()
+            );
+        }
+        let absmax_v = view::<f32>(as_, al)?;
+        // Plain absmax: the kernel never reads codes, scales or code; any pointer will do.
+        let codes_v = match absmax {
+            DeviceAbsmax::Plain(_) => view::<u8>(ps, pl)?,
+            DeviceAbsmax::Nested { .. } => view::<u8>(cs, cl)?,
+        };
+        let scales_v = view::<f32>(ss, sl)?;
+        let code_v = view::<f32>(ks, kl)?;
+        let cfg = grid(n.div_ceil(16), 256); // two chunks of 8 values per thread
+        let f = func!(dev, &name)?;
+        let (fp4, shift, n64) = (fp4 as i32, block_size.trailing_zeros() as i32, n as i64);
+        let out = float_dispatch!("qlorad kernels", dtype, T => {
+            let out = alloc::<T>(&dev, n)?;
+            let mut b = f.builder();
+            b.arg(&packed_v)
+                .arg(&absmax_v)
+                .arg(&codes_v)
+                .arg(&scales_v)
+                .arg(&code_v)
+                .arg(&offset)
+                .arg(&nested_shift)
+                .arg(&fp4)
+                .arg(&shift)
+                .arg(&n64)
+                .arg(&out);
+            // SAFETY: argument types and counts match the kernel's signature.
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok(tensor(out, shape.clone()))
+    }
+
+    /// Quantize a dense contiguous tensor to 4 bits: the packed codes stay on the device, the f32
+    /// absmax per block comes back to the host. `tables`: 15 midpoints then the 16 codes by rank.
+    /// Err(Some(index)) names the first non-finite element.
+    pub(super) fn quantize_4bit(
+        x: &Tensor,
+        block_size: usize,
+        tables: &[f32; 31],
+    ) -> Result<std::result::Result<(Tensor, Vec<f32>), u64>> {
+        let n = x.elem_count();
+        let blocks = n.div_ceil(block_size);
+        let dev = match x.device() {
+            candle_core::Device::Cuda(d) => d.clone(),
+            _ => bail!("quantize_4bit: tensor is not on a CUDA device"),
+        };
+        let tables = dev.clone_htod(tables.as_slice())?;
+        let bad = dev.clone_htod(&[u64::MAX])?;
+        let packed = alloc::<u8>(&dev, n.div_ceil(2))?;
+        let absmax = alloc::<f32>(&dev, blocks)?;
+        let f = func!(dev, &format!("quantize_4bit_{}", suffix(x.dtype())?))?;
+        let cfg = grid(blocks * 32, 256);
+        let (n64, bs) = (n as i64, block_size as i32);
+        with_cuda(&x.contiguous()?, |s, l| {
+            float_dispatch!("qlorad kernels", x.dtype(), T => {
+                let xv = view::<T>(s, l)?;
+                let mut b = f.builder();
+                b.arg(&xv)
+                    .arg(&n64)
+                    .arg(&bs)
+                    .arg(&tables)
+                    .arg(&packed)
+                    .arg(&absmax)
+                    .arg(&bad);
+                // SAFETY: argument types and counts match the kernel's signature.
+                unsafe { b.launch(cfg) }.w()?;
+            });
+            Ok(())
+        })?;
+        let bad = dev.clone_dtoh(&bad)?[0];
+        if bad != u64::MAX {
+            return Ok(Err(bad));
+        }
+        let absmax = dev.clone_dtoh(&absmax)?;
+        let packed = tensor(
+            CudaStorage::wrap_cuda_slice(packed, dev.clone()),
+            n.div_ceil(2),
+        );
+        Ok(Ok((packed, absmax)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,7 +507,7 @@ mod tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let q = Nf4Tensor::quantize(&w, &QuantConfig::default()).unwrap();
+        let q = Quant4Tensor::quantize(&w, &QuantConfig::default()).unwrap();
         assert_eq!(q.shape().dims(), &[48, 40]);
         assert_eq!(q.packed().dims(), &[960]);
         assert_eq!(q.dtype(), FloatDType::BF16);
@@ -390,7 +523,7 @@ mod tests {
 
     #[test]
     fn inconsistent_parts_are_rejected() {
-        let err = Nf4Tensor::from_parts(
+        let err = Quant4Tensor::from_parts(
             vec![0; 10],
             Absmax::Plain(vec![1.0]),
             QuantType::Nf4,

@@ -124,7 +124,7 @@ impl AdamW {
         self.step += 1;
         let (step_size, bc2_sqrt, decay) = self.scalars(lr);
         let c = self.config;
-        let a = crate::cuda::AdamWStep {
+        let a = crate::ops::cuda::AdamWStep {
             grad_scale,
             decay,
             w1: (1.0 - c.beta1) as f32,
@@ -136,7 +136,7 @@ impl AdamW {
         };
         let state = self.device.as_ref().expect("made above");
         for ((p, g), (m, v)) in params.iter().zip(grads).zip(state) {
-            crate::cuda::adamw(p.as_tensor(), m, v, &g.flatten_all()?, a)?;
+            crate::ops::cuda::adamw(p.as_tensor(), m, v, &g.flatten_all()?, a)?;
         }
         Ok(())
     }

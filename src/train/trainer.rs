@@ -449,7 +449,7 @@ impl<'a> Trainer<'a> {
                 return Err(TrainError::Diverged(loss));
             }
             let lr = self.learning_rate(self.state.step);
-            let grad_norm = crate::profile::span("optimizer (clip + AdamW)", || {
+            let grad_norm = crate::ops::profile::span("optimizer (clip + AdamW)", || {
                 if on_gpu {
                     self.device_step(device_grads, lr)
                 } else {
