@@ -314,11 +314,25 @@ fn routes(upload_limit: usize, body_limit: usize) -> OpenApiRouter<AppState> {
         .merge(uploads)
 }
 
+/// The artifact download, whose wildcard route cannot be an OpenAPI parameter: documented by
+/// hand beside the routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(jobs::artifacts_get))]
+struct ArtifactDoc;
+
+/// The routes' document with what the routes cannot say themselves: the artifact download,
+/// the bearer scheme, the spec's schema.
+fn complete(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi as _;
+    doc.merge(ArtifactDoc::openapi());
+    openapi::secure(doc);
+    openapi::spec_schema(doc);
+}
+
 /// The OpenAPI document of every route, as `GET /openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = routes(0, 0).into_openapi();
-    openapi::secure(&mut doc);
-    openapi::spec_schema(&mut doc);
+    complete(&mut doc);
     doc
 }
 
@@ -327,8 +341,7 @@ pub fn router(state: AppState) -> Router {
     let upload_limit = state.config.server.max_upload_bytes as usize;
     let body_limit = state.config.server.max_body_bytes;
     let (app, mut doc) = routes(upload_limit, body_limit).split_for_parts();
-    openapi::secure(&mut doc);
-    openapi::spec_schema(&mut doc);
+    complete(&mut doc);
     // The artifact route's wildcard cannot be an OpenAPI parameter; it is documented by hand.
     app.route(
         "/jobs/{id}/artifacts/{*name}",

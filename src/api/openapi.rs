@@ -16,7 +16,6 @@ use utoipa::{OpenApi, ToSchema};
         description = "QLoRA fine-tuning service: datasets, fine-tune jobs, live events, checkpoints and \
                        artifacts; `/v1` has the shapes of OpenAI's fine-tuning API."
     ),
-    paths(super::jobs::artifacts_get),
     tags(
         (name = "files", description = "datasets"),
         (name = "jobs", description = "fine-tune jobs, events, checkpoints, artifacts"),
