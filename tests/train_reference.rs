@@ -93,6 +93,48 @@ fn step_losses(events: &[TrainEvent]) -> Vec<(usize, f32, f64, f32)> {
         .collect()
 }
 
+/// Each step's loss, learning rate and gradient norm, and the final adapter, against the
+/// reference run in `lm(dir)` (`steps.json`, `final-adapter/`).
+fn assert_matches_reference(model: &CausalLm, events: &[TrainEvent], dir: &str, steps: usize) {
+    let ours = step_losses(events);
+    let want: Value =
+        serde_json::from_slice(&std::fs::read(lm(&format!("{dir}/steps.json"))).unwrap()).unwrap();
+    let want = want["steps"].as_array().unwrap();
+    assert_eq!(ours.len(), steps);
+    for ((step, loss, lr, norm), w) in ours.iter().zip(want) {
+        let wl = w["loss"].as_f64().unwrap() as f32;
+        assert!(
+            (loss - wl).abs() <= 1e-4 * wl,
+            "step {step}: loss {loss} vs {wl}"
+        );
+        let wlr = w["learning_rate"].as_f64().unwrap();
+        assert!(
+            (lr - wlr).abs() <= 1e-12 + 1e-9 * wlr,
+            "step {step}: lr {lr} vs {wlr}"
+        );
+        let wn = w["grad_norm"].as_f64().unwrap() as f32;
+        assert!(
+            (norm - wn).abs() <= 1e-3 * wn,
+            "step {step}: grad norm {norm} vs {wn}"
+        );
+    }
+    let fin = WeightFiles::open_file(&lm(&format!(
+        "{dir}/final-adapter/adapter_model.safetensors"
+    )))
+    .unwrap();
+    for (name, var) in model.trainable() {
+        let v = fin.tensor(&name).unwrap();
+        let want = Tensor::from_vec(
+            bytemuck::pod_collect_to_vec::<u8, f32>(v.data()),
+            v.shape(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let r = rel(var.as_tensor(), &want);
+        assert!(r <= 1e-3, "{name}: final adapter relative error {r}");
+    }
+}
+
 #[test]
 fn twenty_steps_match_peft_and_torch() {
     let mut model = CausalLm::load(
@@ -119,41 +161,7 @@ fn twenty_steps_match_peft_and_torch() {
     trainer
         .run(&AtomicBool::new(false), &mut |e| events.push(e.clone()))
         .unwrap();
-    let ours = step_losses(&events);
-    let want: Value =
-        serde_json::from_slice(&std::fs::read(lm("train-parity/steps.json")).unwrap()).unwrap();
-    let want = want["steps"].as_array().unwrap();
-    assert_eq!(ours.len(), 20);
-    for ((step, loss, lr, norm), w) in ours.iter().zip(want) {
-        let wl = w["loss"].as_f64().unwrap() as f32;
-        assert!(
-            (loss - wl).abs() <= 1e-4 * wl,
-            "step {step}: loss {loss} vs {wl}"
-        );
-        let wlr = w["learning_rate"].as_f64().unwrap();
-        assert!(
-            (lr - wlr).abs() <= 1e-12 + 1e-9 * wlr,
-            "step {step}: lr {lr} vs {wlr}"
-        );
-        let wn = w["grad_norm"].as_f64().unwrap() as f32;
-        assert!(
-            (norm - wn).abs() <= 1e-3 * wn,
-            "step {step}: grad norm {norm} vs {wn}"
-        );
-    }
-    let fin = WeightFiles::open_file(&lm("train-parity/final-adapter/adapter_model.safetensors"))
-        .unwrap();
-    for (name, var) in model.trainable() {
-        let v = fin.tensor(&name).unwrap();
-        let want = Tensor::from_vec(
-            bytemuck::pod_collect_to_vec::<u8, f32>(v.data()),
-            v.shape(),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let r = rel(var.as_tensor(), &want);
-        assert!(r <= 1e-3, "{name}: final adapter relative error {r}");
-    }
+    assert_matches_reference(&model, &events, "train-parity", 20);
 }
 
 /// Sample packing against TRL + PEFT + torch (`scripts/gen_packed_train_fixture.py`): the same
@@ -196,38 +204,7 @@ fn packed_training_matches_trl_and_peft() {
     trainer
         .run(&AtomicBool::new(false), &mut |e| events.push(e.clone()))
         .unwrap();
-    let ours = step_losses(&events);
-    let want: Value =
-        serde_json::from_slice(&std::fs::read(lm("train-packed/steps.json")).unwrap()).unwrap();
-    let want = want["steps"].as_array().unwrap();
-    assert_eq!(ours.len(), 8);
-    for ((step, loss, lr, norm), w) in ours.iter().zip(want) {
-        let wl = w["loss"].as_f64().unwrap() as f32;
-        assert!(
-            (loss - wl).abs() <= 1e-4 * wl,
-            "step {step}: loss {loss} vs {wl}"
-        );
-        let wlr = w["learning_rate"].as_f64().unwrap();
-        assert!((lr - wlr).abs() <= 1e-12 + 1e-9 * wlr, "step {step}: lr");
-        let wn = w["grad_norm"].as_f64().unwrap() as f32;
-        assert!(
-            (norm - wn).abs() <= 1e-3 * wn,
-            "step {step}: grad norm {norm} vs {wn}"
-        );
-    }
-    let fin = WeightFiles::open_file(&lm("train-packed/final-adapter/adapter_model.safetensors"))
-        .unwrap();
-    for (name, var) in model.trainable() {
-        let v = fin.tensor(&name).unwrap();
-        let want = Tensor::from_vec(
-            bytemuck::pod_collect_to_vec::<u8, f32>(v.data()),
-            v.shape(),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let r = rel(var.as_tensor(), &want);
-        assert!(r <= 1e-3, "{name}: final adapter relative error {r}");
-    }
+    assert_matches_reference(&model, &events, "train-packed", 8);
 }
 
 /// Examples laid end to end in one row give the padded batch's loss and gradients: positions

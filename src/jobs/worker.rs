@@ -595,15 +595,22 @@ mod tests {
             .insert_job("job-a", &spec, 0, &Default::default(), "", 10)
             .await
             .unwrap();
+        // Claim the next job and end its run as `ended`.
+        let run = |ended: Ended| {
+            let svc = &svc;
+            async move {
+                let (id, _, _) = svc.store.claim("w", 30).await.unwrap().unwrap();
+                let job = Claimed {
+                    worker: "w",
+                    device: "cpu",
+                    id: &id,
+                    svc,
+                };
+                conclude(&job, ended, false).await;
+            }
+        };
         for attempt in 1..=3 {
-            let (id, _, _) = svc.store.claim("w", 30).await.unwrap().unwrap();
-            let job = Claimed {
-                worker: "w",
-                device: "cpu",
-                id: &id,
-                svc: &svc,
-            };
-            conclude(&job, Ended::retryable("disk full".into()), false).await;
+            run(Ended::retryable("disk full".into())).await;
             let row = svc.store.job("job-a", Scope::All).await.unwrap();
             assert_eq!(row.attempts, attempt);
             let last = svc.store.events_desc("job-a", None, 1).await.unwrap();
@@ -623,14 +630,7 @@ mod tests {
             .insert_job("job-b", &spec, 0, &Default::default(), "", 10)
             .await
             .unwrap();
-        let (id, _, _) = svc.store.claim("w", 30).await.unwrap().unwrap();
-        let job = Claimed {
-            worker: "w",
-            device: "cpu",
-            id: &id,
-            svc: &svc,
-        };
-        conclude(&job, Ended::fatal("bad data".into()), false).await;
+        run(Ended::fatal("bad data".into())).await;
         let row = svc.store.job("job-b", Scope::All).await.unwrap();
         assert_eq!((row.status, row.attempts), (Status::Failed, 1));
     }
