@@ -46,16 +46,25 @@ pub(super) struct LayerCtx {
 /// 2048 queries at a time, fewer queries for longer sequences.
 const ATTN_BLOCK: usize = 1 << 27;
 
+/// Probabilities a checkpoint's replay keeps for the backward that follows at once (one layer
+/// at a time): 8 GiB in bf16, so up to 8k tokens with 32 heads skip recomputing them.
+const REPLAY_KEEP: usize = 1 << 32;
+
 impl LayerCtx {
-    /// The blocked attention of this pass; probabilities are kept for the backward only when
-    /// they are as small as one block.
-    fn attention(&self) -> crate::ops::attention::Attention<'_> {
+    /// The blocked attention of this pass. A layer that keeps its activations until the
+    /// backward (no checkpointing; every layer at once) keeps probabilities only when they are
+    /// as small as one block; a replay, whose backward follows at once, up to `REPLAY_KEEP`.
+    fn attention(&self, pass: Pass) -> crate::ops::attention::Attention<'_> {
         crate::ops::attention::Attention {
             keep: &self.keep,
             scale: 1.0 / (self.head_dim as f64).sqrt(),
             segments: &self.segments,
             block_elements: ATTN_BLOCK,
-            keep_elements: ATTN_BLOCK,
+            keep_elements: if pass == Pass::Replay {
+                REPLAY_KEEP
+            } else {
+                ATTN_BLOCK
+            },
         }
     }
 }
@@ -191,7 +200,9 @@ fn layer_forward(
     let q = rope(&qp.reshape((b, s, nh, hd))?, &ctx.cos, &ctx.sin)?;
     let k = rope(&kp.reshape((b, s, nkv, hd))?, &ctx.cos, &ctx.sin)?;
     let v = vp.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-    let (attn, probs) = ctx.attention().forward(&q, &k, &v, pass != Pass::Output)?;
+    let (attn, probs) = ctx
+        .attention(pass)
+        .forward(&q, &k, &v, pass != Pass::Output)?;
     let attn = attn.reshape((rows, nh * hd))?;
     let (o, so) = l[3].forward_saving(&attn, rng.as_deref_mut(), hold)?;
     let x2 = (x + o)?;
@@ -284,7 +295,7 @@ fn layer_backward(
     let (gq, gk, gv) = {
         let (g_attn, g) = l[3].backward(&fwd.attn, &fwd.so, &gx2, None)?;
         keep(3, g);
-        ctx.attention()
+        ctx.attention(Pass::Replay)
             .backward(&fwd.q, &fwd.k, &fwd.v, fwd.probs, &g_attn)?
     };
     drop((fwd.attn, fwd.so, fwd.q, fwd.k, fwd.v));
