@@ -135,8 +135,8 @@ fn assert_matches_reference(model: &CausalLm, events: &[TrainEvent], dir: &str, 
     }
 }
 
-#[test]
-fn twenty_steps_match_peft_and_torch() {
+/// The dense `llama-gqa` model with the reference runs' initial adapter.
+fn parity_model() -> (CausalLm, LoraConfig) {
     let mut model = CausalLm::load(
         &lm("llama-gqa"),
         &LoadOptions {
@@ -148,6 +148,12 @@ fn twenty_steps_match_peft_and_torch() {
     let lora = model
         .load_adapter(&lm("train-parity/initial-adapter"))
         .unwrap();
+    (model, lora)
+}
+
+#[test]
+fn twenty_steps_match_peft_and_torch() {
+    let (model, lora) = parity_model();
     let examples = parity_examples();
     let mut trainer = Trainer::new(
         &model,
@@ -169,17 +175,7 @@ fn twenty_steps_match_peft_and_torch() {
 /// each step's loss normalised over the label tokens of the whole step; 8 steps.
 #[test]
 fn packed_training_matches_trl_and_peft() {
-    let mut model = CausalLm::load(
-        &lm("llama-gqa"),
-        &LoadOptions {
-            quant: None,
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap();
-    let lora = model
-        .load_adapter(&lm("train-parity/initial-adapter"))
-        .unwrap();
+    let (model, lora) = parity_model();
     let examples = parity_examples();
     let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
     let rows: Vec<Vec<usize>> =

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::finetune::{self, FinetuneError, JobSpec, Outcome, Plan, RunEvent, Split};
+use crate::finetune::{self, io_err, FinetuneError, JobSpec, Outcome, Plan, RunEvent, Split};
 use crate::train::{checkpoint, TrainError, TrainEvent};
 
 /// What `qlorad train` needs beyond the spec.
@@ -37,13 +37,6 @@ pub struct TrainArgs {
 }
 
 type Result<T> = std::result::Result<T, FinetuneError>;
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FinetuneError + '_ {
-    move |source| FinetuneError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// Train an adapter; Ctrl-C checkpoints and stops. Returns the outcome.
 pub fn train(args: &TrainArgs, spec: &JobSpec) -> Result<Outcome> {
