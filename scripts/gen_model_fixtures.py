@@ -18,7 +18,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 out = sys.argv[1]
 torch.manual_seed(11)
@@ -52,6 +52,8 @@ models = {
         False,
     ),
     "qwen2": (Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0), True),
+    # q/k norms, no q/k/v bias, a head_dim that is not hidden/heads, tied embeddings.
+    "qwen3": (Qwen3Config(**common, head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0), True),
 }
 
 input_ids = torch.randint(0, 128, (2, 8))
@@ -94,8 +96,12 @@ for name, (cfg, with_lora) in models.items():
     with torch.no_grad():
         for n, mod in nf4.named_modules():
             if isinstance(mod, torch.nn.Linear) and n != "lm_head":
-                packed, st = F.quantize_4bit(mod.weight.data, blocksize=64, compress_statistics=True, quant_type="nf4")
-                mod.weight.copy_(F.dequantize_4bit(packed, st))
+                # Flat, as bitsandbytes' CUDA kernels see every weight: without the `kernels`
+                # package, bitsandbytes 0.50.2's CPU fallback dequantizes a 2-D weight whose rows
+                # are not a whole number of blocks with the wrong block scales.
+                w = mod.weight.data
+                packed, st = F.quantize_4bit(w.flatten(), blocksize=64, compress_statistics=True, quant_type="nf4")
+                mod.weight.copy_(F.dequantize_4bit(packed, st).reshape(w.shape))
         expected["logits_nf4"] = nf4(input_ids=input_ids, attention_mask=attention_mask).logits.contiguous()
 
     if with_lora:

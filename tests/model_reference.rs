@@ -73,7 +73,7 @@ fn dense() -> LoadOptions {
     }
 }
 
-const MODELS: [&str; 3] = ["llama-gqa", "llama3-tied", "qwen2"];
+const MODELS: [&str; 4] = ["llama-gqa", "llama3-tied", "qwen2", "qwen3"];
 
 #[test]
 fn f32_logits_and_loss_match_transformers() {
@@ -198,13 +198,16 @@ fn check_lora_grads(name: &str, checkpointing: bool, quant: Option<QuantConfig>)
 fn lora_logits_and_every_adapter_gradient_match_peft() {
     check_lora_grads("llama-gqa", false, None);
     check_lora_grads("qwen2", false, None);
+    check_lora_grads("qwen3", false, None);
 }
 
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
     check_lora_grads("llama-gqa", true, None);
     check_lora_grads("qwen2", true, None);
+    check_lora_grads("qwen3", true, None);
     check_lora_grads("llama-gqa", true, Some(QuantConfig::default()));
+    check_lora_grads("qwen3", true, Some(QuantConfig::default()));
 }
 
 #[test]

@@ -464,6 +464,7 @@ fn arch_name(a: Arch) -> &'static str {
     match a {
         Arch::Llama | Arch::Mistral => "llama",
         Arch::Qwen2 => "qwen2",
+        Arch::Qwen3 => "qwen3",
     }
 }
 

@@ -1,4 +1,5 @@
-//! `config.json` of a Llama-family causal LM (llama, mistral, qwen2), validated field by field.
+//! `config.json` of a Llama-family causal LM (llama, mistral, qwen2, qwen3), validated field by
+//! field.
 
 use std::path::Path;
 
@@ -12,6 +13,9 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2's layout without q/k/v biases, with an RMSNorm over each head of q and k before
+    /// RoPE (`q_norm`, `k_norm`).
+    Qwen3,
 }
 
 impl Arch {
@@ -20,6 +24,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 }
@@ -51,6 +56,8 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Each head of q and k is RMS-normalised (own weights, `head_dim` wide) before RoPE.
+    pub qk_norm: bool,
     pub max_position_embeddings: usize,
     /// The raw JSON, written back beside exported models.
     pub raw: Value,
@@ -112,6 +119,35 @@ impl Fields<'_> {
     }
 }
 
+/// Qwen's configs carry a sliding window that only applies with `use_sliding_window` (then to
+/// the layers from `max_window_layers` on, as `layer_types` lists them). The graph attends to
+/// every earlier key, so a config that turns the window on is refused rather than trained
+/// differently from transformers.
+fn sliding_window_unused(f: &Fields<'_>, arch: Arch) -> Result<()> {
+    if !matches!(arch, Arch::Qwen2 | Arch::Qwen3) {
+        return Ok(());
+    }
+    if f.bool_or("use_sliding_window", false)? {
+        return Err(f.err(
+            "use_sliding_window",
+            "sliding-window attention layers are not supported; set it to false",
+        ));
+    }
+    if let Some(types) = f.get("layer_types") {
+        let sliding = types
+            .as_array()
+            .map(|a| a.iter().any(|t| t.as_str() != Some("full_attention")))
+            .unwrap_or(true);
+        if sliding {
+            return Err(f.err(
+                "layer_types",
+                "only \"full_attention\" layers are supported",
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl ModelConfig {
     /// The `config.json` of a Hugging Face model directory (`ModelConfig::load` reads a GGUF
     /// file's too).
@@ -128,10 +164,11 @@ impl ModelConfig {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             other => {
                 return Err(f.err(
                     "model_type",
-                    format!("{other:?} is not supported (supported: llama, mistral, qwen2)"),
+                    format!("{other:?} is not supported (supported: llama, mistral, qwen2, qwen3)"),
                 ))
             }
         };
@@ -146,6 +183,8 @@ impl ModelConfig {
         }
         let head_dim = match f.get("head_dim") {
             Some(_) => f.usize("head_dim")?,
+            // Qwen3Config's own default, as transformers reads a config without the field.
+            None if arch == Arch::Qwen3 => 128,
             None => {
                 if hidden_size % num_attention_heads != 0 {
                     return Err(f.err(
@@ -167,7 +206,7 @@ impl ModelConfig {
             Some(p) => ("rope_parameters", Some(p)),
             None => ("rope_scaling", f.get("rope_scaling")),
         };
-        let default_theta = if arch == Arch::Qwen2 {
+        let default_theta = if matches!(arch, Arch::Qwen2 | Arch::Qwen3) {
             1_000_000.0
         } else {
             10_000.0
@@ -219,6 +258,7 @@ impl ModelConfig {
             }
         }
         let attention_bias = f.bool_or("attention_bias", false)?;
+        sliding_window_unused(&f, arch)?;
         Ok(ModelConfig {
             arch,
             vocab_size: f.usize("vocab_size")?,
@@ -235,6 +275,7 @@ impl ModelConfig {
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
             o_bias: arch != Arch::Qwen2 && attention_bias,
             mlp_bias: f.bool_or("mlp_bias", false)?,
+            qk_norm: arch == Arch::Qwen3,
             max_position_embeddings: f.usize_or("max_position_embeddings", 4096)?,
             raw: v.clone(),
         })

@@ -1,4 +1,4 @@
-//! GGUF files as base models: llama.cpp's llama and qwen2 architectures, read through candle's
+//! GGUF files as base models: llama.cpp's llama, qwen2 and qwen3 architectures, read through candle's
 //! GGUF reader, configured from the metadata and dequantized tensor by tensor into Hugging Face
 //! names and row order.
 
@@ -68,9 +68,11 @@ pub fn gguf_name(hf: &str) -> Option<(String, Option<usize>)> {
 }
 
 /// Decoder-layer modules: Hugging Face path, GGUF name.
-const GGUF_MODULES: [(&str, &str); 9] = [
+const GGUF_MODULES: [(&str, &str); 11] = [
     ("input_layernorm", "attn_norm"),
     ("post_attention_layernorm", "ffn_norm"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
     ("self_attn.q_proj", "attn_q"),
     ("self_attn.k_proj", "attn_k"),
     ("self_attn.v_proj", "attn_v"),
@@ -189,15 +191,15 @@ impl GgufModel {
         }
     }
 
-    /// The llama.cpp architecture name (`llama` or `qwen2`).
+    /// The llama.cpp architecture name (`llama`, `qwen2` or `qwen3`).
     pub fn architecture(&self) -> Result<&str> {
         let a = self
             .meta_str("general.architecture")?
             .ok_or_else(|| self.invalid("metadata general.architecture is missing"))?;
         match a {
-            "llama" | "qwen2" => Ok(a),
+            "llama" | "qwen2" | "qwen3" => Ok(a),
             other => Err(self.invalid(format!(
-                "general.architecture {other:?} is not supported (llama, qwen2)"
+                "general.architecture {other:?} is not supported (llama, qwen2, qwen3)"
             ))),
         }
     }
@@ -244,6 +246,7 @@ impl GgufModel {
         let has = |n: &str| self.content.tensor_infos.contains_key(n);
         let (model_type, class) = match a {
             "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
+            "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
             _ => ("llama", "LlamaForCausalLM"),
         };
         let mut cfg = json!({
@@ -257,13 +260,13 @@ impl GgufModel {
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,
             "rms_norm_eps": self.meta_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
-            "rope_theta": self.meta_f64(&format!("{a}.rope.freq_base"))?.unwrap_or(if a == "qwen2" { 1e6 } else { 1e4 }),
+            "rope_theta": self.meta_f64(&format!("{a}.rope.freq_base"))?.unwrap_or(if a == "llama" { 1e4 } else { 1e6 }),
             "max_position_embeddings": need("context_length")?,
             "tie_word_embeddings": !has("output.weight"),
             "hidden_act": "silu",
             "torch_dtype": "float32",
         });
-        if a == "llama" {
+        if a != "qwen2" {
             cfg["attention_bias"] = json!(has("blk.0.attn_q.bias"));
             cfg["mlp_bias"] = json!(has("blk.0.ffn_gate.bias"));
         }
@@ -460,11 +463,12 @@ mod tests {
             "model.layers.0.self_attn.q_proj.bias",
             "model.layers.11.mlp.down_proj.weight",
             "model.layers.2.post_attention_layernorm.weight",
+            "model.layers.4.self_attn.k_norm.weight",
         ] {
             let (g, _) = gguf_name(hf).unwrap();
             assert_eq!(hf_name(&g).as_deref(), Some(hf), "{g}");
         }
-        assert_eq!(hf_name("blk.1.attn_q_norm.weight"), None);
+        assert_eq!(hf_name("blk.1.attn_post_norm.weight"), None);
     }
 
     #[test]

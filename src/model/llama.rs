@@ -1,4 +1,4 @@
-//! The trainable Llama-family graph (llama, mistral, qwen2) over frozen, optionally 4-bit bases:
+//! The trainable Llama-family graph (llama, mistral, qwen2, qwen3) over frozen, optionally 4-bit bases:
 //! the model, its loading, and the forward through its decoder layers.
 //!
 //! Every op on the gradient path has a backward: RMSNorm, RoPE, the attention softmax, SwiGLU
@@ -275,7 +275,22 @@ impl CausalLm {
                     adapter: None,
                 });
             }
+            let head_norm = |name: &str| {
+                weights.dense(
+                    &config,
+                    &format!("{p}.self_attn.{name}.weight"),
+                    &[c.head_dim],
+                    dt,
+                    dev,
+                )
+            };
+            let qk_norm = if c.qk_norm {
+                Some((head_norm("q_norm")?, head_norm("k_norm")?))
+            } else {
+                None
+            };
             layers.push(DecoderLayer {
+                qk_norm,
                 input_norm: weights.dense(
                     &config,
                     &format!("{p}.input_layernorm.weight"),

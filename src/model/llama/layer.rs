@@ -22,6 +22,8 @@ use crate::rng::Rng;
 pub(super) struct DecoderLayer {
     pub(super) input_norm: Tensor,
     pub(super) post_norm: Tensor,
+    /// Qwen3's per-head RMSNorm weights `[head_dim]` for q and k, applied before RoPE.
+    pub(super) qk_norm: Option<(Tensor, Tensor)>,
     /// In `LINEARS` order.
     pub(super) linears: Vec<LoraLinear>,
 }
@@ -85,16 +87,14 @@ pub(super) fn decoder_layer(
     // Projections come out as [b, s, n*hd]; rope moves q and k to heads [b, n, s, hd] as it
     // rotates them.
     let split = |t: Tensor, n: usize| t.reshape((b, s, n, hd));
-    let q = rope(
-        &split(l[0].forward(&h, rng.as_deref_mut())?, nh)?,
-        &ctx.cos,
-        &ctx.sin,
-    )?;
-    let k = rope(
-        &split(l[1].forward(&h, rng.as_deref_mut())?, nkv)?,
-        &ctx.cos,
-        &ctx.sin,
-    )?;
+    let q = split(l[0].forward(&h, rng.as_deref_mut())?, nh)?;
+    let k = split(l[1].forward(&h, rng.as_deref_mut())?, nkv)?;
+    let (q, k) = match &layer.qk_norm {
+        Some((qn, kn)) => (rms_norm(&q, qn, ctx.eps)?, rms_norm(&k, kn, ctx.eps)?),
+        None => (q, k),
+    };
+    let q = rope(&q, &ctx.cos, &ctx.sin)?;
+    let k = rope(&k, &ctx.cos, &ctx.sin)?;
     let v = split(l[2].forward(&h, rng.as_deref_mut())?, nkv)?
         .transpose(1, 2)?
         .contiguous()?;
@@ -148,6 +148,8 @@ struct LayerSaved {
     sq: LinearSaved,
     sk: LinearSaved,
     sv: LinearSaved,
+    /// q and k `[b, s, heads, head_dim]` before their per-head norms (Qwen3).
+    qk_pre: Option<(Tensor, Tensor)>,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -197,8 +199,16 @@ fn layer_forward(
     let (qp, sq) = l[0].forward_saving(&h1, rng.as_deref_mut(), hold)?;
     let (kp, sk) = l[1].forward_saving(&h1, rng.as_deref_mut(), hold)?;
     let (vp, sv) = l[2].forward_saving(&h1, rng.as_deref_mut(), hold)?;
-    let q = rope(&qp.reshape((b, s, nh, hd))?, &ctx.cos, &ctx.sin)?;
-    let k = rope(&kp.reshape((b, s, nkv, hd))?, &ctx.cos, &ctx.sin)?;
+    let (qp, kp) = (qp.reshape((b, s, nh, hd))?, kp.reshape((b, s, nkv, hd))?);
+    let (q, k, qk_pre) = match &layer.qk_norm {
+        Some((qn, kn)) => {
+            let (q, k) = (rms_norm(&qp, qn, eps)?, rms_norm(&kp, kn, eps)?);
+            (q, k, (pass != Pass::Output).then_some((qp, kp)))
+        }
+        None => (qp, kp, None),
+    };
+    let q = rope(&q, &ctx.cos, &ctx.sin)?;
+    let k = rope(&k, &ctx.cos, &ctx.sin)?;
     let v = vp.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
     let (attn, probs) = ctx
         .attention(pass)
@@ -223,6 +233,7 @@ fn layer_forward(
         sq,
         sk,
         sv,
+        qk_pre,
         q,
         k,
         v,
@@ -299,8 +310,15 @@ fn layer_backward(
             .backward(&fwd.q, &fwd.k, &fwd.v, fwd.probs, &g_attn)?
     };
     drop((fwd.attn, fwd.so, fwd.q, fwd.k, fwd.v));
-    let gqp = rope_bwd(&gq, &ctx.cos, &ctx.sin)?.reshape((rows, nh * hd))?;
-    let gkp = rope_bwd(&gk, &ctx.cos, &ctx.sin)?.reshape((rows, nkv * hd))?;
+    let mut gqp = rope_bwd(&gq, &ctx.cos, &ctx.sin)?;
+    let mut gkp = rope_bwd(&gk, &ctx.cos, &ctx.sin)?;
+    if let (Some((qn, kn)), Some((qp, kp))) = (&layer.qk_norm, &fwd.qk_pre) {
+        gqp = rms_norm_bwd(qp, qn, eps, &gqp)?;
+        gkp = rms_norm_bwd(kp, kn, eps, &gkp)?;
+    }
+    drop(fwd.qk_pre);
+    let gqp = gqp.reshape((rows, nh * hd))?;
+    let gkp = gkp.reshape((rows, nkv * hd))?;
     let gvp = gv.transpose(1, 2)?.reshape((rows, nkv * hd))?;
     let (gh1, g) = l[0].backward(&fwd.h1, &fwd.sq, &gqp, None)?;
     keep(0, g);
@@ -408,7 +426,7 @@ mod tests {
     /// (the same draws), left padding and trained, non-zero adapters.
     #[test]
     fn hand_written_layer_backward_equals_autograd_with_dropout() {
-        for name in ["llama-gqa", "qwen2"] {
+        for name in ["llama-gqa", "qwen2", "qwen3"] {
             let mut m = CausalLm::load(&fixture(name), &LoadOptions::default()).unwrap();
             m.load_adapter(&fixture(&format!("{name}-lora"))).unwrap();
             for (_, lin) in m.linears_mut() {
