@@ -1,10 +1,12 @@
 """Chat-template renderings and token ids from transformers, with a small real BPE tokenizer.
 
-    .venv/bin/python scripts/gen_data_fixtures.py tests/fixtures/data
+    LLAMA_CPP=path/to/llama.cpp .venv/bin/python scripts/gen_data_fixtures.py tests/fixtures/data
 
 Trains a byte-level BPE tokenizer (vocab 512) with the `tokenizers` library on a fixed text and
 adds the special tokens of Llama-3 and ChatML. For each chat template (Llama-3 Instruct, ChatML
-as Qwen2-Instruct ships it, Mistral-Instruct/Llama-2 [INST]) writes a tokenizer directory
+as Qwen2-Instruct ships it, Mistral-Instruct/Llama-2 [INST], and Qwen3's own template with its
+thinking blocks, read from llama.cpp's `models/templates/Qwen-Qwen3-0.6B.jinja` in the
+llama-cpp-python 0.3.36 sdist) writes a tokenizer directory
 `tok-<name>/` (tokenizer.json + tokenizer_config.json with the template) and, in
 `templates.json`, what `apply_chat_template` renders and its token ids for a few conversations,
 with and without `add_generation_prompt`.
@@ -39,6 +41,9 @@ TEMPLATES = {
     },
 }
 
+with open(os.path.join(os.environ["LLAMA_CPP"], "models/templates/Qwen-Qwen3-0.6B.jinja")) as f:
+    TEMPLATES["qwen3"] = {"template": f.read(), "bos": None, "eos": "<|im_end|>"}
+
 SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>",
             "<|im_end|>", "<s>", "</s>", "<pad>"]
 
@@ -68,6 +73,10 @@ CONVERSATIONS = [
      {"role": "user", "content": "Thanks!"},
      {"role": "assistant", "content": "You are welcome."}],
     [{"role": "user", "content": "  spaces  and\nnewlines\n"}],
+    [{"role": "user", "content": "What is 2 + 2?"},
+     {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"},
+     {"role": "user", "content": "And 3 + 3?"},
+     {"role": "assistant", "content": "<think>\nThree and three.\n</think>\n\n6"}],
 ]
 
 fixtures = {"versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,

@@ -5,7 +5,7 @@
 llama.cpp's sources come with the llama-cpp-python sdist (`pip download --no-deps --no-binary
 :all: llama-cpp-python==0.3.36`, vendor/llama.cpp). Makes a tiny random Llama (vocab 512, GQA,
 llama3 rope scaling) with the byte-level BPE tokenizer of tests/fixtures/data/tok-llama3, and
-a Qwen2 twin; converts each with `convert_hf_to_gguf.py --outtype f32`. The tiny tokenizer's
+Qwen2 and Qwen3 twins; converts each with `convert_hf_to_gguf.py --outtype f32`. The tiny tokenizer's
 pre-tokenizer hash is not in llama.cpp's table, so the converter is told "gpt-2" (its regex).
 Also converts a PEFT adapter with `convert_lora_to_gguf.py`.
 """
@@ -17,7 +17,7 @@ import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 out = sys.argv[1]
 llama_cpp = os.environ["LLAMA_CPP"]
@@ -32,6 +32,7 @@ configs = {
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "qwen2": Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0),
+    "qwen3": Qwen3Config(**common, head_dim=32, tie_word_embeddings=False, rope_theta=1000000.0),
 }
 
 patch = (

@@ -51,7 +51,7 @@ fn no_progress(_: usize, _: usize, _: &str) {}
 
 #[test]
 fn gguf_matches_llama_cpp_converter() {
-    for arch in ["llama", "qwen2"] {
+    for arch in ["llama", "qwen2", "qwen3"] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("m.gguf");
         let src = MergeSource::open(&fx(arch), None, MergeBase::Original).unwrap();
@@ -66,7 +66,7 @@ fn gguf_matches_llama_cpp_converter() {
                 .metadata
                 .get(k)
                 .unwrap_or_else(|| panic!("{arch}: metadata {k} missing"));
-            if arch == "qwen2" && (k == "tokenizer.ggml.tokens" || k == "tokenizer.ggml.token_type")
+            if arch.starts_with("qwen") && (k == "tokenizer.ggml.tokens" || k == "tokenizer.ggml.token_type")
             {
                 // transformers' Qwen2Tokenizer adds `<|endoftext|>` to a vocabulary that lacks it
                 // (real Qwen2 vocabularies have it), so the converter saw one token more (id 508).
