@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/gen_bnb_model_fixture.py tests/fixtures/models
 
-For each architecture (llama, qwen2 with q/k/v bias) writes:
+For each architecture (llama, qwen2 with q/k/v bias, qwen3 with q/k norms) writes:
   <arch>/           a random-weight bf16 model directory (save_pretrained)
   <arch>-bnb-nf4/   the same model loaded with BitsAndBytesConfig(load_in_4bit, nf4, double quant)
                     and saved again: the `*-bnb-4bit` layout users download
@@ -10,6 +10,7 @@ For each architecture (llama, qwen2 with q/k/v bias) writes:
                     every 4-bit linear dequantized by bitsandbytes, in bf16
 """
 
+import copy
 import json
 import sys
 
@@ -18,7 +19,7 @@ import bitsandbytes.functional as F
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
 out = sys.argv[1]
 torch.manual_seed(7)
@@ -36,6 +37,7 @@ common = dict(
 configs = {
     "llama": LlamaConfig(**common),
     "qwen2": Qwen2Config(**common),
+    "qwen3": Qwen3Config(**common, head_dim=32),
 }
 
 for arch, cfg in configs.items():
@@ -59,7 +61,11 @@ for arch, cfg in configs.items():
     for name, module in q.named_modules():
         if isinstance(module, bitsandbytes.nn.Linear4bit):
             w = module.weight
-            deq[name + ".weight"] = F.dequantize_4bit(w.data, w.quant_state).contiguous()
+            # Flat, as the CUDA kernels see it: without the `kernels` package, bitsandbytes
+            # 0.50.2's CPU fallback gets 2-D weights whose rows are not whole blocks wrong.
+            st = copy.copy(w.quant_state)
+            st.shape = torch.Size([st.shape.numel()])
+            deq[name + ".weight"] = F.dequantize_4bit(w.data, st).reshape(w.quant_state.shape).contiguous()
     save_file(
         deq,
         f"{out}/{arch}-bnb-nf4.dequant.safetensors",

@@ -102,6 +102,22 @@ for name, t in TEMPLATES.items():
     # plain-text encodings with the tokenizer's own special-token handling
     fixtures.setdefault("encodings", []).append({"template": name, "text": "Hello! How can I help you today?",
                                                  "ids": fast("Hello! How can I help you today?")["input_ids"]})
+# Whether transformers puts BOS before a plain text (`tokenizer(text)`), for each tokenizer above
+# and for `tok-bos`, the same vocabulary with Llama 3's post-processor (BOS, then the text).
+from tokenizers import processors
+from transformers import AutoTokenizer
+
+bos_tok = Tokenizer.from_str(tok.to_str())
+bos_tok.post_processor = processors.TemplateProcessing(
+    single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+    special_tokens=[("<|begin_of_text|>", bos_tok.token_to_id("<|begin_of_text|>"))])
+PreTrainedTokenizerFast(tokenizer_object=bos_tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                        pad_token="<pad>").save_pretrained(f"{out}/tok-bos")
+fixtures["bos_added"] = {}
+for name in [*TEMPLATES, "bos"]:
+    t = AutoTokenizer.from_pretrained(f"{out}/tok-{name}")
+    ids = t("Hello there")["input_ids"]
+    fixtures["bos_added"][name] = t.bos_token_id is not None and ids[0] == t.bos_token_id
 fixtures["conversations"] = CONVERSATIONS
 with open(f"{out}/templates.json", "w") as f:
     json.dump(fixtures, f, indent=1, ensure_ascii=False)

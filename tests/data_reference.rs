@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use qlorad::data::encode::{encode_sample, IGNORE};
+use qlorad::data::encode::{encode_sample, BosRule, IGNORE};
 use qlorad::data::{encode_dataset, EncodeOptions, Message, Sample, TextTokenizer};
 use serde_json::Value;
 
@@ -53,11 +53,67 @@ fn chat_templates_render_and_tokenize_as_transformers() {
     assert!(checked >= 9, "{checked} cases");
 }
 
+/// Text and prompt/completion records start with BOS exactly where transformers' tokenizer
+/// puts one before a text: its post-processor decides, not `bos_token` alone.
+#[test]
+fn bos_comes_from_the_tokenizer_as_transformers_adds_it() {
+    let f: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("templates.json")).unwrap()).unwrap();
+    let cases = f["bos_added"].as_object().unwrap();
+    assert!(cases.values().any(|v| v == true) && cases.values().any(|v| v == false));
+    for (name, added) in cases {
+        let tok = TextTokenizer::load(&fixtures().join(format!("tok-{name}"))).unwrap();
+        let added = added.as_bool().unwrap();
+        assert_eq!(tok.adds_bos, added, "{name}");
+        let text = Sample::Text("Hello there".into());
+        let prompted = Sample::Prompted {
+            prompt: "Hello".into(),
+            completion: " there".into(),
+        };
+        for (rule, want) in [
+            (BosRule::Auto, added),
+            (BosRule::Always, tok.bos.is_some()),
+            (BosRule::Never, false),
+        ] {
+            let opts = EncodeOptions {
+                bos: rule,
+                ..Default::default()
+            };
+            for s in [&text, &prompted] {
+                let ex = encode_sample(&tok, s, &opts).unwrap();
+                let starts = tok.bos.as_ref().map(|b| b.1) == ex.input_ids.first().copied();
+                assert_eq!(starts, want, "{name}, {rule:?}: {s:?}");
+                let (plain, _) = tok.encode("Hello").unwrap();
+                assert_eq!(
+                    ex.input_ids[usize::from(want)],
+                    plain[0],
+                    "{name}, {rule:?}"
+                );
+            }
+        }
+    }
+    // llama.cpp: a SentencePiece vocabulary adds BOS, a GPT-2-style BPE one does not.
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    assert!(
+        TextTokenizer::load(&gguf.join("ggml-vocab-llama-spm.gguf"))
+            .unwrap()
+            .adds_bos
+    );
+    assert!(
+        !TextTokenizer::load(&gguf.join("ggml-vocab-starcoder.gguf"))
+            .unwrap()
+            .adds_bos
+    );
+}
+
 #[test]
 fn only_completion_tokens_count() {
     let tok = TextTokenizer::load(&fixtures().join("tok-mistral")).unwrap();
-    let opts = EncodeOptions::default();
-    // completion form: bos + prompt masked, completion + eos learned
+    let opts = EncodeOptions {
+        bos: BosRule::Always,
+        ..Default::default()
+    };
+    // completion form as artidoro/qlora: bos + prompt masked, completion + eos learned
     let s = Sample::Prompted {
         prompt: "What is the capital of France?".into(),
         completion: " Paris.".into(),

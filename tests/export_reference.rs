@@ -66,7 +66,8 @@ fn gguf_matches_llama_cpp_converter() {
                 .metadata
                 .get(k)
                 .unwrap_or_else(|| panic!("{arch}: metadata {k} missing"));
-            if arch.starts_with("qwen") && (k == "tokenizer.ggml.tokens" || k == "tokenizer.ggml.token_type")
+            if arch.starts_with("qwen")
+                && (k == "tokenizer.ggml.tokens" || k == "tokenizer.ggml.token_type")
             {
                 // transformers' Qwen2Tokenizer adds `<|endoftext|>` to a vocabulary that lacks it
                 // (real Qwen2 vocabularies have it), so the converter saw one token more (id 508).

@@ -72,8 +72,20 @@ fn same_config(a: &ModelConfig, b: &ModelConfig) {
         (b.num_attention_heads, b.num_key_value_heads, b.head_dim)
     );
     assert_eq!(
-        (a.tie_word_embeddings, a.qkv_bias, a.o_bias, a.mlp_bias, a.qk_norm),
-        (b.tie_word_embeddings, b.qkv_bias, b.o_bias, b.mlp_bias, b.qk_norm)
+        (
+            a.tie_word_embeddings,
+            a.qkv_bias,
+            a.o_bias,
+            a.mlp_bias,
+            a.qk_norm
+        ),
+        (
+            b.tie_word_embeddings,
+            b.qkv_bias,
+            b.o_bias,
+            b.mlp_bias,
+            b.qk_norm
+        )
     );
     assert!((a.rms_norm_eps - b.rms_norm_eps).abs() <= 1e-9 * b.rms_norm_eps.max(1.0));
     assert!((a.rope_theta - b.rope_theta).abs() <= 1e-3);

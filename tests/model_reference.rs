@@ -372,12 +372,35 @@ fn bad_models_give_errors_naming_the_field_or_tensor() {
 #[test]
 fn bnb_4bit_checkpoints_load_and_equal_quantizing_at_load() {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
-    let pre = CausalLm::load(&models.join("llama-bnb-nf4"), &dense()).unwrap();
-    let at_load = CausalLm::load(&models.join("llama"), &LoadOptions::default()).unwrap();
-    let ids = Tensor::new(&[[1u32, 5, 9, 14, 200, 3]], &Device::Cpu).unwrap();
-    let a = pre.forward(&ids, None, None).unwrap();
-    let b = at_load.forward(&ids, None, None).unwrap();
-    assert_eq!(rel(&a, &b), 0.0, "the same NF4 weights either way");
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let pre = CausalLm::load(&models.join(format!("{arch}-bnb-nf4")), &dense()).unwrap();
+        let at_load = CausalLm::load(&models.join(arch), &LoadOptions::default()).unwrap();
+        let ids = Tensor::new(&[[1u32, 5, 9, 14, 200, 3]], &Device::Cpu).unwrap();
+        let a = pre.forward(&ids, None, None).unwrap();
+        let b = at_load.forward(&ids, None, None).unwrap();
+        assert_eq!(rel(&a, &b), 0.0, "{arch}: the same NF4 weights either way");
+    }
+}
+
+#[test]
+fn sliding_window_configs_are_refused_by_field() {
+    for (field, value) in [
+        ("use_sliding_window", serde_json::json!(true)),
+        (
+            "layer_types",
+            serde_json::json!(["full_attention", "sliding_attention"]),
+        ),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("m");
+        copy_model(&dir("qwen3"), &d);
+        let mut c: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+        c[field] = value;
+        std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+        let msg = load_err(&d);
+        assert!(msg.contains(field) && msg.contains("config.json"), "{msg}");
+    }
 }
 
 #[test]

@@ -27,7 +27,7 @@ fn no_progress(_: qlorad::model::quantize::Progress<'_>) {}
 
 #[test]
 fn transformers_bnb_checkpoints_dequantize_to_bitsandbytes_values() {
-    for arch in ["llama", "qwen2"] {
+    for arch in ["llama", "qwen2", "qwen3"] {
         let dir = fixture(&format!("{arch}-bnb-nf4"));
         let weights = WeightFiles::open(&dir).unwrap();
         let expected =
@@ -81,7 +81,7 @@ fn assert_same_checkpoint(ours: &Path, theirs: &Path) {
 
 #[test]
 fn quantize_writes_what_transformers_writes() {
-    for arch in ["llama", "qwen2"] {
+    for arch in ["llama", "qwen2", "qwen3"] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("q");
         let report = quantize_model_dir(

@@ -248,6 +248,20 @@ pub struct DataSchema {
     /// Pack examples into rows of `max_seq_len` tokens by best-fit decreasing (as TRL); a
     /// micro-batch is `batch_size` rows and the loss is normalised over the whole step.
     packing: Option<bool>,
+    /// Whether text and prompt/completion records start with BOS: `auto` (default) where the
+    /// model's tokenizer adds it itself, as transformers and llama.cpp do; `always` as
+    /// artidoro/qlora; `never`. Chat records get what their template writes.
+    bos: Option<BosRule>,
+}
+
+/// When text and prompt/completion records start with the BOS token.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum BosRule {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Deserialize, ToSchema)]

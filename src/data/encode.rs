@@ -23,11 +23,26 @@ impl Example {
     }
 }
 
+/// Whether text and prompt/completion records start with the BOS token. Chat records get
+/// what their template writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BosRule {
+    /// Where the model's tokenizer adds one itself, as transformers, TRL and llama.cpp
+    /// tokenize a text.
+    #[default]
+    Auto,
+    /// Always, as artidoro/qlora does.
+    Always,
+    Never,
+}
+
 #[derive(Debug, Clone)]
 pub struct EncodeOptions {
     pub format: Option<DataFormat>,
     pub max_seq_len: usize,
     pub train_on_prompt: bool,
+    pub bos: BosRule,
 }
 
 impl Default for EncodeOptions {
@@ -36,6 +51,23 @@ impl Default for EncodeOptions {
             format: None,
             max_seq_len: 2048,
             train_on_prompt: false,
+            bos: BosRule::Auto,
+        }
+    }
+}
+
+impl EncodeOptions {
+    /// The BOS text to put before a text or prompt with this tokenizer, if any.
+    fn bos<'a>(&self, tok: &'a TextTokenizer) -> &'a str {
+        let add = match self.bos {
+            BosRule::Auto => tok.adds_bos,
+            BosRule::Always => true,
+            BosRule::Never => false,
+        };
+        if add {
+            tok.bos_text()
+        } else {
+            ""
         }
     }
 }
@@ -59,7 +91,7 @@ pub fn encode_sample(
     let (mut ids, mut labels) = match sample {
         Sample::Prompted { prompt, completion } => {
             // As artidoro/qlora: bos + prompt, then completion + eos, tokenized separately.
-            let (p, _) = tok.encode(&format!("{}{prompt}", tok.bos_text()))?;
+            let (p, _) = tok.encode(&format!("{}{prompt}", opts.bos(tok)))?;
             let (c, _) = tok.encode(&format!("{completion}{}", tok.eos_text()))?;
             let mut labels: Vec<i64> = if opts.train_on_prompt {
                 p.iter().map(|&t| t as i64).collect()
@@ -70,7 +102,7 @@ pub fn encode_sample(
             ([p, c].concat(), labels)
         }
         Sample::Text(text) => {
-            let (ids, _) = tok.encode(&format!("{}{text}{}", tok.bos_text(), tok.eos_text()))?;
+            let (ids, _) = tok.encode(&format!("{}{text}{}", opts.bos(tok), tok.eos_text()))?;
             let labels = ids.iter().map(|&t| t as i64).collect();
             (ids, labels)
         }

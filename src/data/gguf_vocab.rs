@@ -36,6 +36,9 @@ pub struct GgufVocab {
     pub eos: Option<(String, u32)>,
     pub pad_id: Option<u32>,
     pub chat_template: Option<String>,
+    /// Whether llama.cpp puts BOS before a text it tokenizes (`tokenizer.ggml.add_bos_token`,
+    /// else its default for the vocabulary type and pre-tokenizer).
+    pub add_bos: bool,
 }
 
 const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
@@ -196,7 +199,15 @@ pub fn gguf_vocab(g: &GgufModel) -> Result<GgufVocab> {
             },
         }
     };
+    let add_bos = match g
+        .meta_bool("tokenizer.ggml.add_bos_token")
+        .map_err(model_err(g))?
+    {
+        Some(b) => b,
+        None => default_add_bos(&kind, g.meta_str("tokenizer.ggml.pre").ok().flatten()),
+    };
     Ok(GgufVocab {
+        add_bos,
         bos: token("tokenizer.ggml.bos_token_id")?,
         eos: token("tokenizer.ggml.eos_token_id")?,
         pad_id: token("tokenizer.ggml.padding_token_id")?.map(|p| p.1),
@@ -206,6 +217,32 @@ pub fn gguf_vocab(g: &GgufModel) -> Result<GgufVocab> {
             .map(String::from),
         tokenizer,
     })
+}
+
+/// llama.cpp's `add_bos` when the file does not say (`llama_vocab::impl::load`): SentencePiece
+/// and WordPiece vocabularies add it, and so do BPE ones with Llama 3's, Mistral's Tekken or
+/// Chameleon's pre-tokenizer.
+fn default_add_bos(kind: &str, pre: Option<&str>) -> bool {
+    match kind {
+        "llama" | "bert" => true,
+        "gpt2" => matches!(
+            pre,
+            Some(
+                "llama3"
+                    | "llama-v3"
+                    | "llama-bpe"
+                    | "falcon3"
+                    | "falcon-h1"
+                    | "pixtral"
+                    | "midm-2.0"
+                    | "lfm2"
+                    | "jina-v5-nano"
+                    | "tekken"
+                    | "chameleon"
+            )
+        ),
+        _ => false,
+    }
 }
 
 fn bpe_tokenizer(g: &GgufModel, vocab: &HashMap<String, u32>) -> Result<Tokenizer> {

@@ -16,6 +16,11 @@ pub struct TextTokenizer {
     pub bos: Option<(String, u32)>,
     pub eos: Option<(String, u32)>,
     pub pad_id: u32,
+    /// Whether the tokenizer puts BOS before a text itself, as transformers and llama.cpp
+    /// tokenize one: `tokenizer.json`'s post-processor (transformers 5 ignores
+    /// `add_bos_token` in `tokenizer_config.json` beside a `tokenizer.json`), or a GGUF's
+    /// `tokenizer.ggml.add_bos_token`.
+    pub adds_bos: bool,
     pub template: Option<ChatTemplate>,
     pub dir: PathBuf,
 }
@@ -79,6 +84,18 @@ impl TextTokenizer {
         let eos = lookup("eos_token")?;
         let pad = lookup("pad_token")?;
         let pad_id = pad.map(|p| p.1).or(eos.as_ref().map(|e| e.1)).unwrap_or(0);
+        let adds_bos = match &bos {
+            Some((_, id)) => {
+                let with = tokenizer
+                    .encode("", true)
+                    .map_err(|e| DataError::Tokenizer {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+                with.get_ids().first() == Some(id)
+            }
+            None => false,
+        };
         let template = match ChatTemplate::find(dir, &cfg)? {
             Some((t, source)) => Some(ChatTemplate::new(
                 &t,
@@ -93,6 +110,7 @@ impl TextTokenizer {
             bos,
             eos,
             pad_id,
+            adds_bos,
             template,
             dir: dir.to_path_buf(),
         })
@@ -122,6 +140,7 @@ impl TextTokenizer {
         Ok(TextTokenizer {
             tokenizer: v.tokenizer,
             pad_id: v.pad_id.or(v.eos.as_ref().map(|e| e.1)).unwrap_or(0),
+            adds_bos: v.add_bos && v.bos.is_some(),
             bos: v.bos,
             eos: v.eos,
             template,

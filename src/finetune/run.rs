@@ -80,6 +80,7 @@ pub fn encode_options(spec: &JobSpec) -> EncodeOptions {
         format: spec.data.format,
         max_seq_len: spec.hyperparameters.max_seq_len,
         train_on_prompt: spec.data.train_on_prompt,
+        bos: spec.data.bos,
     }
 }
 

@@ -114,6 +114,9 @@ pub struct DataSpec {
     /// them: a micro-batch is `batch_size` rows, attention stays inside each example, and the
     /// loss is normalised over the label tokens of the whole step.
     pub packing: bool,
+    /// Whether text and prompt/completion records start with BOS (`auto`: where the model's
+    /// tokenizer adds it itself).
+    pub bos: crate::data::encode::BosRule,
 }
 
 /// Files made from the trained adapter when a job finishes.

@@ -163,7 +163,7 @@ impl Service {
                     let opts = crate::data::EncodeOptions {
                         format: Some(format),
                         max_seq_len: usize::MAX,
-                        train_on_prompt: false,
+                        ..Default::default()
                     };
                     Ok(crate::data::encode_dataset(&path, &tok, &opts)
                         .map_err(|e| e.to_string())?
