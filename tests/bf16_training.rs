@@ -4,7 +4,7 @@
 use qlorad::cli::bench::{bench_train, BenchArgs};
 use qlorad::finetune::JobSpec;
 
-fn losses(dtype: &str) -> Vec<f64> {
+fn losses(dtype: &str, qk_norm: bool) -> Vec<f64> {
     let spec = JobSpec::from_json(&format!(
         r#"{{"hyperparameters": {{"gradient_checkpointing": true, "warmup_ratio": 0.0,
              "learning_rate": 1e-3}},
@@ -14,6 +14,7 @@ fn losses(dtype: &str) -> Vec<f64> {
     .unwrap();
     let report = bench_train(&BenchArgs {
         model: None,
+        qk_norm,
         seq_len: 48,
         batch_size: 2,
         steps: 3,
@@ -39,17 +40,19 @@ fn losses(dtype: &str) -> Vec<f64> {
 
 #[test]
 fn bf16_losses_track_f32_step_by_step() {
-    let (f32_run, bf16_run) = (losses("f32"), losses("bf16"));
-    assert_eq!(f32_run.len(), 5, "two warm-up steps and three timed");
-    for (i, (a, b)) in f32_run.iter().zip(&bf16_run).enumerate() {
-        assert!(a.is_finite() && b.is_finite());
-        assert!(
-            (a - b).abs() < 0.02 * a.abs(),
-            "step {i}: f32 {a}, bf16 {b}"
-        );
+    for (arch, qk_norm) in [("llama", false), ("qwen3", true)] {
+        let (f32_run, bf16_run) = (losses("f32", qk_norm), losses("bf16", qk_norm));
+        assert_eq!(f32_run.len(), 5, "two warm-up steps and three timed");
+        for (i, (a, b)) in f32_run.iter().zip(&bf16_run).enumerate() {
+            assert!(a.is_finite() && b.is_finite());
+            assert!(
+                (a - b).abs() < 0.02 * a.abs(),
+                "{arch}, step {i}: f32 {a}, bf16 {b}"
+            );
+        }
+        // Training moved the loss (the same way in both).
+        assert_ne!(f32_run[0], f32_run[4], "{arch}");
     }
-    // Training moved the loss (the same way in both).
-    assert_ne!(f32_run[0], f32_run[4]);
 }
 
 /// `bench train --lengths` with packing: uneven examples packed into rows of `max_seq_len`,
@@ -63,6 +66,7 @@ fn bench_train_packs_uneven_lengths() {
     .unwrap();
     let report = bench_train(&BenchArgs {
         model: None,
+        qk_norm: false,
         seq_len: 96,
         batch_size: 1,
         steps: 2,

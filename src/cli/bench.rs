@@ -19,9 +19,12 @@ type Result<T> = std::result::Result<T, FinetuneError>;
 pub enum BenchCommand {
     /// Training throughput on random tokens: tokens/s, step time, approximate TFLOP/s.
     Train {
-        /// A model directory; a random 4-layer Llama (hidden 512) when absent.
+        /// A model directory; a random 4-layer model (hidden 512) when absent.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// The random model's architecture, without --model: llama or qwen3.
+        #[arg(long, default_value = "llama")]
+        arch: String,
         #[arg(long, default_value_t = 256)]
         seq_len: usize,
         #[arg(long, default_value_t = 4)]
@@ -65,6 +68,7 @@ pub fn run(c: BenchCommand) -> std::result::Result<(), CliError> {
     let report = match c {
         BenchCommand::Train {
             model,
+            arch,
             seq_len,
             batch_size,
             steps,
@@ -95,8 +99,18 @@ pub fn run(c: BenchCommand) -> std::result::Result<(), CliError> {
                 }
                 None => None,
             };
+            let qk_norm = match arch.as_str() {
+                "llama" => false,
+                "qwen3" => true,
+                other => {
+                    return Err(CliError::Usage(format!(
+                        "--arch {other:?}: the random model is llama or qwen3"
+                    )))
+                }
+            };
             bench_train(&BenchArgs {
                 model,
+                qk_norm,
                 seq_len,
                 batch_size,
                 steps: steps.max(1),
@@ -127,6 +141,8 @@ pub fn run(c: BenchCommand) -> std::result::Result<(), CliError> {
 /// What `qlorad bench train` measures.
 pub struct BenchArgs {
     pub model: Option<PathBuf>,
+    /// Without `model`: the random model is a Qwen3 (q/k norms) rather than a Llama.
+    pub qk_norm: bool,
     pub seq_len: usize,
     pub batch_size: usize,
     pub steps: usize,
@@ -170,6 +186,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
                 num_attention_heads: 8,
                 num_key_value_heads: 2,
                 tie_word_embeddings: false,
+                qk_norm: args.qk_norm,
                 dtype: safetensors::Dtype::BF16,
                 seed: 1,
             }

@@ -1,5 +1,5 @@
-//! Random-weight Llama directories of any shape: for benchmarks and tests, where the values do
-//! not matter but the shapes and the file format do.
+//! Random-weight Llama (or Qwen3) directories of any shape: for benchmarks and tests, where the
+//! values do not matter but the shapes and the file format do.
 
 use std::path::Path;
 
@@ -17,6 +17,8 @@ pub struct RandomLlama {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub tie_word_embeddings: bool,
+    /// A Qwen3 (`q_norm`, `k_norm` on every head) rather than a Llama.
+    pub qk_norm: bool,
     /// Stored dtype: F32 or BF16.
     pub dtype: Dtype,
     pub seed: u64,
@@ -27,9 +29,15 @@ impl RandomLlama {
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let head_dim = self.hidden_size / self.num_attention_heads;
+        let (class, model_type) = if self.qk_norm {
+            ("Qwen3ForCausalLM", "qwen3")
+        } else {
+            ("LlamaForCausalLM", "llama")
+        };
         let config = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [class],
+            "model_type": model_type,
+            "head_dim": head_dim,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -91,6 +99,10 @@ impl RandomLlama {
             let p = format!("model.layers.{l}");
             add(format!("{p}.input_layernorm.weight"), &[h], None)?;
             add(format!("{p}.post_attention_layernorm.weight"), &[h], None)?;
+            if self.qk_norm {
+                add(format!("{p}.self_attn.q_norm.weight"), &[head_dim], None)?;
+                add(format!("{p}.self_attn.k_norm.weight"), &[head_dim], None)?;
+            }
             for (name, out, inp) in [
                 ("self_attn.q_proj", q, h),
                 ("self_attn.k_proj", kv, h),

@@ -17,6 +17,7 @@ pub fn tiny_model(dir: &Path, tok: &str) {
         num_attention_heads: 4,
         num_key_value_heads: 2,
         tie_word_embeddings: true,
+        qk_norm: false,
         dtype: safetensors::Dtype::F32,
         seed: 4,
     }
