@@ -216,11 +216,20 @@ fn tiny_ggufs_made_here_import_exactly() {
     assert!(r > 0.0 && r <= 2e-2, "q8_0 logits relative error {r}");
 }
 
+/// A GGUF base of each architecture trains; its merged GGUF and safetensors compute what
+/// base plus adapter does.
 #[test]
 fn training_on_a_gguf_base_exports_merged_gguf_and_lora() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, gguf) = tiny_gguf(tmp.path(), "tok-chatml", GgufType::Q8_0);
-    let data = tmp.path().join("train.jsonl");
+    let (_, tiny) = tiny_gguf(tmp.path(), "tok-chatml", GgufType::Q8_0);
+    train_and_export(tmp.path(), &tiny, "tok-chatml-q8_0");
+    // llama.cpp's own Qwen3 conversion.
+    train_and_export(tmp.path(), &fx("export/qwen3.f32.gguf"), "qwen3.f32");
+}
+
+fn train_and_export(tmp: &Path, gguf: &Path, stem: &str) {
+    let gguf = gguf.to_path_buf();
+    let data = tmp.join(format!("{stem}-train.jsonl"));
     let rows: Vec<String> = (0..8)
         .map(|i| {
             serde_json::json!({"messages": [
@@ -236,7 +245,7 @@ fn training_on_a_gguf_base_exports_merged_gguf_and_lora() {
         "lora": {"r": 4, "alpha": 8},
     }))
     .unwrap();
-    let out = tmp.path().join("run");
+    let out = tmp.join(format!("{stem}-run"));
     let args = TrainArgs {
         model: gguf.clone(),
         data,
@@ -257,8 +266,8 @@ fn training_on_a_gguf_base_exports_merged_gguf_and_lora() {
         merge_base: MergeBase::Original,
     };
     export_all(&gguf, Some(&adapter), &exports, &outputs, &mut no_progress).unwrap();
-    let merged_gguf = exports.join("tok-chatml-q8_0-f32.gguf");
-    let lora_gguf = exports.join("tok-chatml-q8_0-lora.gguf");
+    let merged_gguf = exports.join(format!("{stem}-f32.gguf"));
+    let lora_gguf = exports.join(format!("{stem}-lora.gguf"));
     assert!(
         merged_gguf.is_file(),
         "merged GGUF in {}",
