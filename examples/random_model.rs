@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         num_attention_heads: heads,
         num_key_value_heads: kv,
         tie_word_embeddings: tied,
+        qk_norm: false,
         dtype: safetensors::Dtype::BF16,
         seed: 0,
     }

@@ -48,6 +48,7 @@ fn write_model(dir: &std::path::Path, layers: usize) -> anyhow::Result<()> {
         num_attention_heads: 16,
         num_key_value_heads: 4,
         tie_word_embeddings: false,
+        qk_norm: false,
         dtype: safetensors::Dtype::BF16,
         seed: 1,
     }

@@ -170,6 +170,13 @@ impl From<IntakeError> for ApiError {
                 ApiError::bad("invalid_format", message, Some("format"))
             }
             IntakeError::InvalidFile(_) => ApiError::bad("invalid_file", message, Some("file")),
+            IntakeError::Hub(h) if h.retryable() => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "hub_unavailable",
+                message,
+                param: Some("model".into()),
+            },
+            IntakeError::Hub(_) => ApiError::bad("unknown_model", message, Some("model")),
             IntakeError::Jobs(e) => e.into(),
         }
     }
@@ -398,9 +405,17 @@ pub async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
 pub async fn models_list(State(state): State<AppState>) -> Json<ModelList> {
     // Reading GGUF headers is file I/O: keep it off the async workers.
     let roots = state.config.models.roots.clone();
-    let found = tokio::task::spawn_blocking(move || crate::model::list_models(&roots))
-        .await
-        .unwrap_or_default();
+    let hub = state.jobs.layout.hub().cloned();
+    let found = tokio::task::spawn_blocking(move || {
+        let mut found = crate::model::list_models(&roots);
+        // Hub downloads, by the id a job names them with.
+        for (id, path) in hub.map(|h| h.list_cached()).unwrap_or_default() {
+            found.extend(crate::model::model_entry(id, path));
+        }
+        found
+    })
+    .await
+    .unwrap_or_default();
     let data = found
         .into_iter()
         .map(|m| ModelInfo {

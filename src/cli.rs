@@ -11,7 +11,7 @@ pub mod quantize;
 pub mod serve;
 pub mod train;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -102,6 +102,8 @@ pub enum CliError {
     Runtime(std::io::Error),
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Hub(#[from] crate::model::hub::HubError),
 }
 
 pub type Result<T> = std::result::Result<T, CliError>;
@@ -156,19 +158,49 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Run a parsed command line. A training run stopped by Ctrl-C exits with 130.
+/// A `--model` argument: a local path as it is, or a Hugging Face Hub id (`org/name`,
+/// `org/name@revision`, `org/name-GGUF:file.gguf`) fetched into the hub's own cache
+/// (`HF_HUB_CACHE`, `HF_HOME/hub` or `~/.cache/huggingface/hub`) and loaded from there.
+fn model_arg(arg: &Path) -> Result<PathBuf> {
+    let hub_ref = arg
+        .to_str()
+        .filter(|_| !arg.exists())
+        .and_then(crate::model::hub::HubRef::parse);
+    let Some(r) = hub_ref else {
+        return Ok(arg.to_path_buf());
+    };
+    let hub = crate::model::hub::Hub::from_env(crate::model::hub::Hub::default_cache());
+    if hub.cached(&r).is_none() {
+        eprintln!("fetching {r} into {}", hub.cache_dir().display());
+    }
+    let path = hub.fetch(&r, &mut |file, done, total| {
+        if done == total {
+            eprintln!("  {file}: {:.1} MB", total as f64 / 1e6);
+        }
+    })?;
+    Ok(path)
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Quantize(c) => quantize::run(&c)?,
-        Command::Train { args, spec } => {
-            if let crate::finetune::Outcome::Stopped { .. } = train::train(&args, &spec.load()?)? {
+        Command::Train { mut args, spec } => {
+            let spec = spec.load()?;
+            args.model = model_arg(&args.model)?;
+            if let crate::finetune::Outcome::Stopped { .. } = train::train(&args, &spec)? {
                 return Ok(ExitCode::from(130));
             }
         }
-        Command::Eval(c) => println!("{}", eval::run(&c)?),
-        Command::Generate { args, spec } => {
+        Command::Eval(mut c) => {
+            c.model = model_arg(&c.model)?;
+            println!("{}", eval::run(&c)?)
+        }
+        Command::Generate { mut args, spec } => {
+            args.model = model_arg(&args.model)?;
             println!("{}", generate::generate(&args, &spec.load()?)?)
         }
-        Command::Merge(c) => {
+        Command::Merge(mut c) => {
+            c.model = model_arg(&c.model)?;
             for path in merge::run(&c)? {
                 println!("{}", path.display());
             }

@@ -42,6 +42,12 @@ pub struct StorageConfig {
 pub struct ModelsConfig {
     /// Directories whose subdirectories are base models.
     pub roots: Vec<PathBuf>,
+    /// Where models named by Hugging Face Hub id (`org/name`) are downloaded from; unset,
+    /// `HF_ENDPOINT` or `https://huggingface.co`. `HF_TOKEN` authenticates, `HF_HUB_OFFLINE`
+    /// uses the cache alone.
+    pub hub_endpoint: Option<String>,
+    /// Their cache, in the hub's own layout; unset, `hub/` in the first model root.
+    pub hub_cache: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod gguf;
+pub mod hub;
 pub mod llama;
 pub mod quantize;
 pub mod random;
@@ -84,36 +85,43 @@ pub struct ModelEntry {
 pub fn list_models(roots: &[std::path::PathBuf]) -> Vec<ModelEntry> {
     let mut found = Vec::new();
     for root in roots {
-        let mut here = Vec::new();
-        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            let path = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
-            if gguf::is_gguf(&path) && path.is_file() {
-                let model_type = gguf::GgufModel::open(&path)
-                    .ok()
-                    .and_then(|g| g.architecture().ok().map(String::from));
-                here.push(ModelEntry {
-                    name,
-                    path,
-                    model_type,
-                    format: "gguf",
-                });
-            } else if path.join("config.json").is_file() {
-                let model_type = read_json(&path.join("config.json"))
-                    .ok()
-                    .and_then(|v| v.get("model_type")?.as_str().map(String::from));
-                here.push(ModelEntry {
-                    name,
-                    path,
-                    model_type,
-                    format: "safetensors",
-                });
-            }
-        }
+        let mut here: Vec<ModelEntry> = std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| model_entry(e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect();
         here.sort_by(|a, b| a.name.cmp(&b.name));
         found.extend(here);
     }
     found
+}
+
+/// `path` as a listed model named `name`, if it is one.
+pub fn model_entry(name: String, path: PathBuf) -> Option<ModelEntry> {
+    if gguf::is_gguf(&path) && path.is_file() {
+        let model_type = gguf::GgufModel::open(&path)
+            .ok()
+            .and_then(|g| g.architecture().ok().map(String::from));
+        Some(ModelEntry {
+            name,
+            path,
+            model_type,
+            format: "gguf",
+        })
+    } else if path.join("config.json").is_file() {
+        let model_type = read_json(&path.join("config.json"))
+            .ok()
+            .and_then(|v| v.get("model_type")?.as_str().map(String::from));
+        Some(ModelEntry {
+            name,
+            path,
+            model_type,
+            format: "safetensors",
+        })
+    } else {
+        None
+    }
 }
 
 /// Whether `path` is something a model loads from: a Hugging Face directory (with a

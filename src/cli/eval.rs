@@ -13,7 +13,7 @@ use crate::train::evaluate;
 #[derive(clap::Args)]
 pub struct EvalCommand {
     #[arg(long)]
-    model: PathBuf,
+    pub(super) model: PathBuf,
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[arg(long)]

@@ -13,7 +13,7 @@ use crate::quant::{QuantConfig, QuantType};
 pub struct MergeCommand {
     /// The base model directory.
     #[arg(long)]
-    model: PathBuf,
+    pub(super) model: PathBuf,
     /// A PEFT adapter directory (e.g. runs/first/adapter).
     #[arg(long)]
     adapter: Option<PathBuf>,

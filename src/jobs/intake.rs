@@ -26,6 +26,9 @@ pub enum IntakeError {
     /// The dataset, with the uploaded file's name, line and field in the message.
     #[error("{0}")]
     InvalidFile(String),
+    /// A hub id whose repository cannot be used (missing, gated, unreachable).
+    #[error("model: {0}")]
+    Hub(crate::model::hub::HubError),
     #[error(transparent)]
     Jobs(#[from] JobsError),
 }
@@ -53,10 +56,18 @@ impl Service {
         let spec = JobSpec::from_value(without_nulls(body)).map_err(IntakeError::Spec)?;
         let model = spec.model.as_deref().ok_or(IntakeError::Missing("model"))?;
         if self.layout.model(model).is_none() {
-            return Err(IntakeError::UnknownModel {
-                field: "model",
-                name: model.into(),
-            });
+            let Some((hub, r)) = self.layout.hub_model(model) else {
+                return Err(IntakeError::UnknownModel {
+                    field: "model",
+                    name: model.into(),
+                });
+            };
+            // Asked now, so a missing or gated repository is this request's error and not a
+            // failed job; the download is the worker's.
+            let hub = hub.clone();
+            blocking(move || hub.check(&r))
+                .await?
+                .map_err(IntakeError::Hub)?;
         }
         let train = spec
             .training_file

@@ -6,19 +6,54 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
+use crate::model::hub::{Hub, HubRef};
 
 #[derive(Debug, Clone)]
 pub struct Layout {
     data_dir: PathBuf,
     model_roots: Vec<PathBuf>,
+    /// Models by hub id, cached in the hub's layout; None without a model root.
+    hub: Option<Hub>,
 }
 
 impl Layout {
     pub fn new(cfg: &Config) -> Self {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let cache = cfg
+            .models
+            .hub_cache
+            .clone()
+            .or_else(|| cfg.models.roots.first().map(|r| r.join("hub")));
+        let hub = cache.map(|cache| {
+            Hub::new(
+                cfg.models
+                    .hub_endpoint
+                    .clone()
+                    .or_else(|| env("HF_ENDPOINT"))
+                    .unwrap_or_else(|| "https://huggingface.co".into()),
+                env("HF_TOKEN"),
+                env("HF_HUB_OFFLINE").is_some_and(|v| v != "0" && v != "false"),
+                cache,
+            )
+        });
         Layout {
             data_dir: cfg.storage.data_dir.clone(),
             model_roots: cfg.models.roots.clone(),
+            hub,
         }
+    }
+
+    pub fn hub(&self) -> Option<&Hub> {
+        self.hub.as_ref()
+    }
+
+    /// A `model` that is no local model but a hub id, with the hub to get it from.
+    pub fn hub_model(&self, model: &str) -> Option<(&Hub, HubRef)> {
+        let hub = self.hub.as_ref()?;
+        if self.model(model).is_some() {
+            return None;
+        }
+        Some((hub, HubRef::parse(model)?))
     }
 
     /// The database's directory.
@@ -103,6 +138,7 @@ mod tests {
         let layout = Layout {
             data_dir: tmp.path().join("data"),
             model_roots: vec![root.clone()],
+            hub: None,
         };
         assert_eq!(
             layout.model("tiny"),

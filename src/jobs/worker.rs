@@ -149,16 +149,41 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
         workers: handle,
         ..
     } = svc;
+    // A model named by hub id is downloaded first (once: later jobs find it in the cache).
+    let model = serde_json::from_str::<JobSpec>(spec_text)
+        .ok()
+        .and_then(|s| s.model)
+        .unwrap_or_default();
+    let downloaded = match layout.hub_model(&model) {
+        Some((hub, r)) => {
+            let data = serde_json::json!({"model": model});
+            if let Err(e) = record(svc, id, EventKind::Log, "downloading the model", data).await {
+                return conclude(job, Ended::retryable(e.to_string()), false).await;
+            }
+            let hub = hub.clone();
+            match tokio::task::spawn_blocking(move || hub.fetch(&r, &mut |_, _, _| {})).await {
+                Ok(Ok(path)) => Some(path),
+                Ok(Err(e)) if e.retryable() => {
+                    return conclude(job, Ended::retryable(e.to_string()), false).await
+                }
+                Ok(Err(e)) => return conclude(job, Ended::fatal(e.to_string()), false).await,
+                Err(e) => return conclude(job, Ended::retryable(e.to_string()), false).await,
+            }
+        }
+        None => None,
+    };
     let plan = (|| -> std::result::Result<Plan, String> {
         let mut spec: JobSpec =
             serde_json::from_str(spec_text).map_err(|e| format!("stored spec: {e}"))?;
         if spec.device == "cpu" || spec.device.is_empty() {
             spec.device = device.to_string();
         }
-        let model = spec.model.clone().unwrap_or_default();
-        let model_dir = layout
-            .model(&model)
-            .ok_or_else(|| format!("model {model:?} is not in the model roots"))?;
+        let model_dir = match downloaded {
+            Some(path) => path,
+            None => layout
+                .model(&model)
+                .ok_or_else(|| format!("model {model:?} is not in the model roots"))?,
+        };
         let training_file = layout.file(spec.training_file.as_deref().unwrap_or_default());
         let validation_file = spec.validation_file.as_deref().map(|f| layout.file(f));
         Ok(Plan {

@@ -5,5 +5,6 @@
 mod common;
 mod hardening;
 mod harness;
+mod hub;
 mod native;
 mod v1;
