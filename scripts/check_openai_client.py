@@ -1,5 +1,5 @@
 """Drive a live qlorad server with the official `openai` Python client, unchanged but for
-base_url and api_key: upload, create, list, retrieve, events, checkpoints, cancel, errors.
+base_url and api_key: upload, create, list, retrieve, events, checkpoints, pause, resume, cancel, errors.
 
     pip install openai
     cargo run --release --example random_model -- models/tiny tiny
@@ -115,6 +115,12 @@ def main():
         model=args.model, training_file=f.id, hyperparameters={"batch_size": 3},
         extra_body={"hyperparameters": {"max_steps": 100000, "batch_size": 3}},
     )
+    wait(client, long.id, {"running"})
+    paused = client.fine_tuning.jobs.pause(long.id)
+    check(paused.id == long.id, f"jobs.pause -> {paused.status}")
+    check(wait(client, long.id, {"paused"}).status == "paused", "paused job stops at a checkpoint")
+    resumed = client.fine_tuning.jobs.resume(long.id)
+    check(resumed.status in ("queued", "running"), f"jobs.resume -> {resumed.status}")
     wait(client, long.id, {"running"})
     cancelled = client.fine_tuning.jobs.cancel(long.id)
     check(cancelled.id == long.id, f"jobs.cancel -> {cancelled.status}")

@@ -177,6 +177,7 @@ impl From<IntakeError> for ApiError {
                 param: Some("model".into()),
             },
             IntakeError::Hub(_) => ApiError::bad("unknown_model", message, Some("model")),
+            IntakeError::Continue(_) => ApiError::bad("invalid_model", message, Some("model")),
             IntakeError::Jobs(e) => e.into(),
         }
     }
@@ -298,6 +299,8 @@ fn routes(upload_limit: usize, body_limit: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::jobs_create, jobs::jobs_list))
         .routes(routes!(jobs::jobs_get, jobs::jobs_delete))
         .routes(routes!(jobs::jobs_cancel))
+        .routes(routes!(jobs::jobs_pause))
+        .routes(routes!(jobs::jobs_resume))
         .routes(routes!(jobs::events_list))
         .routes(routes!(jobs::checkpoints_list))
         .routes(routes!(jobs::artifacts_list))
@@ -315,6 +318,8 @@ fn routes(upload_limit: usize, body_limit: usize) -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(v1::fine_tuning::fine_tuning_jobs_get))
         .routes(routes!(v1::fine_tuning::fine_tuning_jobs_cancel))
+        .routes(routes!(v1::fine_tuning::fine_tuning_jobs_pause))
+        .routes(routes!(v1::fine_tuning::fine_tuning_jobs_resume))
         .routes(routes!(v1::fine_tuning::fine_tuning_events_list))
         .routes(routes!(v1::fine_tuning::fine_tuning_checkpoints_list))
         .layer(DefaultBodyLimit::max(body_limit))

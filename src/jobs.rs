@@ -75,6 +75,8 @@ pub enum Status {
     Succeeded,
     Failed,
     Cancelled,
+    /// Stopped at a checkpoint on request; `resume` queues it again.
+    Paused,
 }
 
 impl Status {
@@ -85,15 +87,17 @@ impl Status {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
+            Status::Paused => "paused",
         }
     }
 
-    pub const ALL: [Status; 5] = [
+    pub const ALL: [Status; 6] = [
         Status::Queued,
         Status::Running,
         Status::Succeeded,
         Status::Failed,
         Status::Cancelled,
+        Status::Paused,
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -103,12 +107,34 @@ impl Status {
             "succeeded" => Status::Succeeded,
             "failed" => Status::Failed,
             "cancelled" => Status::Cancelled,
+            "paused" => Status::Paused,
             _ => return None,
         })
     }
 
     pub fn is_final(self) -> bool {
         matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// A fine-tuned model's name as `/v1` gives it: `ft:<base>:qlorad:<suffix>:<job>`, with
+/// `:ckpt-step-<N>` for one of its checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FineTuned<'a> {
+    pub base: &'a str,
+    pub job: &'a str,
+    pub step: Option<usize>,
+}
+
+impl<'a> FineTuned<'a> {
+    pub fn parse(model: &'a str) -> Option<Self> {
+        let (base, tail) = model.strip_prefix("ft:")?.rsplit_once(":qlorad:")?;
+        let (tail, step) = match tail.rsplit_once(":ckpt-step-") {
+            Some((t, n)) => (t, Some(n.parse().ok()?)),
+            None => (tail, None),
+        };
+        let (_suffix, job) = tail.rsplit_once(':')?;
+        (!base.is_empty() && job.starts_with("job-")).then_some(FineTuned { base, job, step })
     }
 }
 

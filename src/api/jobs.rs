@@ -162,6 +162,32 @@ pub async fn jobs_cancel(
     Ok(Json(state.jobs.cancel_job(&id, who.scope()).await?))
 }
 
+/// Pause: a queued job at once; a running one writes a checkpoint and stops (status `paused`).
+#[utoipa::path(post, path = "/jobs/{id}/pause", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = JobRow), (status = 404, body = ErrorBody),
+        (status = 409, description = "the job has finished", body = ErrorBody)))]
+pub async fn jobs_pause(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobRow>> {
+    Ok(Json(state.jobs.pause_job(&id, who.scope()).await?))
+}
+
+/// Resume a paused job: queued again, it continues from its checkpoint as if never paused.
+#[utoipa::path(post, path = "/jobs/{id}/resume", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = JobRow), (status = 404, body = ErrorBody),
+        (status = 409, description = "the job is not paused", body = ErrorBody)))]
+pub async fn jobs_resume(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobRow>> {
+    Ok(Json(state.jobs.resume_job(&id, who.scope()).await?))
+}
+
 /// Delete a finished job with its files.
 #[utoipa::path(delete, path = "/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "job id")),

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use super::store::{FileRow, JobLabels, JobRow};
-use super::{now, JobsError, Scope, Service};
+use super::{now, FineTuned, JobsError, Scope, Service, Status};
 use crate::finetune::{JobSpec, SpecError};
 
 /// Why a request was refused; each names the field at fault where there is one.
@@ -26,6 +26,9 @@ pub enum IntakeError {
     /// The dataset, with the uploaded file's name, line and field in the message.
     #[error("{0}")]
     InvalidFile(String),
+    /// A fine-tuned model that cannot be continued yet or any more.
+    #[error("{0}")]
+    Continue(String),
     /// A hub id whose repository cannot be used (missing, gated, unreachable).
     #[error("model: {0}")]
     Hub(crate::model::hub::HubError),
@@ -54,7 +57,12 @@ impl Service {
         };
         // Every spec field has a default, so an explicit null means the default.
         let spec = JobSpec::from_value(without_nulls(body)).map_err(IntakeError::Spec)?;
-        let model = spec.model.as_deref().ok_or(IntakeError::Missing("model"))?;
+        let named = spec.model.as_deref().ok_or(IntakeError::Missing("model"))?;
+        let source = self.model_source(named, scope).await?;
+        if let Some(adapter) = &source.adapter {
+            same_lora_shape(body, adapter, named)?;
+        }
+        let model = source.base.as_str();
         if self.layout.model(model).is_none() {
             let Some((hub, r)) = self.layout.hub_model(model) else {
                 return Err(IntakeError::UnknownModel {
@@ -228,6 +236,116 @@ impl Service {
         }
         self.store.job(id, scope).await
     }
+
+    /// What a job's `model` trains: the base by name and, for a fine-tuned model or one of its
+    /// checkpoints (`ft:…:<job>[:ckpt-step-N]`, another job of the caller's), the adapter it
+    /// continues from.
+    pub async fn model_source(
+        &self,
+        model: &str,
+        scope: Scope<'_>,
+    ) -> Result<ModelSource, IntakeError> {
+        let Some(ft) = FineTuned::parse(model) else {
+            return Ok(ModelSource {
+                base: model.to_string(),
+                adapter: None,
+            });
+        };
+        let unknown = || IntakeError::UnknownModel {
+            field: "model",
+            name: model.into(),
+        };
+        let Ok(src) = self.store.job(ft.job, scope).await else {
+            return Err(unknown());
+        };
+        let base = src.spec["model"].as_str().unwrap_or_default();
+        // The source's own base: a continued job names the model it started from.
+        let base = FineTuned::parse(base).map_or(base, |f| f.base).to_string();
+        if base != ft.base {
+            return Err(unknown());
+        }
+        let adapter = match ft.step {
+            None if src.status != Status::Succeeded => {
+                return Err(IntakeError::Continue(format!(
+                    "model {model:?}: job {} is {}; only a succeeded job's model continues (or name one of its checkpoints)",
+                    ft.job,
+                    src.status.as_str()
+                )))
+            }
+            None => self.layout.artifacts_dir(ft.job).join("adapter"),
+            Some(step) => crate::train::checkpoint::checkpoint_dir(&self.layout.run_dir(ft.job), step),
+        };
+        if !adapter.join("adapter_config.json").is_file() {
+            return Err(IntakeError::Continue(format!(
+                "model {model:?}: the adapter of job {} is no longer kept{}",
+                ft.job,
+                ft.step
+                    .map(|s| format!(" at step {s} (see its checkpoints)"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(ModelSource {
+            base,
+            adapter: Some(adapter),
+        })
+    }
+
+    /// Pause a queued job at once, a running one at its next step (it checkpoints first).
+    pub async fn pause_job(&self, id: &str, scope: Scope<'_>) -> Result<JobRow, JobsError> {
+        if let Some(e) = self.store.request_pause(id, scope).await? {
+            self.hub.publish(id, &e);
+        }
+        self.store.job(id, scope).await
+    }
+
+    /// Queue a paused job again; it continues from its checkpoint, exactly.
+    pub async fn resume_job(&self, id: &str, scope: Scope<'_>) -> Result<JobRow, JobsError> {
+        let e = self.store.resume(id, scope).await?;
+        self.hub.publish(id, &e);
+        self.workers.wake.notify_waiters();
+        self.store.job(id, scope).await
+    }
+}
+
+/// A base model and, when a job continues another's training, the adapter it starts from.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    pub base: String,
+    pub adapter: Option<PathBuf>,
+}
+
+/// A continued job keeps its adapter's shape: a `lora.r` or `lora.alpha` in the request that
+/// differs from the adapter's is an error naming that field.
+fn same_lora_shape(
+    body: &serde_json::Map<String, serde_json::Value>,
+    adapter: &std::path::Path,
+    model: &str,
+) -> Result<(), IntakeError> {
+    let path = adapter.join("adapter_config.json");
+    let Some(cfg) = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return Err(IntakeError::Continue(format!(
+            "model {model:?}: its adapter configuration cannot be read"
+        )));
+    };
+    let lora = body.get("lora").and_then(|l| l.as_object());
+    for (field, key) in [("r", "r"), ("alpha", "lora_alpha")] {
+        let (Some(asked), Some(has)) = (
+            lora.and_then(|l| l.get(field)).and_then(|v| v.as_f64()),
+            cfg.get(key).and_then(|v| v.as_f64()),
+        ) else {
+            continue;
+        };
+        if asked != has {
+            return Err(IntakeError::Spec(SpecError::new(
+                &format!("lora.{field}"),
+                format!("{model} continues an adapter with {field} {has}; a continued job keeps its adapter's shape (leave lora.{field} out)"),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Run file work off the async workers.

@@ -11,6 +11,17 @@ use utoipa::ToSchema;
 use super::events::{Event, EventKind, Level};
 use super::{now, JobsError, Result, Status};
 
+/// `cancel_requested` of a running job: 1 asks its worker to cancel, 2 to pause.
+const PAUSE_REQUESTED: i64 = 2;
+
+/// What a running job's worker is asked to do, read when it renews its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    None,
+    Cancel,
+    Pause,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pub pool: SqlitePool,
@@ -383,8 +394,13 @@ impl Store {
         Ok(Some((id, spec, e)))
     }
 
-    /// Renew a lease; returns whether cancellation was requested (false if the job is not ours).
-    pub async fn heartbeat(&self, id: &str, worker: &str, lease_seconds: i64) -> Result<bool> {
+    /// Renew a lease; returns what was asked of the run (nothing if the job is not ours).
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        worker: &str,
+        lease_seconds: i64,
+    ) -> Result<StopRequest> {
         let r = sqlx::query("UPDATE jobs SET lease_until = ? WHERE id = ? AND worker = ? AND status = 'running' RETURNING cancel_requested")
             .bind(now() + lease_seconds)
             .bind(id)
@@ -392,9 +408,82 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(match r {
-            Some(r) => r.try_get::<i64, _>("cancel_requested")? != 0,
-            None => false,
+            Some(r) => match r.try_get::<i64, _>("cancel_requested")? {
+                0 => StopRequest::None,
+                PAUSE_REQUESTED => StopRequest::Pause,
+                _ => StopRequest::Cancel,
+            },
+            None => StopRequest::None,
         })
+    }
+
+    /// Pause: a queued job at once, with its `paused` event (returned for broadcast); a
+    /// running one is flagged for its worker, which checkpoints, stops and records `paused`.
+    /// Pausing a paused job changes nothing; a finished one is a conflict.
+    pub async fn request_pause(&self, id: &str, scope: Scope<'_>) -> Result<Option<Event>> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'paused' WHERE id = ?1 AND status = 'queued' \
+             AND (?2 IS NULL OR owner = ?2)",
+        )
+        .bind(id)
+        .bind(scope.owner())
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 1 {
+            let data = serde_json::json!({"status": "paused"});
+            let e =
+                insert_event(&mut tx, id, EventKind::Status, Level::Info, "paused", data).await?;
+            tx.commit().await?;
+            return Ok(Some(e));
+        }
+        drop(tx);
+        // A cancel already asked for wins over a pause.
+        sqlx::query(
+            "UPDATE jobs SET cancel_requested = ?1 WHERE id = ?2 AND status = 'running' \
+             AND cancel_requested = 0 AND (?3 IS NULL OR owner = ?3)",
+        )
+        .bind(PAUSE_REQUESTED)
+        .bind(id)
+        .bind(scope.owner())
+        .execute(&self.pool)
+        .await?;
+        let job = self.job(id, scope).await?;
+        if job.status.is_final() {
+            return Err(JobsError::Conflict(format!(
+                "job {id} has already {}; only a queued or running job pauses",
+                job.status.as_str()
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Resume a paused job: it is queued again and continues from its checkpoint. Resuming a
+    /// job that is not paused is a conflict.
+    pub async fn resume(&self, id: &str, scope: Scope<'_>) -> Result<Event> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE jobs SET status = 'queued' WHERE id = ?1 AND status = 'paused' \
+             AND (?2 IS NULL OR owner = ?2)",
+        )
+        .bind(id)
+        .bind(scope.owner())
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 1 {
+            let data = serde_json::json!({"status": "queued"});
+            let message = "resumed: queued; continues from its checkpoint";
+            let e =
+                insert_event(&mut tx, id, EventKind::Status, Level::Info, message, data).await?;
+            tx.commit().await?;
+            return Ok(e);
+        }
+        drop(tx);
+        let job = self.job(id, scope).await?;
+        Err(JobsError::Conflict(format!(
+            "job {id} is {}; only a paused job resumes",
+            job.status.as_str()
+        )))
     }
 
     /// Record a step; `step_tokens` adds to `trained_tokens`.
@@ -489,7 +578,7 @@ impl Store {
     pub async fn request_cancel(&self, id: &str, scope: Scope<'_>) -> Result<Option<Event>> {
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', finished_at = ?1 WHERE id = ?2 AND status = 'queued' \
+            "UPDATE jobs SET status = 'cancelled', finished_at = ?1 WHERE id = ?2 AND status IN ('queued', 'paused') \
              AND (?3 IS NULL OR owner = ?3)",
         )
         .bind(now())
@@ -792,8 +881,15 @@ mod tests {
         assert_eq!((job.status, job.attempts), (Status::Running, 1));
         assert!(job.started_at.is_some());
 
-        assert!(!s.heartbeat("job-a", "w1", 30).await.unwrap());
-        assert!(!s.heartbeat("job-a", "w2", 30).await.unwrap(), "not w2's");
+        assert_eq!(
+            s.heartbeat("job-a", "w1", 30).await.unwrap(),
+            StopRequest::None
+        );
+        assert_eq!(
+            s.heartbeat("job-a", "w2", 30).await.unwrap(),
+            StopRequest::None,
+            "not w2's"
+        );
         let p = Progress {
             step: 3,
             total_steps: Some(5),
@@ -894,8 +990,9 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        assert!(
+        assert_eq!(
             s.heartbeat("job-r", "w", 30).await.unwrap(),
+            StopRequest::Cancel,
             "the worker sees the flag"
         );
         assert!(matches!(

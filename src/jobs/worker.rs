@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::stats::{RunMeter, WorkerStats};
-use super::store::{ArtifactRow, Progress};
+use super::store::{ArtifactRow, Progress, StopRequest};
 use super::{now, EventKind, Level, Result, Scope, Service, Status};
 use crate::finetune::{self, JobSpec, Plan, RunEvent, Split};
 use crate::train::TrainEvent;
@@ -149,11 +149,17 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
         workers: handle,
         ..
     } = svc;
-    // A model named by hub id is downloaded first (once: later jobs find it in the cache).
-    let model = serde_json::from_str::<JobSpec>(spec_text)
+    // A fine-tuned model continues its job's adapter on that job's base.
+    let named = serde_json::from_str::<JobSpec>(spec_text)
         .ok()
         .and_then(|s| s.model)
         .unwrap_or_default();
+    let source = match svc.model_source(&named, Scope::All).await {
+        Ok(s) => s,
+        Err(e) => return conclude(job, Ended::fatal(e.to_string()), false).await,
+    };
+    let model = source.base.clone();
+    // A model named by hub id is downloaded first (once: later jobs find it in the cache).
     let downloaded = match layout.hub_model(&model) {
         Some((hub, r)) => {
             let data = serde_json::json!({"model": model});
@@ -192,9 +198,9 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
             model_dir,
             training_file,
             validation_file,
-            init_adapter: None,
+            init_adapter: source.adapter,
             resume: true,
-            base_model_name: spec.model.clone(),
+            base_model_name: Some(model),
             spec,
         })
     })();
@@ -249,6 +255,8 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
     let mut heartbeat =
         tokio::time::interval(Duration::from_secs(cfg.workers.heartbeat_seconds.max(1)));
     let mut shutting_down = false;
+    // A pause was asked for: a stop at a checkpoint is recorded as `paused`, not `cancelled`.
+    let mut pausing = false;
     // The first progress record that could not be stored: the run stops and the job fails.
     let mut broken: Option<String> = None;
     loop {
@@ -283,8 +291,12 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
             }
             _ = heartbeat.tick() => {
                 match store.heartbeat(id, worker, cfg.workers.lease_seconds as i64).await {
-                    Ok(true) => cancel.store(true, Ordering::Relaxed),
-                    Ok(false) => {}
+                    Ok(StopRequest::Cancel) => cancel.store(true, Ordering::Relaxed),
+                    Ok(StopRequest::Pause) => {
+                        pausing = true;
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                    Ok(StopRequest::None) => {}
                     // A busy or briefly unavailable database: the lease outlasts a few misses.
                     Err(e) => warn!(job.id = %id, error = %e, "lease renewal failed; retrying"),
                 }
@@ -301,6 +313,7 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
     let ended = match broken {
         // The store refused progress records: likely a full disk or a busy database.
         Some(e) => Ended::retryable(e),
+        None if pausing && ended == Ended::Stopped => Ended::Paused,
         None => ended,
     };
     conclude(job, ended, shutting_down).await
@@ -312,6 +325,8 @@ pub(crate) enum Ended {
     Finished,
     /// Stopped by the cancel flag (a cancel, or shutdown) after writing a checkpoint.
     Stopped,
+    /// Stopped at a checkpoint because a pause was asked for.
+    Paused,
     /// `retryable`: another attempt could succeed (see `FinetuneError::retryable`).
     Failed {
         message: String,
@@ -379,6 +394,11 @@ async fn conclude(job: &Claimed<'_>, ended: Ended, shutting_down: bool) {
             None,
         ),
         Ended::Stopped => (Status::Cancelled, "cancelled".to_string(), None),
+        Ended::Paused => (
+            Status::Paused,
+            "paused at its checkpoint; resume to continue".to_string(),
+            None,
+        ),
         Ended::Failed {
             message: e,
             retryable: true,

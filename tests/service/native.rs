@@ -692,3 +692,121 @@ async fn a_queued_job_is_cancelled_at_once_and_only_once() {
     assert_eq!(r.status(), 404);
     s.shutdown().await;
 }
+
+/// Per-step losses of a job, from its metrics events.
+async fn step_losses(c: &reqwest::Client, s: &Server, id: &str) -> Vec<(i64, f64)> {
+    let ev: Value = c
+        .get(format!("{}/jobs/{id}/events?limit=1000", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    ev["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "metrics")
+        .map(|e| {
+            (
+                e["data"]["step"].as_i64().unwrap(),
+                e["data"]["loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn wait_for(c: &reqwest::Client, s: &Server, id: &str, want: &[&str]) -> Value {
+    for _ in 0..1200 {
+        let j = job_status(c, s, id).await;
+        if want.contains(&j["status"].as_str().unwrap_or("")) {
+            return j;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} never reached {want:?}");
+}
+
+/// A paused job releases its worker at a checkpoint and, resumed, trains exactly as a run
+/// that was never paused: the same loss at every step. Only a paused job resumes; a finished
+/// one does not pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_job_resumes_to_the_losses_of_an_uninterrupted_run() {
+    let s = start(&["cpu"]).await;
+    let c = reqwest::Client::new();
+    let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
+    let spec = json!({"model": "tiny", "training_file": file["id"],
+        "hyperparameters": {"max_steps": 150, "batch_size": 1, "learning_rate": 0.01, "warmup_ratio": 0.0},
+        "lora": {"r": 4, "dropout": 0.1}});
+    let create = || async {
+        let j: Value = c
+            .post(format!("{}/jobs", s.base))
+            .json(&spec)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        j["id"].as_str().unwrap().to_string()
+    };
+    let paused = create().await;
+    for _ in 0..600 {
+        if job_status(&c, &s, &paused).await["progress"]["step"]
+            .as_i64()
+            .unwrap_or(0)
+            >= 3
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = c
+        .post(format!("{}/jobs/{paused}/pause", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let j = wait_for(&c, &s, &paused, &["paused", "succeeded"]).await;
+    assert_eq!(j["status"], "paused", "{j}");
+    let at = j["progress"]["step"].as_i64().unwrap();
+    assert!(at < 150, "paused before the end, at step {at}");
+    // Nothing runs while paused; resuming twice is a conflict the second time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(job_status(&c, &s, &paused).await["progress"]["step"], at);
+    let r = c
+        .post(format!("{}/jobs/{paused}/resume", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let again = c
+        .post(format!("{}/jobs/{paused}/resume", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(again.status().as_u16(), 409), "{}", again.status());
+    assert_eq!(
+        wait_for(&c, &s, &paused, &["succeeded", "failed"]).await["status"],
+        "succeeded"
+    );
+
+    let straight = create().await;
+    assert_eq!(
+        wait_for(&c, &s, &straight, &["succeeded", "failed"]).await["status"],
+        "succeeded"
+    );
+    let (a, b) = (
+        step_losses(&c, &s, &paused).await,
+        step_losses(&c, &s, &straight).await,
+    );
+    assert_eq!(a.len(), 150, "every step once: {a:?}");
+    assert_eq!(a, b, "paused at step {at}, then resumed");
+    let finished = c
+        .post(format!("{}/jobs/{straight}/pause", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(finished.status(), 409);
+}

@@ -524,3 +524,111 @@ async fn metrics_openapi_and_dashboard() {
     let (status, _) = get(&c, format!("{}/dashboard/nope.js", s.base)).await;
     assert_eq!(status, 404);
 }
+
+/// Per-step training losses of a job, from `/v1/.../events` (oldest first).
+async fn v1_losses(c: &reqwest::Client, s: &Server, id: &str) -> Vec<f64> {
+    let (_, ev) = get(
+        c,
+        format!("{}/v1/fine_tuning/jobs/{id}/events?limit=100", s.base),
+    )
+    .await;
+    let mut steps: Vec<(i64, f64)> = ev["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
+        .map(|e| {
+            (
+                e["data"]["step"].as_i64().unwrap(),
+                e["data"]["train_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    steps.sort_by_key(|s| s.0);
+    steps.into_iter().map(|s| s.1).collect()
+}
+
+/// A job's `model` may be a succeeded job's `fine_tuned_model` or one of its checkpoints':
+/// it trains on that job's base from that adapter. From the step-2 checkpoint of a run that
+/// sees the whole dataset every step, the first loss is the source run's third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_continue_from_a_fine_tuned_model_or_its_checkpoint() {
+    let s = start().await;
+    let c = reqwest::Client::new();
+    let file: Value = upload(&c, &s, &[("purpose", "fine-tune")])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let hp = json!({"max_steps": 3, "batch_size": 3, "learning_rate": 0.02, "warmup_ratio": 0.0});
+    let create = |model: String, lora: Value| {
+        let body = json!({"model": model, "training_file": file["id"], "hyperparameters": hp,
+            "lora": lora, "checkpoint_every": 1});
+        let (c, url) = (c.clone(), format!("{}/jobs", s.base));
+        async move {
+            let r = c.post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, a) = create("tiny".into(), json!({"r": 4, "alpha": 8, "dropout": 0.0})).await;
+    assert_eq!(status, 201, "{a}");
+    let a_id = a["id"].as_str().unwrap().to_string();
+    let a_job = wait_status(&c, &s, &a_id, "succeeded").await;
+    let a_losses = v1_losses(&c, &s, &a_id).await;
+    assert_eq!(a_losses.len(), 3);
+    let (_, ckpts) = get(
+        &c,
+        format!("{}/v1/fine_tuning/jobs/{a_id}/checkpoints", s.base),
+    )
+    .await;
+    let step2 = ckpts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["step_number"] == 2)
+        .expect("a checkpoint at step 2");
+    let from_ckpt = step2["fine_tuned_model_checkpoint"].as_str().unwrap();
+    let (status, b) = create(from_ckpt.into(), json!({"dropout": 0.0})).await;
+    assert_eq!(status, 201, "{b}");
+    let b_id = b["id"].as_str().unwrap().to_string();
+    let b_job = wait_status(&c, &s, &b_id, "succeeded").await;
+    let b_losses = v1_losses(&c, &s, &b_id).await;
+    assert!(
+        (b_losses[0] - a_losses[2]).abs() <= 1e-5 * a_losses[2],
+        "continued from step 2: {b_losses:?} vs the source's {a_losses:?}"
+    );
+    // Named after the base it started from, not the chain.
+    let b_name = b_job["fine_tuned_model"].as_str().unwrap();
+    assert!(
+        b_name.starts_with("ft:tiny:qlorad:") && b_name.ends_with(&b_id),
+        "{b_name}"
+    );
+
+    // The whole fine-tuned model continues too, past where its job stopped.
+    let from_final = a_job["fine_tuned_model"].as_str().unwrap().to_string();
+    let (status, d) = create(from_final.clone(), json!({"dropout": 0.0})).await;
+    assert_eq!(status, 201, "{d}");
+    let d_id = d["id"].as_str().unwrap().to_string();
+    wait_status(&c, &s, &d_id, "succeeded").await;
+    let d_losses = v1_losses(&c, &s, &d_id).await;
+    assert!(d_losses[0] < a_losses[2], "{d_losses:?} vs {a_losses:?}");
+
+    // A changed LoRA shape, a checkpoint no longer kept and an unknown job are clear errors.
+    let (status, e) = create(from_final.clone(), json!({"r": 8})).await;
+    assert_eq!(status, 422, "{e}");
+    assert_eq!(e["error"]["param"], "lora.r", "{e}");
+    let gone = format!(
+        "{}:ckpt-step-99",
+        a_job["fine_tuned_model"].as_str().unwrap()
+    );
+    let (status, e) = create(gone, json!({})).await;
+    assert_eq!(status, 400, "{e}");
+    assert_error(&e, Some("model"));
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("step 99"),
+        "{e}"
+    );
+    let (status, e) = create("ft:tiny:qlorad::job-nope".into(), json!({})).await;
+    assert_eq!(status, 400, "{e}");
+    assert_error(&e, Some("model"));
+}

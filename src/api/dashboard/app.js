@@ -266,7 +266,8 @@ function drawChart(svg, points, evals) {
 async function showJob(id) {
   app.innerHTML = `<h1>Job <span class="mono">${esc(id)}</span></h1>
     <div class="card"><dl class="kv" id="summary"></dl>
-      <p><button class="secondary" id="cancel">Cancel</button> <span class="error" id="err"></span></p></div>
+      <p><button class="secondary" id="pause">Pause</button> <button class="secondary" id="resume">Resume</button>
+        <button class="secondary" id="cancel">Cancel</button> <span class="error" id="err"></span></p></div>
     <div class="card"><h2>Loss and learning rate</h2>
       <div class="legend"><span><i style="background:var(--loss)"></i>training loss</span>
         <span><i style="background:var(--eval)"></i>validation loss</span>
@@ -300,7 +301,9 @@ async function showJob(id) {
       <dt>ETA</dt><dd>${job.status === "running" && p.eta_seconds ? `${Math.round(p.eta_seconds)} s` : ""}</dd>
       <dt>Created</dt><dd>${esc(fmtTime(job.created_at))}</dd>
       <dt>LoRA</dt><dd class="mono">r=${job.spec.lora.r} alpha=${job.spec.lora.alpha} · ${esc(job.spec.quantization.type)}</dd>`;
-    app.querySelector("#cancel").disabled = !["queued", "running"].includes(job.status);
+    app.querySelector("#cancel").disabled = !["queued", "running", "paused"].includes(job.status);
+    app.querySelector("#pause").disabled = !["queued", "running"].includes(job.status);
+    app.querySelector("#resume").disabled = job.status !== "paused";
   };
   const loadJob = async () => { job = await api(`/jobs/${encodeURIComponent(id)}`); summary(); };
   const loadCheckpoints = async () => {
@@ -323,9 +326,14 @@ async function showJob(id) {
     app.querySelector("#err").textContent = e.message;
     return;
   }
-  app.querySelector("#cancel").addEventListener("click", async () => {
-    try { job = await api(`/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" }); summary(); } catch (e) { app.querySelector("#err").textContent = e.message; }
-  });
+  for (const action of ["cancel", "pause", "resume"]) {
+    app.querySelector(`#${action}`).addEventListener("click", async () => {
+      try {
+        job = await api(`/jobs/${encodeURIComponent(id)}/${action}`, { method: "POST" });
+        summary();
+      } catch (e) { app.querySelector("#err").textContent = e.message; }
+    });
+  }
 
   app.querySelector("#arts").addEventListener("click", (ev) => {
     const a = ev.target.closest("a.artifact");
@@ -336,6 +344,7 @@ async function showJob(id) {
 
   const log = app.querySelector("#events tbody");
   const logBox = app.querySelector(".log");
+  // A paused job's stream stays open: its events go on when it resumes.
   const finished = () => job && ["succeeded", "failed", "cancelled"].includes(job.status);
   let stop = () => {};
   const onEvent = (msg) => {
@@ -361,7 +370,7 @@ async function showJob(id) {
     } else if (e.type === "artifact") {
       loadArtifacts().catch(() => {});
     } else if (e.type === "status") {
-      if (job && ["succeeded", "failed", "cancelled"].includes(d.status)) job.status = d.status;
+      if (job && ["succeeded", "failed", "cancelled", "paused", "queued"].includes(d.status)) job.status = d.status;
       loadJob().catch(() => {});
     }
   };

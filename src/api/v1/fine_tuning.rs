@@ -184,9 +184,12 @@ fn hyper_view(spec: &Value) -> V1Hyperparameters {
 }
 
 fn fine_tuned_name(job: &JobRow) -> String {
+    let model = job.spec["model"].as_str().unwrap_or_default();
+    // A job that continued a fine-tuned model is named after the base it started from.
+    let base = crate::jobs::FineTuned::parse(model).map_or(model, |f| f.base);
     format!(
         "ft:{}:qlorad:{}:{}",
-        job.spec["model"].as_str().unwrap_or_default(),
+        base,
         job.suffix.as_deref().unwrap_or_default(),
         job.id
     )
@@ -500,6 +503,36 @@ pub async fn fine_tuning_jobs_cancel(
         state.jobs.hub.publish(&id, &e);
     }
     Ok(Json(job_view(job(&state, &who, &id).await?)))
+}
+
+/// Pause a queued or running job (it checkpoints first), as OpenAI's `jobs.pause`.
+#[utoipa::path(post, path = "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause", tag = "openai",
+    params(("fine_tuning_job_id" = String, Path)),
+    responses((status = 200, body = V1Job), (status = 404, body = ErrorBody),
+        (status = 409, description = "the job has finished", body = ErrorBody)))]
+pub async fn fine_tuning_jobs_pause(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<V1Job>> {
+    job(&state, &who, &id).await?;
+    let row = state.jobs.pause_job(&id, who.scope()).await?;
+    Ok(Json(job_view(row)))
+}
+
+/// Resume a paused job from its checkpoint, as OpenAI's `jobs.resume`.
+#[utoipa::path(post, path = "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume", tag = "openai",
+    params(("fine_tuning_job_id" = String, Path)),
+    responses((status = 200, body = V1Job), (status = 404, body = ErrorBody),
+        (status = 409, description = "the job is not paused", body = ErrorBody)))]
+pub async fn fine_tuning_jobs_resume(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<V1Job>> {
+    job(&state, &who, &id).await?;
+    let row = state.jobs.resume_job(&id, who.scope()).await?;
+    Ok(Json(job_view(row)))
 }
 
 /// The numeric tail of a cursor id (`ftevent-<job>-<n>` gives n).
