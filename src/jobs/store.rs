@@ -14,6 +14,16 @@ use super::{now, JobsError, Result, Status};
 /// `cancel_requested` of a running job: 1 asks its worker to cancel, 2 to pause.
 const PAUSE_REQUESTED: i64 = 2;
 
+/// Which jobs a list keeps by their metadata (`/v1`'s `metadata[k]=v`, `metadata=null`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataFilter {
+    Any,
+    /// Jobs without metadata.
+    None,
+    /// Jobs whose metadata has every one of these values.
+    Has(Vec<(String, String)>),
+}
+
 /// What a running job's worker is asked to do, read when it renews its lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopRequest {
@@ -343,16 +353,51 @@ impl Store {
         limit: i64,
         scope: Scope<'_>,
     ) -> Result<Vec<JobRow>> {
-        let rows = sqlx::query(&format!(
+        self.jobs_where(status, &MetadataFilter::Any, after, limit, scope)
+            .await
+    }
+
+    /// Jobs as [`Store::jobs`], of these metadata only.
+    pub async fn jobs_where(
+        &self,
+        status: Option<Status>,
+        metadata: &MetadataFilter,
+        after: Option<&str>,
+        limit: i64,
+        scope: Scope<'_>,
+    ) -> Result<Vec<JobRow>> {
+        let mut sql = format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR rowid < (SELECT rowid FROM jobs WHERE id = ?2)) \
-             AND (?4 IS NULL OR owner = ?4) ORDER BY rowid DESC LIMIT ?3"
-        ))
-        .bind(status.map(|s| s.as_str()))
-        .bind(after)
-        .bind(limit)
-        .bind(scope.owner())
-        .fetch_all(&self.pool)
-        .await?;
+             AND (?4 IS NULL OR owner = ?4)"
+        );
+        let pairs: &[(String, String)] = match metadata {
+            MetadataFilter::Any => &[],
+            MetadataFilter::None => {
+                sql.push_str(" AND metadata IS NULL");
+                &[]
+            }
+            MetadataFilter::Has(pairs) => pairs,
+        };
+        for i in 0..pairs.len() {
+            let (k, v) = (5 + 2 * i, 6 + 2 * i);
+            sql.push_str(&format!(" AND json_extract(metadata, ?{k}) IS ?{v}"));
+        }
+        sql.push_str(" ORDER BY rowid DESC LIMIT ?3");
+        let mut q = sqlx::query(&sql)
+            .bind(status.map(|s| s.as_str()))
+            .bind(after)
+            .bind(limit)
+            .bind(scope.owner());
+        for (k, v) in pairs {
+            // A JSON path naming the key whatever it holds: `$."a key"`.
+            q = q
+                .bind(format!(
+                    "$.\"{}\"",
+                    k.replace('\\', "\\\\").replace('"', "\\\"")
+                ))
+                .bind(v.clone());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(job_from_row).collect()
     }
 

@@ -148,6 +148,33 @@ async fn files_and_fine_tuning_jobs_have_openai_shapes() {
     assert!(done["trained_tokens"].as_i64().unwrap() > 0, "{done}");
     assert!(done["finished_at"].as_i64().unwrap() >= done["created_at"].as_i64().unwrap());
 
+    // The list filters by metadata as OpenAI's does.
+    let listed = |q: &'static str| {
+        let (c, url) = (c.clone(), format!("{}/v1/fine_tuning/jobs?{q}", s.base));
+        async move {
+            let (status, page) = get(&c, url).await;
+            let ids: Vec<String> = page["data"]
+                .as_array()
+                .map(|d| {
+                    d.iter()
+                        .map(|j| j["id"].as_str().unwrap().to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (status, ids, page)
+        }
+    };
+    assert_eq!(listed("metadata%5Bteam%5D=search").await.1, [id.clone()]);
+    assert!(listed("metadata[team]=ads").await.1.is_empty());
+    assert!(listed("metadata[team]=search&metadata[x]=1")
+        .await
+        .1
+        .is_empty());
+    assert!(!listed("metadata=null").await.1.contains(&id));
+    let (status, _, e) = listed("metadata=team").await;
+    assert_eq!(status, 400);
+    assert_error(&e, Some("metadata"));
+
     // Events: newest first, paged with `after`. The status changes a moment before its event
     // is written, so wait for the event.
     let mut page = Value::Null;

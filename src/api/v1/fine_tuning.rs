@@ -17,7 +17,7 @@ use super::{page_limit, query, Page};
 use crate::api::auth::Principal;
 use crate::api::jobs::{create_job, json_body};
 use crate::api::{ApiError, ApiResult, AppState, ErrorBody};
-use crate::jobs::store::{CheckpointRow, JobLabels, JobRow, Progress};
+use crate::jobs::store::{CheckpointRow, JobLabels, JobRow, MetadataFilter, Progress};
 use crate::jobs::{Event, EventKind, Level, Status};
 use crate::train::Hyperparameters;
 
@@ -441,23 +441,55 @@ pub struct CursorQuery {
     limit: Option<i64>,
 }
 
-/// Jobs, newest first.
-#[utoipa::path(get, path = "/v1/fine_tuning/jobs", tag = "openai", params(CursorQuery),
+/// Jobs, newest first; `metadata[k]=v` (any number) keeps the jobs whose metadata has those
+/// values, `metadata=null` those without metadata.
+#[utoipa::path(get, path = "/v1/fine_tuning/jobs", tag = "openai", params(CursorQuery,
+        ("metadata[<key>]" = Option<String>, Query, description = "keep jobs whose metadata has this value at <key>; `metadata=null`: jobs without metadata")),
     responses((status = 200, body = Page<V1Job>), (status = 400, body = ErrorBody)))]
 pub async fn fine_tuning_jobs_list(
     State(state): State<AppState>,
     who: Principal,
     q: Result<Query<CursorQuery>, QueryRejection>,
+    pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<Page<V1Job>>> {
     let q = query(q)?;
     let limit = page_limit(q.limit, 20, 100)?;
+    let filter = metadata_filter(&query(pairs)?)?;
     let rows = state
         .jobs
         .store
-        .jobs(None, q.after.as_deref(), limit + 1, who.scope())
+        .jobs_where(None, &filter, q.after.as_deref(), limit + 1, who.scope())
         .await?;
     let rows: Vec<V1Job> = rows.into_iter().map(job_view).collect();
     Ok(Json(Page::new(rows, limit, |j| j.id.clone())))
+}
+
+/// `metadata[k]=v` pairs, or `metadata=null`, from a query string's pairs.
+fn metadata_filter(pairs: &[(String, String)]) -> ApiResult<MetadataFilter> {
+    let mut has = Vec::new();
+    for (k, v) in pairs {
+        if k == "metadata" {
+            if v != "null" {
+                return Err(ApiError::bad(
+                    "invalid_metadata",
+                    format!("metadata={v:?}: filter with metadata[key]=value, or metadata=null"),
+                    Some("metadata"),
+                ));
+            }
+            return Ok(MetadataFilter::None);
+        }
+        if let Some(key) = k
+            .strip_prefix("metadata[")
+            .and_then(|k| k.strip_suffix(']'))
+        {
+            has.push((key.to_string(), v.clone()));
+        }
+    }
+    Ok(if has.is_empty() {
+        MetadataFilter::Any
+    } else {
+        MetadataFilter::Has(has)
+    })
 }
 
 async fn job(state: &AppState, who: &Principal, id: &str) -> ApiResult<JobRow> {
