@@ -164,7 +164,10 @@ async fn files_and_fine_tuning_jobs_have_openai_shapes() {
             (status, ids, page)
         }
     };
-    assert_eq!(listed("metadata%5Bteam%5D=search").await.1, [id.clone()]);
+    assert_eq!(
+        listed("metadata%5Bteam%5D=search").await.1,
+        vec![id.clone()]
+    );
     assert!(listed("metadata[team]=ads").await.1.is_empty());
     assert!(listed("metadata[team]=search&metadata[x]=1")
         .await
