@@ -17,6 +17,100 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
+    /// Endpoints told when a job ends (`[[webhooks]]`, any number).
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One webhook endpoint: OpenAI's payload and Standard Webhooks signature headers.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where events are POSTed.
+    pub url: String,
+    /// The signing secret, `whsec_` and base64, as OpenAI's dashboard gives one.
+    pub secret: String,
+    /// Event types sent: `fine_tuning.job.succeeded`, `…failed`, `…cancelled` (the default
+    /// three) and `…paused`.
+    #[serde(default = "default_webhook_events")]
+    pub events: Vec<String>,
+    /// Seconds an attempt may take before it counts as failed.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_webhook_events() -> Vec<String> {
+    WEBHOOK_EVENTS[..3].iter().map(|s| s.to_string()).collect()
+}
+
+fn default_webhook_timeout() -> u64 {
+    10
+}
+
+/// Every event type a webhook may ask for.
+pub const WEBHOOK_EVENTS: [&str; 4] = [
+    "fine_tuning.job.succeeded",
+    "fine_tuning.job.failed",
+    "fine_tuning.job.cancelled",
+    "fine_tuning.job.paused",
+];
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .field("events", &self.events)
+            .finish()
+    }
+}
+
+impl WebhookConfig {
+    /// The HMAC key: the base64 after `whsec_`, decoded.
+    pub fn key(&self) -> Result<Vec<u8>, ConfigError> {
+        use base64::Engine;
+        let bad = |message: &str| ConfigError::Parse {
+            source_name: "webhooks".into(),
+            message: format!("{}: secret {message}", self.url),
+        };
+        let b64 = self
+            .secret
+            .strip_prefix("whsec_")
+            .ok_or_else(|| bad("must start with whsec_"))?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| bad("must be whsec_ followed by base64"))?;
+        if key.is_empty() {
+            return Err(bad("is empty"));
+        }
+        Ok(key)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |message: String| ConfigError::Parse {
+            source_name: "webhooks".into(),
+            message,
+        };
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(bad(format!(
+                "url {:?} must be http:// or https://",
+                self.url
+            )));
+        }
+        self.key()?;
+        if let Some(e) = self
+            .events
+            .iter()
+            .find(|e| !WEBHOOK_EVENTS.contains(&e.as_str()))
+        {
+            return Err(bad(format!(
+                "{}: event {e:?} is not one of {}",
+                self.url,
+                WEBHOOK_EVENTS.join(", ")
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,6 +206,8 @@ pub struct Overrides {
     pub api_keys_file: Option<PathBuf>,
     /// Serve without keys on a non-loopback address.
     pub allow_anonymous_remote: bool,
+    /// One more webhook endpoint, with its secret (`--webhook-url`, `--webhook-secret`).
+    pub webhook: Option<(String, String)>,
 }
 
 fn merge(base: &mut toml::Value, over: toml::Value) {
@@ -198,6 +294,17 @@ impl Config {
         }
         if overrides.allow_anonymous_remote {
             cfg.auth.allow_anonymous_remote = true;
+        }
+        if let Some((url, secret)) = &overrides.webhook {
+            cfg.webhooks.push(WebhookConfig {
+                url: url.clone(),
+                secret: secret.clone(),
+                events: default_webhook_events(),
+                timeout_seconds: default_webhook_timeout(),
+            });
+        }
+        for w in &cfg.webhooks {
+            w.validate()?;
         }
         Ok(cfg)
     }

@@ -6,6 +6,7 @@ pub mod intake;
 pub mod layout;
 pub mod stats;
 pub mod store;
+pub mod webhooks;
 pub mod worker;
 
 use std::sync::Arc;

@@ -60,7 +60,9 @@ pub async fn serve_on(
     }
     let config = Arc::new(config);
     let layout = Layout::new(&config);
-    let store = Store::open(layout.data_dir()).await?;
+    let store = Store::open(layout.data_dir())
+        .await?
+        .with_webhooks(crate::jobs::webhooks::targets(&config.webhooks));
     layout.remove_staged_files();
     // This process owns the database: whatever is "running" belonged to a process that died.
     for (id, e) in store.requeue_stale(true).await? {
@@ -79,7 +81,14 @@ pub async fn serve_on(
         layout,
         workers,
     };
-    let tasks = spawn_workers(&jobs);
+    let mut tasks = spawn_workers(&jobs);
+    if !config.webhooks.is_empty() {
+        tasks.push(tokio::spawn(crate::jobs::webhooks::run(
+            jobs.store.clone(),
+            config.webhooks.clone(),
+            shutdown.child_token(),
+        )));
+    }
     let state = AppState {
         config: config.clone(),
         jobs,

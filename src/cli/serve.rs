@@ -30,6 +30,13 @@ pub struct ServeCommand {
     /// Serve without API keys on an address other than loopback.
     #[arg(long)]
     allow_anonymous: bool,
+    /// A webhook endpoint told when jobs succeed, fail or are cancelled (with --webhook-secret;
+    /// more in the config's `[[webhooks]]`).
+    #[arg(long, requires = "webhook_secret")]
+    webhook_url: Option<String>,
+    /// Its signing secret, `whsec_…`.
+    #[arg(long, requires = "webhook_url")]
+    webhook_secret: Option<String>,
 }
 
 pub fn run(c: ServeCommand) -> Result<()> {
@@ -40,6 +47,7 @@ pub fn run(c: ServeCommand) -> Result<()> {
         workers: c.workers,
         api_keys_file: c.api_keys_file,
         allow_anonymous_remote: c.allow_anonymous,
+        webhook: c.webhook_url.zip(c.webhook_secret),
     };
     let cfg = Config::load(c.config.as_deref(), std::env::vars(), &overrides)?;
     runtime()?.block_on(async {

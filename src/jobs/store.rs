@@ -35,6 +35,40 @@ pub enum StopRequest {
 #[derive(Clone)]
 pub struct Store {
     pub pool: SqlitePool,
+    /// Where status changes are announced: each final (or paused) status writes one outbox
+    /// row per endpoint that wants it, in the transaction of the change.
+    webhooks: std::sync::Arc<Vec<WebhookTarget>>,
+}
+
+/// A webhook endpoint as the store sees it: where, and which event types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookTarget {
+    pub url: String,
+    /// `fine_tuning.job.succeeded`, `…failed`, `…cancelled`, `…paused`.
+    pub events: Vec<String>,
+}
+
+/// The webhook event type of a status, if it has one.
+pub fn webhook_type(status: Status) -> Option<&'static str> {
+    Some(match status {
+        Status::Succeeded => "fine_tuning.job.succeeded",
+        Status::Failed => "fine_tuning.job.failed",
+        Status::Cancelled => "fine_tuning.job.cancelled",
+        Status::Paused => "fine_tuning.job.paused",
+        Status::Queued | Status::Running => return None,
+    })
+}
+
+/// A delivery not yet acknowledged by its endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// `webhook-id`, the same on every attempt.
+    pub id: String,
+    pub endpoint: String,
+    pub kind: String,
+    pub job_id: String,
+    pub created_at: i64,
+    pub attempts: i64,
 }
 
 /// An uploaded dataset.
@@ -206,7 +240,97 @@ impl Store {
             .connect_with(opts)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            webhooks: Default::default(),
+        })
+    }
+
+    /// The same store, announcing status changes to these endpoints.
+    pub fn with_webhooks(mut self, targets: Vec<WebhookTarget>) -> Self {
+        self.webhooks = std::sync::Arc::new(targets);
+        self
+    }
+
+    /// Outbox rows for a job's new status, inside the transaction that sets it.
+    async fn queue_webhooks(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        job_id: &str,
+        status: Status,
+    ) -> Result<()> {
+        let Some(kind) = webhook_type(status) else {
+            return Ok(());
+        };
+        let t = now();
+        for w in self
+            .webhooks
+            .iter()
+            .filter(|w| w.events.iter().any(|e| e == kind))
+        {
+            sqlx::query(
+                "INSERT INTO webhook_outbox (id, endpoint, type, job_id, created_at, next_at) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(format!("evt_{}", uuid::Uuid::new_v4().simple()))
+            .bind(&w.url)
+            .bind(kind)
+            .bind(job_id)
+            .bind(t)
+            .bind(t)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Deliveries due now, oldest first, and for each job and endpoint only the oldest one not
+    /// yet delivered: an endpoint hears of a job's events in order.
+    pub async fn due_deliveries(&self, limit: i64) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(
+            "SELECT id, endpoint, type, job_id, created_at, attempts FROM webhook_outbox o \
+             WHERE delivered_at IS NULL AND next_at <= ?1 AND NOT EXISTS (SELECT 1 FROM webhook_outbox p \
+               WHERE p.job_id = o.job_id AND p.endpoint = o.endpoint AND p.delivered_at IS NULL AND p.rowid < o.rowid) \
+             ORDER BY created_at, rowid LIMIT ?2",
+        )
+        .bind(now())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Delivery {
+                    id: r.try_get("id")?,
+                    endpoint: r.try_get("endpoint")?,
+                    kind: r.try_get("type")?,
+                    job_id: r.try_get("job_id")?,
+                    created_at: r.try_get("created_at")?,
+                    attempts: r.try_get("attempts")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The endpoint acknowledged a delivery.
+    pub async fn delivered(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE webhook_outbox SET delivered_at = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?")
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// An attempt failed: try again at `next_at`.
+    pub async fn delivery_failed(&self, id: &str, next_at: i64, error: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, next_at = ?, last_error = ? WHERE id = ?",
+        )
+        .bind(next_at)
+        .bind(error)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Record an upload as `owner`'s.
@@ -479,6 +603,7 @@ impl Store {
             let data = serde_json::json!({"status": "paused"});
             let e =
                 insert_event(&mut tx, id, EventKind::Status, Level::Info, "paused", data).await?;
+            self.queue_webhooks(&mut tx, id, Status::Paused).await?;
             tx.commit().await?;
             return Ok(Some(e));
         }
@@ -614,6 +739,7 @@ impl Store {
             Level::Info
         };
         let e = insert_event(&mut tx, id, EventKind::Status, level, message, data).await?;
+        self.queue_webhooks(&mut tx, id, to).await?;
         tx.commit().await?;
         Ok(Some(e))
     }
@@ -642,6 +768,7 @@ impl Store {
                 data,
             )
             .await?;
+            self.queue_webhooks(&mut tx, id, Status::Cancelled).await?;
             tx.commit().await?;
             return Ok(Some(e));
         }

@@ -13,7 +13,13 @@ use crate::harness::{Options, Server, ALICE, BOB, ROOT};
 /// A server with alice, bob and an admin key (or none when `keys` is false), `env` layered
 /// over the defaults as `QLORAD_*` variables.
 async fn start(keys: bool, workers: &[&str], env: &[(&str, &str)]) -> Server {
-    crate::harness::start_with(Options { keys, workers, env }).await
+    crate::harness::start_with(Options {
+        keys,
+        workers,
+        env,
+        data: None,
+    })
+    .await
 }
 
 const DATA: &str = concat!(

@@ -52,6 +52,8 @@ pub struct Options<'a> {
     pub workers: &'a [&'a str],
     /// `QLORAD_*` variables layered over the defaults.
     pub env: &'a [(&'a str, &'a str)],
+    /// The data directory of an earlier server (a restart); a fresh one when None.
+    pub data: Option<&'a std::path::Path>,
 }
 
 /// A server without keys and with these workers.
@@ -67,7 +69,10 @@ pub async fn start_with(o: Options<'_>) -> Server {
     let tmp = tempfile::tempdir().unwrap();
     let models = tmp.path().join("models");
     crate::common::tiny_model(&models.join("tiny"), "tok-chatml");
-    let data = tmp.path().join("data");
+    let data = o
+        .data
+        .map(|d| d.to_path_buf())
+        .unwrap_or_else(|| tmp.path().join("data"));
     let keys_file = tmp.path().join("keys");
     let bob_digest: String = {
         use sha2::Digest;

@@ -8,3 +8,4 @@ mod harness;
 mod hub;
 mod native;
 mod v1;
+mod webhooks;
