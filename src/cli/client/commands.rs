@@ -63,8 +63,12 @@ pub enum JobsCommand {
     Get { id: String },
     /// Follow a job's events with a progress bar until it ends.
     Watch { id: String },
-    /// Cancel a queued or running job.
+    /// Cancel a queued, running or paused job.
     Cancel { id: String },
+    /// Pause a queued or running job: it checkpoints and releases its worker.
+    Pause { id: String },
+    /// Queue a paused job again; it continues from its checkpoint.
+    Resume { id: String },
     /// Download a job's artifacts (all, or those named), resuming partial files.
     Download {
         id: String,
@@ -244,18 +248,24 @@ pub async fn jobs(server: &str, api_key: Option<String>, cmd: JobsCommand) -> Re
             println!("{}", pretty(&job));
         }
         JobsCommand::Watch { id } => finish(watch_job(&client, &id).await?)?,
-        JobsCommand::Cancel { id } => {
-            let job: Value = client
-                .json(client.post(&format!("/jobs/{}/cancel", segment(&id))))
-                .await?;
-            println!("{} {}", id, job["status"].as_str().unwrap_or_default());
-        }
+        JobsCommand::Cancel { id } => post_action(&client, &id, "cancel").await?,
+        JobsCommand::Pause { id } => post_action(&client, &id, "pause").await?,
+        JobsCommand::Resume { id } => post_action(&client, &id, "resume").await?,
         JobsCommand::Download { id, names, out } => download(&client, &id, &names, &out).await?,
     }
     Ok(())
 }
 
 /// A job that did not succeed is an error (a non-zero exit).
+/// `POST /jobs/{id}/<action>` (cancel, pause, resume), printing the job's status after it.
+async fn post_action(client: &Client, id: &str, action: &str) -> Result<()> {
+    let job: Value = client
+        .json(client.post(&format!("/jobs/{}/{action}", segment(id))))
+        .await?;
+    println!("{} {}", id, job["status"].as_str().unwrap_or_default());
+    Ok(())
+}
+
 fn finish(status: String) -> Result<()> {
     if status == "succeeded" {
         Ok(())
