@@ -4,7 +4,7 @@
     .venv/bin/pip install llama-cpp-python==0.3.36      # builds llama.cpp (CPU), 5-20 minutes
     .venv/bin/python scripts/check_llama_cpp.py target/release/qlorad /tmp/qlorad-gguf-check
 
-For a byte-level BPE Llama (Llama-3 style), a BPE Qwen2 (ChatML) and a SentencePiece-style
+For a byte-level BPE Llama (Llama-3 style), a BPE Qwen2 (ChatML), a Qwen3 and a SentencePiece-style
 Llama (byte fallback, Llama-2 style) with random weights (rows of 256, so k-quants apply) and a
 PEFT adapter with non-zero B, runs `qlorad merge` to f32/f16/q8_0/q4_0/q4_k_m GGUF, a GGUF LoRA
 and merged safetensors, then checks with llama-cpp-python (f32 KV cache):
@@ -26,7 +26,7 @@ import torch
 from llama_cpp import Llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 qlorad, work = sys.argv[1], sys.argv[2]
 here = os.path.dirname(os.path.abspath(__file__))
@@ -87,6 +87,8 @@ common = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden
 cases = [
     ("bpe-llama", LlamaConfig(**common, bos_token_id=0, eos_token_id=3, tie_word_embeddings=False), "tok-llama3"),
     ("bpe-qwen2", Qwen2Config(**common, tie_word_embeddings=True), "qwen2"),
+    # q/k norms and a head_dim that is not hidden/heads.
+    ("bpe-qwen3", Qwen3Config(**common, head_dim=32, tie_word_embeddings=False), "qwen2"),
     ("spm-llama", LlamaConfig(**common, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False), "spm"),
 ]
 

@@ -74,6 +74,8 @@ fn options(hyper: Hyperparameters, lora: LoraConfig, out: Option<PathBuf>) -> Tr
         out_dir: out,
         base_model: None,
         packing: false,
+        early_stopping: None,
+        load_best: false,
     }
 }
 
@@ -188,6 +190,8 @@ fn packed_training_matches_trl_and_peft() {
     };
     let opts = TrainerOptions {
         packing: true,
+        early_stopping: None,
+        load_best: false,
         ..options(hyper, lora, None)
     };
     let mut trainer = Trainer::new(&model, &examples, None, 0, opts).unwrap();
@@ -413,4 +417,107 @@ fn a_tiny_model_learns_a_fixed_mapping() {
             .unwrap();
         assert_eq!(tok.decode(&out).unwrap(), a.trim(), "completion of {q:?}");
     }
+}
+
+/// Early stopping ends a run whose validation loss stops improving, saying which step won;
+/// `load_best` makes that step's adapter the result.
+#[test]
+fn early_stopping_and_the_best_adapter() {
+    use qlorad::train::trainer::EarlyStopping;
+    let tmp = tempfile::tempdir().unwrap();
+    let examples = parity_examples();
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: TargetModules::all_linear(),
+        use_rslora: false,
+    };
+    let load = || {
+        let mut m = CausalLm::load(&lm("llama-gqa"), &LoadOptions::default()).unwrap();
+        m.add_lora(&lora, 3).unwrap();
+        m
+    };
+    let run = |out: &Path, early: Option<EarlyStopping>, hyper: Hyperparameters| {
+        let model = load();
+        let opts = TrainerOptions {
+            eval_every: Some(1),
+            early_stopping: early,
+            load_best: true,
+            ..options(hyper, lora.clone(), Some(out.to_path_buf()))
+        };
+        let mut t = Trainer::new(&model, &examples, Some(&examples), 0, opts).unwrap();
+        let mut events = Vec::new();
+        t.run(&AtomicBool::new(false), &mut |e| events.push(e.clone()))
+            .unwrap();
+        events
+    };
+    // No improvement ever counts: the run stops after `patience` evaluations past the first.
+    let events = run(
+        &tmp.path().join("stop"),
+        Some(EarlyStopping {
+            patience: 2,
+            min_delta: 100.0,
+        }),
+        parity_hyper(),
+    );
+    let stopped = events
+        .iter()
+        .find_map(|e| match e {
+            TrainEvent::EarlyStopped {
+                step, best_step, ..
+            } => Some((*step, *best_step)),
+            _ => None,
+        })
+        .expect("an early stop");
+    assert_eq!(stopped, (3, 1));
+    assert!(matches!(
+        events.last(),
+        Some(TrainEvent::Finished { step: 3, .. })
+    ));
+
+    // A learning rate that overshoots: the best evaluation is not the last, and the result
+    // computes that evaluation's loss.
+    let out = tmp.path().join("best");
+    let events = run(
+        &out,
+        None,
+        Hyperparameters {
+            learning_rate: 0.5,
+            max_grad_norm: 100.0,
+            max_steps: Some(4),
+            ..parity_hyper()
+        },
+    );
+    let evals: Vec<(usize, f32)> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Eval {
+                step, eval_loss, ..
+            } => Some((*step, *eval_loss)),
+            _ => None,
+        })
+        .collect();
+    let best = evals
+        .iter()
+        .copied()
+        .fold((0, f32::INFINITY), |b, e| if e.1 < b.1 { e } else { b });
+    let chosen = events
+        .iter()
+        .find_map(|e| match e {
+            TrainEvent::BestAdapter { step, eval_loss } => Some((*step, *eval_loss)),
+            _ => None,
+        })
+        .expect("the best adapter is reported");
+    assert_eq!(chosen, best, "evaluations {evals:?}");
+    assert!(best.0 < 4, "the last step is not the best: {evals:?}");
+    let mut m = CausalLm::load(&lm("llama-gqa"), &LoadOptions::default()).unwrap();
+    m.load_adapter(&out.join("adapter")).unwrap();
+    let r = qlorad::train::evaluate(&m, &examples, parity_hyper().batch_size, 0).unwrap();
+    assert!(
+        (r.loss - best.1).abs() <= 1e-6 * best.1,
+        "the result's loss {} vs the best evaluation {}",
+        r.loss,
+        best.1
+    );
 }

@@ -123,6 +123,11 @@ pub struct JobSpecSchema {
     /// Evaluate every N steps.
     #[schema(minimum = 1)]
     eval_every: Option<u64>,
+    /// Stop when the validation loss has not improved by `min_delta` for `patience`
+    /// evaluations (needs `eval_every`).
+    early_stopping: Option<EarlyStoppingSchema>,
+    /// The adapter and exports of the lowest validation loss, not the last step's.
+    load_best: Option<bool>,
     export: Option<ExportSchema>,
     /// `cpu` or `cuda:N` (a job on `cpu` runs on whichever worker claims it).
     device: Option<String>,
@@ -262,6 +267,17 @@ pub enum BosRule {
     Auto,
     Always,
     Never,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[schema(as = EarlyStopping)]
+#[allow(dead_code)]
+pub struct EarlyStoppingSchema {
+    /// Evaluations without improvement before the run stops.
+    #[schema(minimum = 1)]
+    patience: u64,
+    /// A smaller improvement does not count (default 0).
+    min_delta: Option<f64>,
 }
 
 #[derive(Deserialize, ToSchema)]

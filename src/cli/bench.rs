@@ -252,6 +252,8 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         out_dir: None,
         base_model: None,
         packing: args.spec.data.packing,
+        early_stopping: None,
+        load_best: false,
     };
     let mut trainer = Trainer::new(&model, &examples, None, 0, opts)?;
     let packing = trainer.packing();

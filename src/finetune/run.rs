@@ -157,6 +157,8 @@ fn run_inner(
         out_dir: Some(plan.run_dir.clone()),
         base_model: plan.base_model_name.clone(),
         packing: spec.data.packing,
+        early_stopping: spec.early_stopping,
+        load_best: spec.load_best,
     };
     let mut trainer = Trainer::new(&model, &train_set, eval_set.as_deref(), tok.pad_id, topts)?;
     if let Some(summary) = trainer.packing() {

@@ -147,6 +147,11 @@ pub struct JobSpec {
     pub keep_checkpoints: usize,
     /// Evaluate on the validation file every N steps (and at the end).
     pub eval_every: Option<usize>,
+    /// Stop when the validation loss has not improved (by `min_delta`) for `patience`
+    /// evaluations.
+    pub early_stopping: Option<crate::train::trainer::EarlyStopping>,
+    /// The adapter (and exports) of the lowest validation loss rather than the last step's.
+    pub load_best: bool,
     pub export: ExportSpec,
     /// `cpu` or `cuda:N`.
     pub device: String,
@@ -167,6 +172,8 @@ impl Default for JobSpec {
             checkpoint_every: None,
             keep_checkpoints: 3,
             eval_every: None,
+            early_stopping: None,
+            load_best: false,
             export: ExportSpec::default(),
             device: "cpu".into(),
             priority: 0,
@@ -295,6 +302,28 @@ impl JobSpec {
         }
         if self.keep_checkpoints == 0 {
             return Err(spec_err("keep_checkpoints", "must be at least 1"));
+        }
+        if let Some(e) = &self.early_stopping {
+            if e.patience == 0 {
+                return Err(spec_err("early_stopping.patience", "must be at least 1"));
+            }
+            if !(e.min_delta.is_finite() && e.min_delta >= 0.0) {
+                return Err(spec_err(
+                    "early_stopping.min_delta",
+                    "must be a number >= 0",
+                ));
+            }
+        }
+        for (field, on) in [
+            ("early_stopping", self.early_stopping.is_some()),
+            ("load_best", self.load_best),
+        ] {
+            if on && self.eval_every.is_none() {
+                return Err(spec_err(
+                    field,
+                    "needs eval_every (and a validation_file): it works on the validation loss",
+                ));
+            }
         }
         for t in &self.export.gguf {
             t.parse::<crate::export::GgufType>()

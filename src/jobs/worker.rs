@@ -585,6 +585,25 @@ async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEven
                 )
                 .await
             }
+            TrainEvent::EarlyStopped {
+                step,
+                best_step,
+                best_eval_loss,
+                patience,
+            } => {
+                let message = format!(
+                    "stopped early at step {step}: the validation loss did not improve for {patience} evaluations; step {best_step} was best ({best_eval_loss:.4})"
+                );
+                let data = serde_json::json!({"step": step, "best_step": best_step, "best_eval_loss": best_eval_loss});
+                record(svc, id, EventKind::Log, &message, data).await
+            }
+            TrainEvent::BestAdapter { step, eval_loss } => {
+                let message = format!(
+                    "the adapter of step {step} (validation loss {eval_loss:.4}) is the result"
+                );
+                let data = serde_json::json!({"best_step": step, "best_eval_loss": eval_loss});
+                record(svc, id, EventKind::Log, &message, data).await
+            }
         },
     }
 }

@@ -31,6 +31,12 @@ pub struct TrainState {
     pub gradient_accumulation_steps: usize,
     pub seed: u64,
     pub last_loss: Option<f32>,
+    /// The lowest validation loss so far and its step (early stopping, the best adapter).
+    #[serde(default)]
+    pub best_eval: Option<(usize, f32)>,
+    /// Evaluations since `best_eval` improved.
+    #[serde(default)]
+    pub evals_since_best: usize,
 }
 
 pub fn checkpoint_dir(out: &Path, step: usize) -> PathBuf {

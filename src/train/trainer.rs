@@ -37,6 +37,21 @@ pub struct TrainerOptions {
     /// `batch_size` rows, and the loss is normalised over the label tokens of the whole step.
     /// Either way a micro-batch's examples lie end to end in one row, without padding.
     pub packing: bool,
+    /// Stop when the validation loss has not improved for this many evaluations.
+    pub early_stopping: Option<EarlyStopping>,
+    /// The adapter at the lowest validation loss becomes the result, not the last one.
+    pub load_best: bool,
+}
+
+/// When a run stops on its validation loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    /// Evaluations without improvement before stopping.
+    pub patience: usize,
+    /// An improvement smaller than this does not count.
+    #[serde(default)]
+    pub min_delta: f64,
 }
 
 /// What happened, for progress displays, logs and the service's event stream.
@@ -75,6 +90,18 @@ pub enum TrainEvent {
     },
     Cancelled {
         step: usize,
+    },
+    /// The validation loss stopped improving: training ends here, `best_step` won.
+    EarlyStopped {
+        step: usize,
+        best_step: usize,
+        best_eval_loss: f32,
+        patience: usize,
+    },
+    /// The adapter of the lowest validation loss is the run's result.
+    BestAdapter {
+        step: usize,
+        eval_loss: f32,
     },
 }
 
@@ -158,6 +185,8 @@ impl<'a> Trainer<'a> {
             gradient_accumulation_steps: h.gradient_accumulation_steps,
             seed: h.seed,
             last_loss: None,
+            best_eval: None,
+            evals_since_best: 0,
         };
         Ok(Trainer {
             model,
@@ -354,6 +383,7 @@ impl<'a> Trainer<'a> {
         let mut run_tokens = 0usize;
         let mut epoch_batches: Option<(usize, Vec<Vec<usize>>)> = None;
         let dropout = self.opts.lora.dropout > 0.0;
+        let mut stop_early = false;
         while self.state.step < total {
             if cancel.load(Ordering::Relaxed) {
                 self.checkpoint(on_event)?;
@@ -491,7 +521,18 @@ impl<'a> Trainer<'a> {
                         eval_accuracy: r.accuracy,
                         eval_tokens: r.tokens,
                     });
+                    stop_early = self.judge(r.loss)?;
                 }
+            }
+            if let Some((best_step, best_eval_loss)) = self.state.best_eval.filter(|_| stop_early) {
+                on_event(&TrainEvent::EarlyStopped {
+                    step: self.state.step,
+                    best_step,
+                    best_eval_loss,
+                    patience: self.opts.early_stopping.map_or(0, |e| e.patience),
+                });
+                self.checkpoint(on_event)?;
+                break;
             }
             if last
                 || self
@@ -503,11 +544,18 @@ impl<'a> Trainer<'a> {
             }
         }
         if let Some(out) = &self.opts.out_dir {
-            self.model.save_adapter(
-                &out.join("adapter"),
-                &self.opts.lora,
-                self.opts.base_model.as_deref(),
-            )?;
+            let adapter = out.join("adapter");
+            match self.state.best_eval.filter(|_| self.opts.load_best) {
+                Some((step, eval_loss)) => {
+                    copy_adapter(&out.join(BEST_ADAPTER), &adapter)?;
+                    on_event(&TrainEvent::BestAdapter { step, eval_loss });
+                }
+                None => self.model.save_adapter(
+                    &adapter,
+                    &self.opts.lora,
+                    self.opts.base_model.as_deref(),
+                )?,
+            }
         }
         on_event(&TrainEvent::Finished {
             step: self.state.step,
@@ -516,6 +564,47 @@ impl<'a> Trainer<'a> {
         Ok(TrainOutcome::Finished {
             step: self.state.step,
         })
+    }
+}
+
+/// Where the adapter of the lowest validation loss so far is kept, with `load_best`.
+const BEST_ADAPTER: &str = "best-adapter";
+
+fn copy_adapter(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(crate::train::io_err(to))?;
+    for e in std::fs::read_dir(from).map_err(crate::train::io_err(from))? {
+        let e = e.map_err(crate::train::io_err(from))?;
+        std::fs::copy(e.path(), to.join(e.file_name())).map_err(crate::train::io_err(to))?;
+    }
+    Ok(())
+}
+
+impl Trainer<'_> {
+    /// Record an evaluation's loss against the best so far; with `load_best` a new best's
+    /// adapter is kept. Returns whether early stopping says to stop.
+    fn judge(&mut self, loss: f32) -> Result<bool> {
+        let min_delta = self.opts.early_stopping.map_or(0.0, |e| e.min_delta);
+        let improved = match self.state.best_eval {
+            None => true,
+            Some((_, best)) => (loss as f64) < best as f64 - min_delta,
+        };
+        if improved {
+            self.state.best_eval = Some((self.state.step, loss));
+            self.state.evals_since_best = 0;
+            if let (true, Some(out)) = (self.opts.load_best, &self.opts.out_dir) {
+                self.model.save_adapter(
+                    &out.join(BEST_ADAPTER),
+                    &self.opts.lora,
+                    self.opts.base_model.as_deref(),
+                )?;
+            }
+        } else {
+            self.state.evals_since_best += 1;
+        }
+        Ok(self
+            .opts
+            .early_stopping
+            .is_some_and(|e| self.state.evals_since_best >= e.patience))
     }
 }
 
