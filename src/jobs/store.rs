@@ -128,6 +128,8 @@ pub struct JobRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<std::collections::HashMap<String, String>>)]
     pub metadata: Option<serde_json::Value>,
+    /// File ids of what a succeeded job's run produced for download: its step metrics CSV.
+    pub result_files: Vec<String>,
 }
 
 /// An adapter checkpoint (`checkpoint-<step>` in the job's directory).
@@ -148,7 +150,7 @@ pub struct ArtifactRow {
     pub created_at: i64,
 }
 
-const JOB_COLUMNS: &str = "id, spec, status, priority, created_at, started_at, finished_at, error, attempts, step, total_steps, last_loss, tokens_per_second, eta_seconds, trained_tokens, suffix, metadata";
+const JOB_COLUMNS: &str = "id, spec, status, priority, created_at, started_at, finished_at, error, attempts, step, total_steps, last_loss, tokens_per_second, eta_seconds, trained_tokens, suffix, metadata, result_files";
 
 fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
     let status: String = r.try_get("status")?;
@@ -177,6 +179,10 @@ fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
         metadata: r
             .try_get::<Option<String>, _>("metadata")?
             .and_then(|m| serde_json::from_str(&m).ok()),
+        result_files: r
+            .try_get::<Option<String>, _>("result_files")?
+            .and_then(|m| serde_json::from_str(&m).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -330,6 +336,34 @@ impl Store {
         .bind(id)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// A job's result file, owned by the job's owner, and listed in its `result_files`.
+    pub async fn add_result_file(&self, job_id: &str, f: &FileRow) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO files (id, filename, bytes, format, examples, tokens, created_at, owner) \
+                     SELECT ?, ?, ?, ?, ?, ?, ?, owner FROM jobs WHERE id = ?",
+        )
+        .bind(&f.id)
+        .bind(&f.filename)
+        .bind(f.bytes)
+        .bind(&f.format)
+        .bind(f.examples)
+        .bind(f.tokens)
+        .bind(f.created_at)
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET result_files = json_insert(COALESCE(result_files, '[]'), '$[#]', ?) WHERE id = ?",
+        )
+        .bind(&f.id)
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -316,7 +316,61 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
         None if pausing && ended == Ended::Stopped => Ended::Paused,
         None => ended,
     };
+    let ended = match ended {
+        Ended::Finished => match write_result_file(svc, id).await {
+            Ok(()) => Ended::Finished,
+            Err(e) => Ended::retryable(format!("writing the result file: {e}")),
+        },
+        other => other,
+    };
     conclude(job, ended, shutting_down).await
+}
+
+/// OpenAI's step metrics file of a finished run, as a file of the job's owner listed in the
+/// job's `result_files`: `step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`,
+/// a row per step, the validation columns where an evaluation ran. qlorad measures no accuracy
+/// on training batches, so that column stays empty.
+async fn write_result_file(svc: &Service, id: &str) -> Result<()> {
+    let mut rows: std::collections::BTreeMap<i64, [Option<f64>; 3]> = Default::default();
+    for e in svc.store.events(id, 0, i64::MAX).await? {
+        let (Some(step), EventKind::Metrics) = (e.data["step"].as_i64(), e.kind) else {
+            continue;
+        };
+        let row = rows.entry(step).or_default();
+        if let Some(loss) = e.data["loss"].as_f64() {
+            row[0] = Some(loss);
+        }
+        if let Some(loss) = e.data["eval_loss"].as_f64() {
+            row[1] = Some(loss);
+            row[2] = e.data["eval_accuracy"].as_f64();
+        }
+    }
+    let cell = |v: Option<f64>| v.map(|x| format!("{x:.5}")).unwrap_or_default();
+    let mut csv =
+        String::from("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n");
+    for (step, [train, valid, valid_acc]) in &rows {
+        csv.push_str(&format!(
+            "{step},{},,{},{}\n",
+            cell(*train),
+            cell(*valid),
+            cell(*valid_acc)
+        ));
+    }
+    let file_id = format!("file-{}", uuid::Uuid::new_v4().simple());
+    let (staged, path) = (svc.layout.staged_file(&file_id), svc.layout.file(&file_id));
+    tokio::fs::create_dir_all(svc.layout.files_dir()).await?;
+    tokio::fs::write(&staged, csv.as_bytes()).await?;
+    tokio::fs::rename(&staged, &path).await?;
+    let row = super::store::FileRow {
+        id: file_id,
+        filename: "step_metrics.csv".into(),
+        bytes: csv.len() as i64,
+        format: "csv".into(),
+        examples: rows.len() as i64,
+        tokens: None,
+        created_at: now(),
+    };
+    svc.store.add_result_file(id, &row).await
 }
 
 /// How a run ended, as the worker records it.

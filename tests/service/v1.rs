@@ -148,6 +148,36 @@ async fn files_and_fine_tuning_jobs_have_openai_shapes() {
     assert!(done["trained_tokens"].as_i64().unwrap() > 0, "{done}");
     assert!(done["finished_at"].as_i64().unwrap() >= done["created_at"].as_i64().unwrap());
 
+    // A step metrics CSV as OpenAI writes it, one row per step.
+    let results = done["result_files"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{done}");
+    let rid = results[0].as_str().unwrap();
+    let (status, meta) = get(&c, format!("{}/v1/files/{rid}", s.base)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (&meta["purpose"], &meta["filename"]),
+        (&json!("fine-tune-results"), &json!("step_metrics.csv"))
+    );
+    let csv = c
+        .get(format!("{}/v1/files/{rid}/content", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    );
+    assert_eq!(lines.len(), 5, "{csv}");
+    let first: Vec<&str> = lines[1].split(',').collect();
+    assert_eq!(first[0], "1");
+    assert!(first[1].parse::<f64>().unwrap() > 0.0, "{csv}");
+    let (_, listed) = get(&c, format!("{}/v1/files?purpose=fine-tune-results", s.base)).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+
     // The list filters by metadata as OpenAI's does.
     let listed = |q: &'static str| {
         let (c, url) = (c.clone(), format!("{}/v1/fine_tuning/jobs?{q}", s.base));

@@ -25,7 +25,7 @@ pub struct V1File {
     /// Unix seconds.
     pub created_at: i64,
     pub filename: String,
-    /// Always `fine-tune`.
+    /// `fine-tune` for an upload, `fine-tune-results` for a job's step metrics CSV.
     pub purpose: String,
     /// Always `processed`: uploads are validated before they are stored.
     pub status: String,
@@ -47,7 +47,13 @@ impl From<FileRow> for V1File {
             bytes: f.bytes,
             created_at: f.created_at,
             filename: f.filename,
-            purpose: "fine-tune".into(),
+            // A job's step metrics CSV; every upload is a dataset.
+            purpose: if f.format == "csv" {
+                "fine-tune-results"
+            } else {
+                "fine-tune"
+            }
+            .into(),
             status: "processed".into(),
             status_details: None,
             expires_at: None,
@@ -122,7 +128,7 @@ pub async fn v1_files_create(
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct FilesQuery {
-    /// Only files of this purpose (all of qlorad's are `fine-tune`).
+    /// Only files of this purpose: `fine-tune` (uploads) or `fine-tune-results`.
     purpose: Option<String>,
     /// The id of the last file of the previous page.
     after: Option<String>,
@@ -142,17 +148,16 @@ pub async fn v1_files_list(
 ) -> ApiResult<Json<Page<V1File>>> {
     let q = query(q)?;
     let limit = page_limit(q.limit, 10_000, 10_000)?;
-    let rows = match q.purpose.as_deref() {
-        Some(p) if p != "fine-tune" => Vec::new(),
-        _ => {
-            state
-                .jobs
-                .store
-                .files_page(q.after.as_deref(), limit + 1, who.scope())
-                .await?
-        }
-    };
-    let rows: Vec<V1File> = rows.into_iter().map(V1File::from).collect();
+    let rows = state
+        .jobs
+        .store
+        .files_page(q.after.as_deref(), limit + 1, who.scope())
+        .await?;
+    let rows: Vec<V1File> = rows
+        .into_iter()
+        .map(V1File::from)
+        .filter(|f| q.purpose.as_deref().is_none_or(|p| f.purpose == p))
+        .collect();
     Ok(Json(Page::new(rows, limit, |f| f.id.clone())))
 }
 

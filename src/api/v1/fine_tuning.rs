@@ -211,7 +211,7 @@ fn job_view(job: JobRow) -> V1Job {
         finished_at: job.finished_at,
         fine_tuned_model: (job.status == Status::Succeeded).then(|| fine_tuned_name(&job)),
         organization_id: "qlorad".into(),
-        result_files: Vec::new(),
+        result_files: job.result_files.clone(),
         status: job.status,
         training_file: text("training_file"),
         validation_file: text("validation_file"),
