@@ -620,28 +620,49 @@ impl Store {
         })
     }
 
-    /// Pause: a queued job at once, with its `paused` event (returned for broadcast); a
-    /// running one is flagged for its worker, which checkpoints, stops and records `paused`.
-    /// Pausing a paused job changes nothing; a finished one is a conflict.
-    pub async fn request_pause(&self, id: &str, scope: Scope<'_>) -> Result<Option<Event>> {
+    /// Move a job of `scope` that is in one of `from` to `to`, with its status event (and the
+    /// webhooks that want it) in the same transaction; None if it was in none of them.
+    async fn transition(
+        &self,
+        id: &str,
+        scope: Scope<'_>,
+        from: &[Status],
+        to: Status,
+        message: &str,
+    ) -> Result<Option<Event>> {
+        let from: Vec<String> = from.iter().map(|s| format!("'{}'", s.as_str())).collect();
         let mut tx = self.pool.begin().await?;
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'paused' WHERE id = ?1 AND status = 'queued' \
-             AND (?2 IS NULL OR owner = ?2)",
-        )
+        let r = sqlx::query(&format!(
+            "UPDATE jobs SET status = ?1, finished_at = COALESCE(?2, finished_at) WHERE id = ?3 \
+             AND status IN ({}) AND (?4 IS NULL OR owner = ?4)",
+            from.join(", ")
+        ))
+        .bind(to.as_str())
+        .bind(to.is_final().then(now))
         .bind(id)
         .bind(scope.owner())
         .execute(&mut *tx)
         .await?;
-        if r.rows_affected() == 1 {
-            let data = serde_json::json!({"status": "paused"});
-            let e =
-                insert_event(&mut tx, id, EventKind::Status, Level::Info, "paused", data).await?;
-            self.queue_webhooks(&mut tx, id, Status::Paused).await?;
-            tx.commit().await?;
-            return Ok(Some(e));
+        if r.rows_affected() != 1 {
+            return Ok(None);
         }
-        drop(tx);
+        let data = serde_json::json!({"status": to.as_str()});
+        let e = insert_event(&mut tx, id, EventKind::Status, Level::Info, message, data).await?;
+        self.queue_webhooks(&mut tx, id, to).await?;
+        tx.commit().await?;
+        Ok(Some(e))
+    }
+
+    /// Pause: a queued job at once, with its `paused` event (returned for broadcast); a
+    /// running one is flagged for its worker, which checkpoints, stops and records `paused`.
+    /// Pausing a paused job changes nothing; a finished one is a conflict.
+    pub async fn request_pause(&self, id: &str, scope: Scope<'_>) -> Result<Option<Event>> {
+        let paused = self
+            .transition(id, scope, &[Status::Queued], Status::Paused, "paused")
+            .await?;
+        if paused.is_some() {
+            return Ok(paused);
+        }
         // A cancel already asked for wins over a pause.
         sqlx::query(
             "UPDATE jobs SET cancel_requested = ?1 WHERE id = ?2 AND status = 'running' \
@@ -665,24 +686,13 @@ impl Store {
     /// Resume a paused job: it is queued again and continues from its checkpoint. Resuming a
     /// job that is not paused is a conflict.
     pub async fn resume(&self, id: &str, scope: Scope<'_>) -> Result<Event> {
-        let mut tx = self.pool.begin().await?;
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'queued' WHERE id = ?1 AND status = 'paused' \
-             AND (?2 IS NULL OR owner = ?2)",
-        )
-        .bind(id)
-        .bind(scope.owner())
-        .execute(&mut *tx)
-        .await?;
-        if r.rows_affected() == 1 {
-            let data = serde_json::json!({"status": "queued"});
-            let message = "resumed: queued; continues from its checkpoint";
-            let e =
-                insert_event(&mut tx, id, EventKind::Status, Level::Info, message, data).await?;
-            tx.commit().await?;
+        let message = "resumed: queued; continues from its checkpoint";
+        let resumed = self
+            .transition(id, scope, &[Status::Paused], Status::Queued, message)
+            .await?;
+        if let Some(e) = resumed {
             return Ok(e);
         }
-        drop(tx);
         let job = self.job(id, scope).await?;
         Err(JobsError::Conflict(format!(
             "job {id} is {}; only a paused job resumes",
@@ -781,32 +791,13 @@ impl Store {
     /// Cancel: a queued job at once, with its `cancelled` event in the same transaction (returned
     /// for broadcast); a running one is flagged for its worker, which records it when the run stops.
     pub async fn request_cancel(&self, id: &str, scope: Scope<'_>) -> Result<Option<Event>> {
-        let mut tx = self.pool.begin().await?;
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'cancelled', finished_at = ?1 WHERE id = ?2 AND status IN ('queued', 'paused') \
-             AND (?3 IS NULL OR owner = ?3)",
-        )
-        .bind(now())
-        .bind(id)
-        .bind(scope.owner())
-        .execute(&mut *tx)
-        .await?;
-        if r.rows_affected() == 1 {
-            let data = serde_json::json!({"status": "cancelled"});
-            let e = insert_event(
-                &mut tx,
-                id,
-                EventKind::Status,
-                Level::Info,
-                "cancelled",
-                data,
-            )
+        let from = [Status::Queued, Status::Paused];
+        let cancelled = self
+            .transition(id, scope, &from, Status::Cancelled, "cancelled")
             .await?;
-            self.queue_webhooks(&mut tx, id, Status::Cancelled).await?;
-            tx.commit().await?;
-            return Ok(Some(e));
+        if cancelled.is_some() {
+            return Ok(cancelled);
         }
-        drop(tx);
         sqlx::query(
             "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND status = 'running' AND (?2 IS NULL OR owner = ?2)",
         )
