@@ -5,6 +5,7 @@ pub mod batch;
 pub mod encode;
 pub mod gguf_vocab;
 pub mod pack;
+pub mod preference;
 pub mod records;
 pub mod template;
 pub mod tokenizer;
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 
 pub use batch::{Batch, Batcher};
 pub use encode::{encode_dataset, DatasetSummary, EncodeOptions, Example};
+pub use preference::{encode_preferences, Pair, PreferenceSample};
 pub use records::{read_records, visit_records, DataFormat, Message, Sample};
 pub use template::ChatTemplate;
 pub use tokenizer::TextTokenizer;

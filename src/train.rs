@@ -2,6 +2,7 @@
 //! that resume exactly, and events for whoever watches.
 
 pub mod checkpoint;
+pub mod dpo;
 pub mod hyperparameters;
 pub mod optim;
 pub mod schedule;

@@ -111,6 +111,7 @@ pub struct JobSpecSchema {
     /// A file id; evaluated every `eval_every` steps and at the end.
     validation_file: Option<String>,
     hyperparameters: Option<HyperparametersSchema>,
+    method: Option<MethodSchema>,
     lora: Option<LoraSchema>,
     quantization: Option<QuantizationSchema>,
     data: Option<DataSchema>,
@@ -133,6 +134,30 @@ pub struct JobSpecSchema {
     device: Option<String>,
     /// Higher runs first.
     priority: Option<i64>,
+}
+
+/// How the adapter learns.
+#[derive(Deserialize, ToSchema)]
+#[schema(as = Method)]
+#[allow(dead_code)]
+pub struct MethodSchema {
+    /// `supervised` (the default) or `dpo` (preference pairs: OpenAI's
+    /// input/preferred_output/non_preferred_output or TRL's prompt/chosen/rejected).
+    #[serde(rename = "type")]
+    kind: Option<MethodKindSchema>,
+    /// DPO: the log-ratio's scale (default 0.1).
+    beta: Option<f64>,
+    /// DPO: the probability that a preference is flipped, in [0, 0.5) (default 0).
+    label_smoothing: Option<f64>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[schema(as = MethodType)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum MethodKindSchema {
+    Supervised,
+    Dpo,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -209,6 +234,7 @@ pub enum DataFormat {
     Sharegpt,
     Completion,
     Text,
+    Preference,
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -156,6 +156,15 @@ impl Progress {
                 bar.suspend(|| eprintln!("{which} data: {summary}"));
                 None
             }
+            RunEvent::Reference { pairs, computed } => {
+                let how = if *computed {
+                    "computed"
+                } else {
+                    "read from the run directory"
+                };
+                bar.suspend(|| eprintln!("DPO reference log-probabilities of {pairs} pairs {how}"));
+                None
+            }
             RunEvent::Resumed { step, checkpoint } => {
                 bar.suspend(|| eprintln!("resumed from {} at step {step}", checkpoint.display()));
                 None
@@ -196,29 +205,40 @@ impl Progress {
                 tokens,
                 tokens_per_second,
                 epoch,
+                preference,
                 ..
             }) => {
                 bar.set_position(*step as u64);
                 bar.set_message(format!(
                     "loss {loss:.4}  lr {learning_rate:.2e}  {tokens_per_second:.0} tok/s"
                 ));
-                Some(
-                    json!({"step": step, "loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
-                            "tokens": tokens, "epoch": epoch}),
-                )
+                let mut line = json!({"step": step, "loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
+                            "tokens": tokens, "epoch": epoch});
+                if let (Some(m), Some(obj)) = (preference, line.as_object_mut()) {
+                    obj.extend(m.fields(""));
+                }
+                Some(line)
             }
             RunEvent::Train(TrainEvent::Eval {
                 step,
                 eval_loss,
                 eval_accuracy,
                 eval_tokens,
+                preference,
             }) => {
+                let what = if preference.is_some() {
+                    "reward accuracy"
+                } else {
+                    "token accuracy"
+                };
                 bar.println(format!(
-                    "step {step}: eval loss {eval_loss:.4}, token accuracy {eval_accuracy:.3}"
+                    "step {step}: eval loss {eval_loss:.4}, {what} {eval_accuracy:.3}"
                 ));
-                Some(
-                    json!({"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy, "eval_tokens": eval_tokens}),
-                )
+                let mut line = json!({"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy, "eval_tokens": eval_tokens});
+                if let (Some(m), Some(obj)) = (preference, line.as_object_mut()) {
+                    obj.extend(m.fields("eval_"));
+                }
+                Some(line)
             }
             RunEvent::Train(TrainEvent::Checkpoint { path, .. }) => {
                 bar.println(format!("checkpoint {}", path.display()));

@@ -58,7 +58,7 @@ impl Default for EncodeOptions {
 
 impl EncodeOptions {
     /// The BOS text to put before a text or prompt with this tokenizer, if any.
-    fn bos<'a>(&self, tok: &'a TextTokenizer) -> &'a str {
+    pub(crate) fn bos_text<'a>(&self, tok: &'a TextTokenizer) -> &'a str {
         let add = match self.bos {
             BosRule::Auto => tok.adds_bos,
             BosRule::Always => true,
@@ -80,6 +80,9 @@ pub struct DatasetSummary {
     pub tokens: usize,
     pub trainable_tokens: usize,
     pub truncated: usize,
+    /// Preference pairs left out because the prompt alone fills `max_seq_len`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<usize>,
 }
 
 /// Tokenize one sample.
@@ -88,26 +91,34 @@ pub fn encode_sample(
     sample: &Sample,
     opts: &EncodeOptions,
 ) -> Result<Example> {
-    let (mut ids, mut labels) = match sample {
-        Sample::Prompted { prompt, completion } => {
-            // As artidoro/qlora: bos + prompt, then completion + eos, tokenized separately.
-            let (p, _) = tok.encode(&format!("{}{prompt}", opts.bos(tok)))?;
-            let (c, _) = tok.encode(&format!("{completion}{}", tok.eos_text()))?;
-            let mut labels: Vec<i64> = if opts.train_on_prompt {
-                p.iter().map(|&t| t as i64).collect()
-            } else {
-                vec![IGNORE; p.len()]
-            };
-            labels.extend(c.iter().map(|&t| t as i64));
-            ([p, c].concat(), labels)
-        }
-        Sample::Text(text) => {
-            let (ids, _) = tok.encode(&format!("{}{text}{}", opts.bos(tok), tok.eos_text()))?;
-            let labels = ids.iter().map(|&t| t as i64).collect();
-            (ids, labels)
-        }
-        Sample::Chat { messages } => encode_chat(tok, messages, opts.train_on_prompt)?,
-    };
+    let (mut ids, mut labels) =
+        match sample {
+            Sample::Prompted { prompt, completion } => {
+                // As artidoro/qlora: bos + prompt, then completion + eos, tokenized separately.
+                let (p, _) = tok.encode(&format!("{}{prompt}", opts.bos_text(tok)))?;
+                let (c, _) = tok.encode(&format!("{completion}{}", tok.eos_text()))?;
+                let mut labels: Vec<i64> = if opts.train_on_prompt {
+                    p.iter().map(|&t| t as i64).collect()
+                } else {
+                    vec![IGNORE; p.len()]
+                };
+                labels.extend(c.iter().map(|&t| t as i64));
+                ([p, c].concat(), labels)
+            }
+            Sample::Text(text) => {
+                let (ids, _) =
+                    tok.encode(&format!("{}{text}{}", opts.bos_text(tok), tok.eos_text()))?;
+                let labels = ids.iter().map(|&t| t as i64).collect();
+                (ids, labels)
+            }
+            Sample::Chat { messages } => encode_chat(tok, messages, opts.train_on_prompt)?,
+            Sample::Preference(_) => return Err(DataError::Tokenizer {
+                path: tok.dir.clone(),
+                message:
+                    "a preference pair (chosen and rejected) trains with method dpo, not supervised"
+                        .into(),
+            }),
+        };
     if ids.len() > opts.max_seq_len {
         ids.truncate(opts.max_seq_len);
         labels.truncate(opts.max_seq_len);
@@ -177,6 +188,15 @@ pub fn encode_dataset(
     };
     let mut examples = Vec::with_capacity(samples.len());
     for (at, sample) in &samples {
+        if let Sample::Preference(_) = sample {
+            return Err(DataError::Record {
+                path: path.to_path_buf(),
+                at: *at,
+                message:
+                    "a preference pair (chosen and rejected) trains with method dpo, not supervised"
+                        .into(),
+            });
+        }
         let full_len = {
             let ex = encode_sample(
                 tok,
@@ -208,7 +228,7 @@ pub fn encode_dataset(
 }
 
 /// Attach the record position to template and tokenizer errors.
-fn at_record(e: DataError, path: &Path, at: Position) -> DataError {
+pub(crate) fn at_record(e: DataError, path: &Path, at: Position) -> DataError {
     match e {
         DataError::Template {
             message,

@@ -21,6 +21,9 @@ pub enum DataFormat {
     Completion,
     /// `text`: trained on every token.
     Text,
+    /// Preference pairs for DPO: OpenAI's `input`/`preferred_output`/`non_preferred_output` or
+    /// TRL's `prompt`/`chosen`/`rejected` (`data::preference`).
+    Preference,
 }
 
 impl DataFormat {
@@ -31,6 +34,7 @@ impl DataFormat {
             DataFormat::Sharegpt => "sharegpt",
             DataFormat::Completion => "completion",
             DataFormat::Text => "text",
+            DataFormat::Preference => "preference",
         }
     }
 }
@@ -44,8 +48,9 @@ impl FromStr for DataFormat {
             "sharegpt" => Ok(DataFormat::Sharegpt),
             "completion" => Ok(DataFormat::Completion),
             "text" => Ok(DataFormat::Text),
+            "preference" => Ok(DataFormat::Preference),
             other => Err(format!(
-                "unknown data format {other:?} (alpaca, chat, sharegpt, completion, text)"
+                "unknown data format {other:?} (alpaca, chat, sharegpt, completion, text, preference)"
             )),
         }
     }
@@ -70,6 +75,8 @@ pub enum Sample {
         messages: Vec<Message>,
     },
     Text(String),
+    /// A prompt with a preferred and a rejected answer, for DPO.
+    Preference(super::preference::PreferenceSample),
 }
 
 /// The prompt artidoro/qlora builds for alpaca records.
@@ -85,13 +92,13 @@ pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
     }
 }
 
-struct Ctx<'a> {
-    path: &'a Path,
-    at: Position,
+pub(crate) struct Ctx<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) at: Position,
 }
 
 impl Ctx<'_> {
-    fn field(&self, field: &str, message: impl Into<String>) -> DataError {
+    pub(crate) fn field(&self, field: &str, message: impl Into<String>) -> DataError {
         DataError::Field {
             path: self.path.to_path_buf(),
             at: self.at,
@@ -100,7 +107,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn string(
+    pub(crate) fn string(
         &self,
         obj: &serde_json::Map<String, Value>,
         field: &str,
@@ -115,6 +122,21 @@ impl Ctx<'_> {
     }
 
     fn messages(
+        &self,
+        obj: &serde_json::Map<String, Value>,
+        field: &str,
+        role_key: &str,
+        content_key: &str,
+    ) -> Result<Vec<Message>> {
+        let out = self.message_list(obj, field, role_key, content_key)?;
+        if !out.iter().any(|m| m.role == "assistant") {
+            return Err(self.field(field, "has no assistant message to learn from"));
+        }
+        Ok(out)
+    }
+
+    /// A non-empty list of messages under `field`, each checked, roles normalized.
+    pub(crate) fn message_list(
         &self,
         obj: &serde_json::Map<String, Value>,
         field: &str,
@@ -181,14 +203,11 @@ impl Ctx<'_> {
             };
             out.push(Message { role, content });
         }
-        if !out.iter().any(|m| m.role == "assistant") {
-            return Err(self.field(field, "has no assistant message to learn from"));
-        }
         Ok(out)
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -201,7 +220,9 @@ fn kind(v: &Value) -> &'static str {
 
 /// Guess the format from a record's keys.
 pub fn detect(obj: &serde_json::Map<String, Value>) -> Option<DataFormat> {
-    if obj.contains_key("messages") {
+    if super::preference::is_preference(obj) {
+        Some(DataFormat::Preference)
+    } else if obj.contains_key("messages") {
         Some(DataFormat::Chat)
     } else if obj.contains_key("conversations") {
         Some(DataFormat::Sharegpt)
@@ -248,6 +269,7 @@ fn parse_sample(
             }
             Sample::Text(t)
         }
+        DataFormat::Preference => Sample::Preference(super::preference::parse(obj, ctx)?),
     })
 }
 
@@ -272,6 +294,35 @@ pub fn visit_records(
     format: Option<DataFormat>,
     mut f: impl FnMut(Position, Sample) -> Result<()>,
 ) -> Result<(DataFormat, usize)> {
+    let mut format = format;
+    let count = visit_objects(path, |at, obj| {
+        let fmt = match format {
+            Some(fmt) => fmt,
+            None => {
+                let fmt = detect(&obj).ok_or_else(|| DataError::Record {
+                    path: path.to_path_buf(),
+                    at,
+                    message: format!(
+                        "cannot tell the format from keys {:?}: expected messages, conversations, instruction, prompt/completion, text, or a preference pair (preferred_output, chosen/rejected)",
+                        obj.keys().collect::<Vec<_>>()
+                    ),
+                })?;
+                format = Some(fmt);
+                fmt
+            }
+        };
+        f(at, parse_sample(&obj, fmt, &Ctx { path, at })?)
+    })?;
+    Ok((format.expect("set by the first record"), count))
+}
+
+/// Hand every record of a JSONL file or JSON array to `f` as an object, in order, with its
+/// position; a record that is not an object, invalid JSON or an empty file is an error. JSONL is
+/// read a line at a time. Returns the number of records.
+pub fn visit_objects(
+    path: &Path,
+    mut f: impl FnMut(Position, serde_json::Map<String, Value>) -> Result<()>,
+) -> Result<usize> {
     use std::io::{BufRead, Read};
     let io = |source| DataError::Io {
         path: path.to_path_buf(),
@@ -294,12 +345,8 @@ pub fn visit_records(
             }
         }
     };
-    let mut state = (format, 0usize);
-    let mut handle = |at: Position,
-                      v: Value,
-                      state: &mut (Option<DataFormat>, usize)|
-     -> Result<()> {
-        let ctx = Ctx { path, at };
+    let mut count = 0usize;
+    let mut handle = |at: Position, v: Value, count: &mut usize| -> Result<()> {
         let Value::Object(obj) = v else {
             return Err(DataError::Record {
                 path: path.to_path_buf(),
@@ -307,23 +354,8 @@ pub fn visit_records(
                 message: format!("must be a JSON object, found {}", kind(&v)),
             });
         };
-        let fmt = match state.0 {
-            Some(fmt) => fmt,
-            None => {
-                let fmt = detect(&obj).ok_or_else(|| DataError::Record {
-                    path: path.to_path_buf(),
-                    at,
-                    message: format!(
-                        "cannot tell the format from keys {:?}: expected messages, conversations, instruction, prompt/completion or text",
-                        obj.keys().collect::<Vec<_>>()
-                    ),
-                })?;
-                state.0 = Some(fmt);
-                fmt
-            }
-        };
-        state.1 += 1;
-        f(at, parse_sample(&obj, fmt, &ctx)?)
+        *count += 1;
+        f(at, obj)
     };
     if starts_with_bracket {
         let mut text = String::new();
@@ -337,7 +369,7 @@ pub fn visit_records(
             unreachable!("starts with [")
         };
         for (i, v) in items.into_iter().enumerate() {
-            handle(Position::Index(i), v, &mut state)?;
+            handle(Position::Index(i), v, &mut count)?;
         }
     } else {
         let mut line = String::new();
@@ -356,14 +388,14 @@ pub fn visit_records(
                 at: Position::Line(n),
                 message: format!("invalid JSON: {e}"),
             })?;
-            handle(Position::Line(n), v, &mut state)?;
+            handle(Position::Line(n), v, &mut count)?;
         }
     }
-    match state {
-        (Some(fmt), count) if count > 0 => Ok((fmt, count)),
-        _ => Err(DataError::File {
+    if count == 0 {
+        return Err(DataError::File {
             path: path.to_path_buf(),
             message: "the dataset has no records".into(),
-        }),
+        });
     }
+    Ok(count)
 }

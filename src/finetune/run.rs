@@ -9,9 +9,12 @@ use sha2::{Digest, Sha256};
 
 use super::{io_err, JobSpec, Result, SpecError};
 use crate::data::pack::PackingSummary;
-use crate::data::{encode_dataset, DatasetSummary, EncodeOptions, TextTokenizer};
+use crate::data::{
+    encode_dataset, encode_preferences, DatasetSummary, EncodeOptions, Example, TextTokenizer,
+};
 use crate::export::{export_all, MergeBase, Outputs};
 use crate::model::llama::{CausalLm, LoadOptions};
+use crate::train::dpo::References;
 use crate::train::{checkpoint, TrainEvent, TrainOutcome, Trainer, TrainerOptions};
 
 /// Everything a run needs, resolved by its caller (the command line or a worker).
@@ -50,6 +53,12 @@ pub enum RunEvent {
     },
     /// The training set packed into rows: how many, how full.
     Packed(PackingSummary),
+    /// DPO's reference log-probabilities of `pairs` pairs (training and validation) are ready:
+    /// computed from the starting model, or read from the run's earlier start.
+    Reference {
+        pairs: usize,
+        computed: bool,
+    },
     /// Training continues from a checkpoint.
     Resumed {
         step: usize,
@@ -119,23 +128,7 @@ fn run_inner(
 ) -> Result<Outcome> {
     let spec = &plan.spec;
     let tok = TextTokenizer::load(&plan.model_dir)?;
-    let opts = encode_options(spec);
-    let (train_set, summary) = encode_dataset(&plan.training_file, &tok, &opts)?;
-    on_event(&RunEvent::Data {
-        split: Split::Training,
-        summary,
-    });
-    let eval_set = match &plan.validation_file {
-        Some(v) => {
-            let (set, summary) = encode_dataset(v, &tok, &opts)?;
-            on_event(&RunEvent::Data {
-                split: Split::Validation,
-                summary,
-            });
-            Some(set)
-        }
-        None => None,
-    };
+    let data = Datasets::read(plan, &tok, on_event)?;
     let mut model = load_model(&plan.model_dir, spec)?;
     let lora = match &plan.init_adapter {
         Some(dir) => model.load_adapter(dir)?,
@@ -160,7 +153,24 @@ fn run_inner(
         early_stopping: spec.early_stopping,
         load_best: spec.load_best,
     };
-    let mut trainer = Trainer::new(&model, &train_set, eval_set.as_deref(), tok.pad_id, topts)?;
+    let mut trainer = Trainer::new(&model, &data.train, data.eval.as_deref(), tok.pad_id, topts)?;
+    if let (Some(cfg), Some(rejected)) = (spec.method.dpo(), &data.rejected) {
+        // The reference is the model as the job first started: computed once and kept with
+        // the run, so a resumed job neither recomputes it nor drifts from it.
+        let path = plan.run_dir.join(REFERENCE_FILE);
+        let fingerprint = data.fingerprint();
+        let stored = read_references(&path, &fingerprint);
+        let computed = stored.is_none();
+        trainer = trainer.with_preferences(cfg, rejected, data.eval_rejected.as_deref(), stored)?;
+        let refs = trainer.references().expect("set above");
+        if computed {
+            write_references(&path, &fingerprint, refs)?;
+        }
+        on_event(&RunEvent::Reference {
+            pairs: refs.train.chosen.len() + refs.eval.as_ref().map_or(0, |r| r.chosen.len()),
+            computed,
+        });
+    }
     if let Some(summary) = trainer.packing() {
         on_event(&RunEvent::Packed(summary));
     }
@@ -178,6 +188,109 @@ fn run_inner(
     };
     export(plan, on_event)?;
     Ok(Outcome::Finished { step })
+}
+
+/// A run's examples: supervised ones, or with DPO each pair's chosen side in `train` and
+/// `eval` and its rejected side, index for index, in `rejected` and `eval_rejected`.
+struct Datasets {
+    train: Vec<Example>,
+    eval: Option<Vec<Example>>,
+    rejected: Option<Vec<Example>>,
+    eval_rejected: Option<Vec<Example>>,
+}
+
+impl Datasets {
+    /// Read, check and tokenize the plan's files, reporting each.
+    fn read(
+        plan: &Plan,
+        tok: &TextTokenizer,
+        on_event: &mut dyn FnMut(&RunEvent),
+    ) -> Result<Datasets> {
+        let spec = &plan.spec;
+        let opts = encode_options(spec);
+        let dpo = spec.method.dpo().is_some();
+        let mut read = |path: &Path, split| -> Result<(Vec<Example>, Option<Vec<Example>>)> {
+            let (chosen, rejected, summary) = if dpo {
+                let (pairs, summary) = encode_preferences(path, tok, &opts)?;
+                let (c, r) = pairs.into_iter().map(|p| (p.chosen, p.rejected)).unzip();
+                (c, Some(r), summary)
+            } else {
+                let (set, summary) = encode_dataset(path, tok, &opts)?;
+                (set, None, summary)
+            };
+            on_event(&RunEvent::Data { split, summary });
+            Ok((chosen, rejected))
+        };
+        let (train, rejected) = read(&plan.training_file, Split::Training)?;
+        let (eval, eval_rejected) = match &plan.validation_file {
+            Some(v) => {
+                let (e, r) = read(v, Split::Validation)?;
+                (Some(e), r)
+            }
+            None => (None, None),
+        };
+        Ok(Datasets {
+            train,
+            eval,
+            rejected,
+            eval_rejected,
+        })
+    }
+
+    /// A digest of every token of every example, in order: what the stored reference
+    /// log-probabilities were computed for.
+    fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        let sets = [
+            Some(self.train.as_slice()),
+            self.rejected.as_deref(),
+            self.eval.as_deref(),
+            self.eval_rejected.as_deref(),
+        ];
+        for set in sets {
+            for e in set.into_iter().flatten() {
+                for &t in &e.input_ids {
+                    h.update(t.to_le_bytes());
+                }
+                for &l in &e.labels {
+                    h.update(l.to_le_bytes());
+                }
+                h.update(b"|");
+            }
+            h.update(b"#");
+        }
+        format!("{:x}", h.finalize())
+    }
+}
+
+/// The reference log-probabilities of a DPO run, in its run directory.
+const REFERENCE_FILE: &str = "reference_logps.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredReferences {
+    /// `Datasets::fingerprint` of the pairs.
+    pairs_sha256: String,
+    #[serde(flatten)]
+    references: References,
+}
+
+/// The stored references, when they exist and are for these pairs.
+fn read_references(path: &Path, fingerprint: &str) -> Option<References> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let stored: StoredReferences = serde_json::from_str(&text).ok()?;
+    (stored.pairs_sha256 == fingerprint).then_some(stored.references)
+}
+
+fn write_references(path: &Path, fingerprint: &str, references: &References) -> Result<()> {
+    let stored = StoredReferences {
+        pairs_sha256: fingerprint.to_string(),
+        references: references.clone(),
+    };
+    let partial = path.with_extension("json.partial");
+    let text = serde_json::to_string(&stored).expect("numbers and strings");
+    std::fs::write(&partial, text).map_err(io_err(&partial))?;
+    std::fs::rename(&partial, path).map_err(io_err(path))?;
+    Ok(())
 }
 
 /// The trained adapter and the spec's exports under `artifacts_dir`, each file reported.

@@ -119,6 +119,52 @@ pub struct DataSpec {
     pub bos: crate::data::encode::BosRule,
 }
 
+/// What the adapter learns from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodKind {
+    /// Next-token prediction on the completions (the default).
+    #[default]
+    Supervised,
+    /// Direct preference optimization on pairs of a preferred and a rejected answer, against
+    /// the model as the job starts (the base, or the base with the adapter it continues).
+    Dpo,
+}
+
+/// The training method: `{"type": "dpo", "beta": 0.1}`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MethodSpec {
+    #[serde(rename = "type")]
+    pub kind: MethodKind,
+    /// DPO: how far the policy may move from the reference (TRL's default 0.1).
+    pub beta: f64,
+    /// DPO: the probability that a pair's preference is flipped (conservative DPO); 0 is TRL's
+    /// sigmoid loss.
+    pub label_smoothing: f64,
+}
+
+impl Default for MethodSpec {
+    fn default() -> Self {
+        let d = crate::train::dpo::DpoConfig::default();
+        MethodSpec {
+            kind: MethodKind::Supervised,
+            beta: d.beta,
+            label_smoothing: d.label_smoothing,
+        }
+    }
+}
+
+impl MethodSpec {
+    /// DPO's settings, for a DPO job.
+    pub fn dpo(&self) -> Option<crate::train::dpo::DpoConfig> {
+        (self.kind == MethodKind::Dpo).then_some(crate::train::dpo::DpoConfig {
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+        })
+    }
+}
+
 /// Files made from the trained adapter when a job finishes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -138,6 +184,8 @@ pub struct JobSpec {
     pub training_file: Option<String>,
     pub validation_file: Option<String>,
     pub hyperparameters: Hyperparameters,
+    /// Supervised (the default) or DPO.
+    pub method: MethodSpec,
     pub lora: LoraSpec,
     pub quantization: QuantizationSpec,
     pub data: DataSpec,
@@ -166,6 +214,7 @@ impl Default for JobSpec {
             training_file: None,
             validation_file: None,
             hyperparameters: Hyperparameters::default(),
+            method: MethodSpec::default(),
             lora: LoraSpec::default(),
             quantization: QuantizationSpec::default(),
             data: DataSpec::default(),
@@ -293,6 +342,19 @@ impl JobSpec {
         if let Some(q) = self.quantization.config() {
             q.validate()
                 .map_err(|e| spec_err("quantization.block_size", e.to_string()))?;
+        }
+        let m = &self.method;
+        if !(m.beta.is_finite() && m.beta > 0.0) {
+            return Err(spec_err("method.beta", "must be a positive number"));
+        }
+        if !(0.0..0.5).contains(&m.label_smoothing) {
+            return Err(spec_err("method.label_smoothing", "must be in [0, 0.5)"));
+        }
+        if m.kind == MethodKind::Dpo && self.data.packing {
+            return Err(spec_err(
+                "data.packing",
+                "is for supervised data: DPO keeps each pair's answers whole and lays a micro-batch's pairs end to end already",
+            ));
         }
         if self.checkpoint_every == Some(0) {
             return Err(spec_err("checkpoint_every", "must be at least 1"));

@@ -511,6 +511,19 @@ async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEven
             let data = serde_json::to_value(summary).unwrap_or_default();
             record(svc, id, EventKind::Log, &message, data).await
         }
+        RunEvent::Reference { pairs, computed } => {
+            let message = if computed {
+                format!(
+                    "reference log-probabilities of {pairs} pairs computed from the starting model"
+                )
+            } else {
+                format!(
+                    "reference log-probabilities of {pairs} pairs read from the run's first start"
+                )
+            };
+            let data = serde_json::json!({"pairs": pairs, "computed": computed});
+            record(svc, id, EventKind::Log, &message, data).await
+        }
         RunEvent::Resumed { step, .. } => {
             let message = format!("resumed from checkpoint at step {step}");
             let data = serde_json::json!({"step": step});
@@ -563,6 +576,7 @@ async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEven
                 tokens_per_second,
                 eta_seconds,
                 epoch,
+                preference,
             } => {
                 let p = Progress {
                     step: step as i64,
@@ -574,8 +588,11 @@ async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEven
                 };
                 meter.step(step, tokens, tokens_per_second);
                 svc.store.update_progress(id, &p, tokens as i64).await?;
-                let data = serde_json::json!({"step": step, "total_steps": total_steps, "loss": loss, "learning_rate": learning_rate,
+                let mut data = serde_json::json!({"step": step, "total_steps": total_steps, "loss": loss, "learning_rate": learning_rate,
                     "grad_norm": grad_norm, "tokens": tokens, "tokens_per_second": tokens_per_second, "eta_seconds": eta_seconds, "epoch": epoch});
+                if let (Some(m), Some(obj)) = (preference, data.as_object_mut()) {
+                    obj.extend(m.fields(""));
+                }
                 record(
                     svc,
                     id,
@@ -590,8 +607,12 @@ async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEven
                 eval_loss,
                 eval_accuracy,
                 eval_tokens,
+                preference,
             } => {
-                let data = serde_json::json!({"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy, "eval_tokens": eval_tokens});
+                let mut data = serde_json::json!({"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy, "eval_tokens": eval_tokens});
+                if let (Some(m), Some(obj)) = (preference, data.as_object_mut()) {
+                    obj.extend(m.fields("eval_"));
+                }
                 record(
                     svc,
                     id,

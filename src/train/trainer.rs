@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor, Var, D};
 use serde::Serialize;
 
 use super::checkpoint::{self, TrainState};
+use super::dpo::{self, DpoConfig, PairSet, PreferenceMetrics, References};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::Hyperparameters;
 use super::{io_err, Result, TrainError};
@@ -73,12 +74,18 @@ pub enum TrainEvent {
         tokens_per_second: f64,
         eta_seconds: f64,
         epoch: f64,
+        /// DPO's rewards and log-probabilities (TRL's names).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        preference: Option<PreferenceMetrics>,
     },
     Eval {
         step: usize,
         eval_loss: f32,
+        /// Next-token accuracy; with DPO, `rewards/accuracies`.
         eval_accuracy: f32,
         eval_tokens: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        preference: Option<PreferenceMetrics>,
     },
     Checkpoint {
         step: usize,
@@ -129,6 +136,17 @@ pub struct Trainer<'a> {
     params: Vec<Var>,
     optimizer: AdamW,
     pub state: TrainState,
+    /// DPO: `train` (and `eval`) hold each pair's chosen side.
+    preferences: Option<Preferences<'a>>,
+}
+
+/// What a DPO run adds to the trainer: the rejected side of each pair, index for index with
+/// the chosen sides in `train` and `eval`, and the reference log-probabilities.
+struct Preferences<'a> {
+    config: DpoConfig,
+    rejected: &'a [Example],
+    eval_rejected: Option<&'a [Example]>,
+    references: References,
 }
 
 impl<'a> Trainer<'a> {
@@ -199,7 +217,75 @@ impl<'a> Trainer<'a> {
             params,
             opts,
             state,
+            preferences: None,
         })
+    }
+
+    /// Train on preference pairs with DPO: `rejected` (and `eval_rejected`) are the other side
+    /// of the pairs whose chosen side the trainer was made with. The reference log-probabilities
+    /// are `references` when given (stored by an earlier start of the same run), else computed
+    /// now from the model as it is: the training pairs in the first epoch's micro-batches, the
+    /// validation pairs in evaluation's.
+    pub fn with_preferences(
+        mut self,
+        config: DpoConfig,
+        rejected: &'a [Example],
+        eval_rejected: Option<&'a [Example]>,
+        references: Option<References>,
+    ) -> Result<Self> {
+        let eval_pairs = self.eval.map(<[Example]>::len);
+        if rejected.len() != self.train.len() || eval_rejected.map(<[Example]>::len) != eval_pairs {
+            return Err(TrainError::Spec {
+                field: "training_file".into(),
+                message: "every chosen answer needs its rejected one".into(),
+            });
+        }
+        if self.opts.packing {
+            return Err(TrainError::Spec {
+                field: "data.packing".into(),
+                message: "DPO lays each micro-batch's pairs end to end already; packing is for supervised data".into(),
+            });
+        }
+        let references = match references {
+            Some(r) => r,
+            None => {
+                let first = self.batcher.epoch_batches(self.train, 0);
+                let train = dpo::reference_logps(self.model, self.train, rejected, &first)?;
+                let eval = match (self.eval, eval_rejected) {
+                    (Some(c), Some(r)) => {
+                        let batches = dpo::in_order(c.len(), self.opts.hyper.batch_size);
+                        Some(dpo::reference_logps(self.model, c, r, &batches)?)
+                    }
+                    _ => None,
+                };
+                References { train, eval }
+            }
+        };
+        let fits = |r: &dpo::Reference, n: usize| r.chosen.len() == n && r.rejected.len() == n;
+        if !fits(&references.train, rejected.len())
+            || references
+                .eval
+                .as_ref()
+                .map(|r| fits(r, eval_pairs.unwrap_or(0)))
+                == Some(false)
+        {
+            return Err(TrainError::Spec {
+                field: "training_file".into(),
+                message: "the stored reference log-probabilities are for other pairs".into(),
+            });
+        }
+        self.preferences = Some(Preferences {
+            config,
+            rejected,
+            eval_rejected,
+            references,
+        });
+        Ok(self)
+    }
+
+    /// The reference log-probabilities of a DPO run.
+    pub fn references(&self) -> Option<&References> {
+        self.preferences.as_ref().map(|p| &p.references)
     }
 
     pub fn total_steps(&self) -> usize {
@@ -431,25 +517,43 @@ impl<'a> Trainer<'a> {
                 .flatten()
                 .map(|&i| target_tokens(&self.train[i]))
                 .sum();
+            let mut step_metrics = Vec::new();
             for idx in &step_batches {
-                let examples: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
-                let batch = collate_packed(&examples, self.model.device())?;
                 let weight = if self.opts.packing {
-                    batch.target_tokens as f64 / step_targets.max(1) as f64
+                    let targets: usize = idx.iter().map(|&i| target_tokens(&self.train[i])).sum();
+                    targets as f64 / step_targets.max(1) as f64
                 } else {
                     1.0 / accum as f64
                 };
-                let mut rng = Rng {
-                    state: self.state.rng_state,
+                let (objective, loss, tokens) = match &self.preferences {
+                    Some(p) => {
+                        let set = PairSet {
+                            chosen: self.train,
+                            rejected: p.rejected,
+                            reference: &p.references.train,
+                        };
+                        let mb = set.micro_batch(self.model, &p.config, idx)?;
+                        step_metrics.push(mb.metrics);
+                        (mb.objective, mb.loss as f32, mb.tokens)
+                    }
+                    None => {
+                        let examples: Vec<&Example> = idx.iter().map(|&i| &self.train[i]).collect();
+                        let batch = collate_packed(&examples, self.model.device())?;
+                        let mut rng = Rng {
+                            state: self.state.rng_state,
+                        };
+                        let loss = self.model.forward_loss_packed(
+                            &batch.input_ids,
+                            &batch.lengths,
+                            &batch.labels,
+                            if dropout { Some(&mut rng) } else { None },
+                        )?;
+                        self.state.rng_state = rng.state;
+                        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                        (loss, value, batch.tokens)
+                    }
                 };
-                let loss = self.model.forward_loss_packed(
-                    &batch.input_ids,
-                    &batch.lengths,
-                    &batch.labels,
-                    if dropout { Some(&mut rng) } else { None },
-                )?;
-                self.state.rng_state = rng.state;
-                let scaled = (&loss * weight)?;
+                let scaled = (&objective * weight)?;
                 let g = self.model.backward(&scaled)?;
                 if on_gpu {
                     for (acc, p) in device_grads.iter_mut().zip(&self.params) {
@@ -471,8 +575,8 @@ impl<'a> Trainer<'a> {
                         }
                     }
                 }
-                loss_sum += loss.to_dtype(DType::F32)?.to_scalar::<f32>()? * weight as f32;
-                step_tokens += batch.tokens;
+                loss_sum += loss * weight as f32;
+                step_tokens += tokens;
             }
             let loss = loss_sum;
             if !loss.is_finite() {
@@ -505,6 +609,8 @@ impl<'a> Trainer<'a> {
                 eta_seconds: elapsed / done as f64 * (total - self.state.step) as f64,
                 epoch: self.state.epoch as f64
                     + self.state.batch_in_epoch as f64 / per_epoch as f64,
+                preference: (!step_metrics.is_empty())
+                    .then(|| PreferenceMetrics::mean(&step_metrics)),
             });
             let last = self.state.step == total;
             if let Some(eval) = self.eval {
@@ -514,12 +620,13 @@ impl<'a> Trainer<'a> {
                         .eval_every
                         .is_some_and(|n| self.state.step.is_multiple_of(n))
                 {
-                    let r = evaluate(self.model, eval, self.opts.hyper.batch_size, self.pad_id)?;
+                    let (r, preference) = self.evaluate(eval)?;
                     on_event(&TrainEvent::Eval {
                         step: self.state.step,
                         eval_loss: r.loss,
                         eval_accuracy: r.accuracy,
                         eval_tokens: r.tokens,
+                        preference,
                     });
                     stop_early = self.judge(r.loss)?;
                 }
@@ -580,6 +687,33 @@ fn copy_adapter(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
 }
 
 impl Trainer<'_> {
+    /// Evaluate on the validation set: token loss and accuracy, or with DPO the pairs' loss and
+    /// reward accuracy with their metrics.
+    fn evaluate(&self, eval: &[Example]) -> Result<(EvalResult, Option<PreferenceMetrics>)> {
+        let batch_size = self.opts.hyper.batch_size;
+        match &self.preferences {
+            Some(Preferences {
+                config,
+                eval_rejected: Some(rejected),
+                references:
+                    References {
+                        eval: Some(reference),
+                        ..
+                    },
+                ..
+            }) => {
+                let set = PairSet {
+                    chosen: eval,
+                    rejected,
+                    reference,
+                };
+                let (r, m) = set.evaluate(self.model, config, batch_size)?;
+                Ok((r, Some(m)))
+            }
+            _ => Ok((evaluate(self.model, eval, batch_size, self.pad_id)?, None)),
+        }
+    }
+
     /// Record an evaluation's loss against the best so far; with `load_best` a new best's
     /// adapter is kept. Returns whether early stopping says to stop.
     fn judge(&mut self, loss: f32) -> Result<bool> {

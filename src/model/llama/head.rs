@@ -42,6 +42,54 @@ impl CausalLm {
         labels: &Tensor,
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
+        let (rows, targets, _) = self.packed_targets(input_ids, lengths, labels)?;
+        let x = self.hidden(input_ids, None, Some(lengths), rng)?;
+        self.mean_nll(&x, rows, targets)
+    }
+
+    /// The summed log-probability of each example's label tokens, f32 `[examples]`, for
+    /// examples laid end to end in one row as `forward_loss_packed` takes them: DPO's
+    /// `log π(y | x)`, with a backward. An example without a label token gets 0.
+    pub fn sequence_logps_packed(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        labels: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let (rows, targets, segment) = self.packed_targets(input_ids, lengths, labels)?;
+        let m = lengths.len();
+        let dev = &self.device;
+        if rows.is_empty() {
+            return Ok(Tensor::zeros(m, DType::F32, dev)?);
+        }
+        let x = self.hidden(input_ids, None, Some(lengths), rng)?;
+        let (b, s, h) = x.dims3()?;
+        let n = rows.len();
+        let picked = x
+            .reshape((b * s, h))?
+            .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
+        let targets = Tensor::from_vec(targets, n, dev)?;
+        let nll = head_loss(&picked, self.head(), &targets, HEAD_BLOCK)?; // [n], f32
+                                                                          // Summed per example by a one-hot matmul, whose backward spreads each sum's gradient
+                                                                          // back over its tokens.
+        let mut onehot = vec![0f32; n * m];
+        for (i, &k) in segment.iter().enumerate() {
+            onehot[i * m + k] = 1.0;
+        }
+        let onehot = Tensor::from_vec(onehot, (n, m), dev)?;
+        Ok(nll.unsqueeze(0)?.matmul(&onehot)?.squeeze(0)?.neg()?)
+    }
+
+    /// The positions of a packed row that predict a label: each position's row, its target and
+    /// the example it belongs to. An example's first label is never predicted from the example
+    /// before it.
+    fn packed_targets(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        labels: &Tensor,
+    ) -> Result<(Vec<u32>, Vec<u32>, Vec<usize>)> {
         let (b, s) = input_ids.dims2()?;
         if b != 1 || lengths.iter().sum::<usize>() != s {
             return Err(ModelError::Invalid {
@@ -49,18 +97,22 @@ impl CausalLm {
                 message: format!("a [{b}, {s}] batch is not one row of examples {lengths:?}"),
             });
         }
+        let mut segment_of = Vec::with_capacity(s);
         let mut starts = vec![false; s];
-        for &(start, _) in &crate::ops::attention::segments(lengths) {
+        for (k, &(start, len)) in crate::ops::attention::segments(lengths).iter().enumerate() {
             starts[start] = true;
+            segment_of.extend(std::iter::repeat_n(k, len));
         }
-        let (rows, targets): (Vec<u32>, Vec<u32>) =
-            next_token_targets(labels, (b, s), self.config.vocab_size)?
-                .into_iter()
-                .filter(|&(row, _)| !starts[row as usize + 1])
-                .filter_map(|(row, t)| Some((row, t?)))
-                .unzip();
-        let x = self.hidden(input_ids, None, Some(lengths), rng)?;
-        self.mean_nll(&x, rows, targets)
+        let mut out = (Vec::new(), Vec::new(), Vec::new());
+        for (row, t) in next_token_targets(labels, (b, s), self.config.vocab_size)? {
+            let next = row as usize + 1;
+            if let (false, Some(t)) = (starts[next], t) {
+                out.0.push(row);
+                out.1.push(t);
+                out.2.push(segment_of[next]);
+            }
+        }
+        Ok(out)
     }
 
     /// Mean negative log-likelihood of `targets` at `rows` of hidden states `[b, s, hidden]`.
