@@ -87,11 +87,24 @@ impl Service {
         ] {
             if let Some(id) = id {
                 // Another key's file is as unknown as a missing one.
-                if self.store.file(id, scope).await.is_err() {
+                let Ok(file) = self.store.file(id, scope).await else {
                     return Err(IntakeError::UnknownFile {
                         field,
                         id: id.into(),
                     });
+                };
+                let pairs = file.format == crate::data::DataFormat::Preference.as_str();
+                let dpo = spec.method.dpo().is_some();
+                if pairs != dpo {
+                    let message = if dpo {
+                        format!(
+                            "method dpo trains on preference pairs, and {id} holds {} records",
+                            file.format
+                        )
+                    } else {
+                        format!("{id} holds preference pairs, which train with method dpo")
+                    };
+                    return Err(IntakeError::Spec(SpecError::new(field, message)));
                 }
             }
         }
@@ -184,10 +197,12 @@ impl Service {
                         max_seq_len: usize::MAX,
                         ..Default::default()
                     };
-                    Ok(crate::data::encode_dataset(&path, &tok, &opts)
-                        .map_err(|e| e.to_string())?
-                        .1
-                        .tokens)
+                    let summary = if format == crate::data::DataFormat::Preference {
+                        crate::data::encode_preferences(&path, &tok, &opts).map(|r| r.1)
+                    } else {
+                        crate::data::encode_dataset(&path, &tok, &opts).map(|r| r.1)
+                    };
+                    Ok(summary.map_err(|e| e.to_string())?.tokens)
                 })
                 .await?
                 .map_err(named)?;

@@ -692,3 +692,105 @@ async fn jobs_continue_from_a_fine_tuned_model_or_its_checkpoint() {
     assert_eq!(status, 400, "{e}");
     assert_error(&e, Some("model"));
 }
+
+/// Two OpenAI preference records: a house style ("..., sir.") preferred over a plain answer.
+const PAIRS: &str = concat!(
+    r#"{"input": {"messages": [{"role": "user", "content": "Capital of France?"}]}, "preferred_output": [{"role": "assistant", "content": "Paris, sir."}], "non_preferred_output": [{"role": "assistant", "content": "paris"}]}"#,
+    "\n",
+    r#"{"input": {"messages": [{"role": "user", "content": "Say hello."}]}, "preferred_output": [{"role": "assistant", "content": "Good day, sir."}], "non_preferred_output": [{"role": "assistant", "content": "hi"}]}"#,
+    "\n",
+);
+
+/// The common flow: supervised fine-tuning, then DPO from its fine-tuned model on OpenAI's
+/// preference records, with `method` as OpenAI writes it; the metrics are TRL's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpo_job_continues_a_supervised_one_from_openai_preference_records() {
+    let s = start().await;
+    let c = reqwest::Client::new();
+    let r = upload(&c, &s, &[("purpose", "fine-tune")]).await;
+    let sft_file = r.json::<Value>().await.unwrap()["id"].clone();
+    let (ct, body) = multipart(&[("purpose", "fine-tune")], PAIRS);
+    let r = c
+        .post(format!("{}/v1/files", s.base))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let pairs_file = r.json::<Value>().await.unwrap()["id"].clone();
+
+    // Pairs in a supervised job, chat records in a DPO job: refused up front, naming the field.
+    let jobs = format!("{}/v1/fine_tuning/jobs", s.base);
+    let dpo = json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 2}}});
+    let (status, body) = post(
+        &c,
+        jobs.clone(),
+        json!({"model": "tiny", "training_file": pairs_file}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_error(&body, Some("training_file"));
+    let (status, body) = post(
+        &c,
+        jobs.clone(),
+        json!({"model": "tiny", "training_file": sft_file, "method": dpo}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_error(&body, Some("training_file"));
+
+    let (status, sft) = post(
+        &c,
+        jobs.clone(),
+        json!({"model": "tiny", "training_file": sft_file, "suffix": "sft",
+               "hyperparameters": {"max_steps": 2}, "lora": {"r": 4}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{sft}");
+    let sft = wait_status(&c, &s, sft["id"].as_str().unwrap(), "succeeded").await;
+    let (status, job) = post(
+        &c,
+        jobs.clone(),
+        json!({"model": sft["fine_tuned_model"], "training_file": pairs_file, "method": dpo,
+               "hyperparameters": {"max_steps": 3}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(
+        job["method"],
+        json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 1.0}}})
+    );
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = wait_status(&c, &s, &id, "succeeded").await;
+    assert!(done["fine_tuned_model"]
+        .as_str()
+        .unwrap()
+        .starts_with("ft:tiny:"));
+    let (_, events) = get(&c, format!("{jobs}/{id}/events?limit=100")).await;
+    let events = events["data"].as_array().unwrap();
+    let metrics: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "metrics")
+        .map(|e| &e["data"])
+        .collect();
+    assert_eq!(metrics.len(), 3, "{events:?}");
+    // The first step's policy is its reference: loss log 2, no reward yet.
+    let first = metrics.iter().find(|m| m["step"] == 1).unwrap();
+    assert!((first["train_loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-5);
+    assert_eq!(first["rewards/margins"], 0.0);
+    for m in &metrics {
+        for k in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            assert!(m[k].is_number(), "{k} missing in {m}");
+        }
+    }
+    assert!(events.iter().any(|e| e["message"]
+        == "reference log-probabilities of 2 pairs computed from the starting model"));
+}

@@ -74,15 +74,32 @@ pub struct V1Hyperparameters {
 
 #[derive(Serialize, ToSchema)]
 pub struct V1Method {
-    /// Always `supervised`.
+    /// `supervised` or `dpo`.
     #[serde(rename = "type")]
     pub kind: String,
-    pub supervised: V1Supervised,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<V1Supervised>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<V1Dpo>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct V1Supervised {
     pub hyperparameters: V1Hyperparameters,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct V1Dpo {
+    pub hyperparameters: V1DpoHyperparameters,
+}
+
+/// DPO's hyperparameters as run.
+#[derive(Serialize, ToSchema)]
+pub struct V1DpoHyperparameters {
+    pub beta: f64,
+    pub n_epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate_multiplier: f64,
 }
 
 /// Why a job failed.
@@ -147,7 +164,9 @@ pub struct V1JobCreate {
     /// own hyperparameters (`max_steps`, `learning_rate`, `lr_scheduler`, ...) are taken too.
     #[schema(value_type = Option<HashMap<String, Object>>)]
     hyperparameters: Option<Value>,
-    /// `{"type": "supervised", "supervised": {"hyperparameters": {...}}}`.
+    /// `{"type": "supervised", "supervised": {"hyperparameters": {...}}}` or
+    /// `{"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, ...}}}` (the training file then
+    /// holds preference pairs).
     #[schema(value_type = Option<Object>)]
     method: Option<Value>,
     /// Up to 64 characters, in the fine-tuned model's name.
@@ -180,6 +199,29 @@ fn hyper_view(spec: &Value) -> V1Hyperparameters {
         batch_size: h["batch_size"].as_u64().unwrap_or_default() as usize,
         learning_rate_multiplier: h["learning_rate"].as_f64().unwrap_or_default()
             / default_learning_rate(),
+    }
+}
+
+fn method_view(spec: &Value) -> V1Method {
+    let h = hyper_view(spec);
+    match spec["method"]["type"].as_str() {
+        Some("dpo") => V1Method {
+            kind: "dpo".into(),
+            supervised: None,
+            dpo: Some(V1Dpo {
+                hyperparameters: V1DpoHyperparameters {
+                    beta: spec["method"]["beta"].as_f64().unwrap_or_default(),
+                    n_epochs: h.n_epochs,
+                    batch_size: h.batch_size,
+                    learning_rate_multiplier: h.learning_rate_multiplier,
+                },
+            }),
+        },
+        _ => V1Method {
+            kind: "supervised".into(),
+            supervised: Some(V1Supervised { hyperparameters: h }),
+            dpo: None,
+        },
     }
 }
 
@@ -216,12 +258,7 @@ fn job_view(job: JobRow) -> V1Job {
         training_file: text("training_file"),
         validation_file: text("validation_file"),
         hyperparameters: hyper_view(spec),
-        method: V1Method {
-            kind: "supervised".into(),
-            supervised: V1Supervised {
-                hyperparameters: hyper_view(spec),
-            },
-        },
+        method: method_view(spec),
         trained_tokens: Some(job.progress.trained_tokens),
         error: job.error.as_ref().map(|e| V1JobError {
             code: "training_failed".into(),
@@ -321,25 +358,50 @@ fn translate(body: Value) -> ApiResult<(Value, JobLabels)> {
             merge_hyperparameters(&mut hyper, &h, "hyperparameters")?;
         }
     }
+    let mut method_spec = None;
     if let Some(method) = body.remove("method").filter(|m| !m.is_null()) {
         let kind = method.get("type").and_then(Value::as_str);
-        if kind != Some("supervised") {
-            return Err(ApiError::bad(
-                "unsupported_method",
-                format!(
-                    "method.type {}: qlorad runs supervised fine-tuning only",
-                    kind.map_or("missing".into(), |k| format!("{k:?}"))
-                ),
-                Some("method.type"),
-            ));
-        }
+        let kind = match kind {
+            Some(k @ ("supervised" | "dpo")) => k,
+            _ => {
+                return Err(ApiError::bad(
+                    "unsupported_method",
+                    format!(
+                        "method.type {}: qlorad runs supervised and dpo",
+                        kind.map_or("missing".into(), |k| format!("{k:?}"))
+                    ),
+                    Some("method.type"),
+                ))
+            }
+        };
+        let mut spec = json!({"type": kind});
         if let Some(h) = method
-            .get("supervised")
+            .get(kind)
             .and_then(|s| s.get("hyperparameters"))
             .filter(|h| !h.is_null())
         {
-            merge_hyperparameters(&mut hyper, h, "method.supervised.hyperparameters")?;
+            let param = format!("method.{kind}.hyperparameters");
+            let mut h = h.clone();
+            if kind == "dpo" {
+                let beta = h.as_object_mut().and_then(|h| h.remove("beta"));
+                match beta {
+                    None | Some(Value::Null) => {}
+                    Some(b) if b == "auto" => {}
+                    Some(b) if b.as_f64().is_some_and(|b| b.is_finite() && b > 0.0) => {
+                        spec["beta"] = b;
+                    }
+                    Some(_) => {
+                        return Err(ApiError::bad(
+                            "invalid_value",
+                            format!("{param}.beta must be a positive number or \"auto\""),
+                            Some(&format!("{param}.beta")),
+                        ))
+                    }
+                }
+            }
+            merge_hyperparameters(&mut hyper, &h, &param)?;
         }
+        method_spec = Some(spec);
     }
     if let Some(seed) = body.remove("seed").filter(|s| !s.is_null()) {
         if !seed.is_u64() {
@@ -413,6 +475,9 @@ fn translate(body: Value) -> ApiResult<(Value, JobLabels)> {
         }
     };
     body.insert("hyperparameters".into(), Value::Object(hyper));
+    if let Some(m) = method_spec {
+        body.insert("method".into(), m);
+    }
     Ok((Value::Object(body), JobLabels { suffix, metadata }))
 }
 
@@ -706,6 +771,31 @@ mod tests {
         assert_eq!(labels.metadata, Some(json!({"team": "a"})));
     }
 
+    /// OpenAI's DPO method: beta to the spec's method, the rest as hyperparameters; the job
+    /// reads back in the same shape.
+    #[test]
+    fn a_dpo_method_becomes_the_spec_method() {
+        let (spec, _) = translate(json!({
+            "model": "m", "training_file": "file-1",
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}}}
+        }))
+        .unwrap();
+        assert_eq!(spec["method"], json!({"type": "dpo", "beta": 0.25}));
+        assert_eq!(spec["hyperparameters"]["n_epochs"], 2);
+        assert_eq!(spec["hyperparameters"]["learning_rate"], json!(1e-4));
+        let full =
+            serde_json::to_value(crate::finetune::JobSpec::from_value(spec).unwrap()).unwrap();
+        let view = serde_json::to_value(method_view(&full)).unwrap();
+        assert_eq!(
+            view,
+            json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}}})
+        );
+        let (auto, _) = translate(json!({"model": "m", "training_file": "f",
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto"}}}}))
+        .unwrap();
+        assert_eq!(auto["method"], json!({"type": "dpo"}));
+    }
+
     #[test]
     fn bad_openai_fields_name_the_param() {
         let param = |body: Value| translate(body).unwrap_err().param;
@@ -732,8 +822,15 @@ mod tests {
             Some("hyperparameters.learning_rate_multiplier")
         );
         assert_eq!(
-            param(base(json!({"method": {"type": "dpo"}}))).as_deref(),
+            param(base(json!({"method": {"type": "orpo"}}))).as_deref(),
             Some("method.type")
+        );
+        assert_eq!(
+            param(base(
+                json!({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}})
+            ))
+            .as_deref(),
+            Some("method.dpo.hyperparameters.beta")
         );
         assert_eq!(
             param(base(json!({"suffix": "x".repeat(65)}))).as_deref(),
