@@ -1,5 +1,5 @@
 """Drive a live qlorad server with the official `openai` Python client, unchanged but for
-base_url and api_key: upload, create, list, retrieve, events, checkpoints, pause, resume, cancel, errors.
+base_url and api_key: upload, create, list, retrieve, events, checkpoints, pause, resume, cancel, DPO, errors.
 
     pip install openai
     cargo run --release --example random_model -- models/tiny tiny
@@ -24,6 +24,15 @@ DATA = [
     {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
     {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]},
     {"messages": [{"role": "user", "content": "Boil time?"}, {"role": "assistant", "content": "Ninety seconds."}]},
+]
+
+PAIRS = [
+    {"input": {"messages": [{"role": "user", "content": "Capital of France?"}]},
+     "preferred_output": [{"role": "assistant", "content": "Paris, sir."}],
+     "non_preferred_output": [{"role": "assistant", "content": "paris"}]},
+    {"input": {"messages": [{"role": "user", "content": "Say hello."}]},
+     "preferred_output": [{"role": "assistant", "content": "Good day, sir."}],
+     "non_preferred_output": [{"role": "assistant", "content": "hi"}]},
 ]
 
 
@@ -127,6 +136,24 @@ def main():
     check(wait(client, long.id, {"cancelled"}).status == "cancelled", "cancelled job stops")
     every = [j.id for j in client.fine_tuning.jobs.list(limit=1)]  # auto-paginates
     check(every[:2] == [long.id, job.id], "jobs auto-pagination")
+
+    # DPO from the supervised job's model, on OpenAI's preference records, `method` as OpenAI has it.
+    pairs = "".join(json.dumps(r) + "\n" for r in PAIRS).encode()
+    pf = client.files.create(file=("pairs.jsonl", io.BytesIO(pairs)), purpose="fine-tune")
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 2, "n_epochs": 2}}}
+    dpo = client.fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=pf.id, method=method)
+    check(dpo.method.type == "dpo" and dpo.method.dpo.hyperparameters.beta == 0.2
+          and dpo.method.dpo.hyperparameters.batch_size == 2, f"DPO jobs.create -> {dpo.id}, method {dpo.method.type}")
+    dpo_done = wait(client, dpo.id, {"succeeded", "failed"})
+    check(dpo_done.status == "succeeded", f"DPO job finished: {dpo_done.status} {dpo_done.error}")
+    dm = [e.data for e in client.fine_tuning.jobs.list_events(dpo.id, limit=100).data if e.type == "metrics"]
+    check(len(dm) == 2 and all("rewards/margins" in d and "logps/chosen" in d for d in dm),
+          f"DPO metrics events carry TRL's rewards/* and logps/*: {sorted(dm[0])}")
+    try:
+        client.fine_tuning.jobs.create(model=args.model, training_file=pf.id)
+        check(False, "preference pairs in a supervised job are an error")
+    except openai.UnprocessableEntityError as e:
+        check(e.param == "training_file", f"UnprocessableEntityError param=training_file: {e.message}")
 
     try:
         client.fine_tuning.jobs.retrieve("job-does-not-exist")

@@ -19,7 +19,7 @@ pub struct TrainArgs {
     /// The base model directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// Training data: JSONL or a JSON array (alpaca, chat, sharegpt, completion or text).
+    /// Training data: JSONL or a JSON array (alpaca, chat, sharegpt, completion or text; preference pairs with a spec whose method is dpo).
     #[arg(long)]
     pub data: PathBuf,
     /// Validation data, evaluated every `eval_every` steps and at the end.

@@ -157,7 +157,7 @@ async function showJobs() {
 
 async function showNew() {
   app.innerHTML = `<h1>New job</h1><form class="card" id="new">
-    <label><span>Dataset (JSONL or a JSON array: chat, alpaca, sharegpt, completion or text)</span>
+    <label><span>Dataset (JSONL or a JSON array: chat, alpaca, sharegpt, completion or text; preference pairs with {"method": {"type": "dpo"}} below)</span>
       <input type="file" name="file" required></label>
     <div class="grid2">
       <label><span>Base model</span><select name="model" required></select></label>
@@ -219,8 +219,9 @@ async function showNew() {
 
 // ---- the chart -------------------------------------------------------------------------------
 
-// Points are {step, loss, lr} and {step, eval}; loss on the left axis, learning rate on the right.
-function drawChart(svg, points, evals) {
+// Points are {step, loss, lr} and {step, eval}; loss on the left axis, learning rate on the right
+// (`right` formats its labels). DPO's chart draws reward margins on the left, accuracy on the right.
+function drawChart(svg, points, evals, right = (v) => v.toExponential(1)) {
   const W = svg.clientWidth || 800, H = svg.clientHeight || 300;
   const m = { l: 56, r: 64, t: 12, b: 28 };
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
@@ -245,7 +246,7 @@ function drawChart(svg, points, evals) {
     s += `<line class="grid" x1="${m.l}" x2="${W - m.r}" y1="${y}" y2="${y}"/>`;
     s += `<text x="${m.l - 6}" y="${y + 4}" text-anchor="end">${v.toPrecision(3)}</text>`;
     const lr = r0 + ((r1 - r0) * i) / 4;
-    s += `<text x="${W - m.r + 6}" y="${R(lr) + 4}">${lr.toExponential(1)}</text>`;
+    s += `<text x="${W - m.r + 6}" y="${R(lr) + 4}">${right(lr)}</text>`;
   }
   for (let i = 0; i <= 5; i++) {
     const st = Math.round(x0 + ((x1 - x0) * i) / 5);
@@ -273,19 +274,29 @@ async function showJob(id) {
         <span><i style="background:var(--eval)"></i>validation loss</span>
         <span><i style="background:var(--lr)"></i>learning rate (right axis)</span></div>
       <svg id="chart" data-points="0" role="img" aria-label="loss and learning rate by step"></svg></div>
+    <div class="card" id="dpo" hidden><h2>DPO rewards</h2>
+      <div class="legend"><span><i style="background:var(--loss)"></i>reward margin (chosen − rejected)</span>
+        <span><i style="background:var(--eval)"></i>validation margin</span>
+        <span><i style="background:var(--lr)"></i>reward accuracy (right axis)</span></div>
+      <svg id="dpochart" data-points="0" role="img" aria-label="DPO reward margin and accuracy by step"></svg></div>
     <div class="row">
       <div class="card"><h2>Checkpoints</h2><table id="ckpts"><thead><tr><th>Step</th><th>Name</th><th>Loss</th><th>Saved</th></tr></thead><tbody></tbody></table></div>
       <div class="card"><h2>Artifacts</h2><table id="arts"><thead><tr><th>File</th><th>Size</th></tr></thead><tbody></tbody></table></div>
     </div>
     <div class="card"><h2>Events</h2><div class="log"><table id="events"><thead><tr><th>#</th><th>Time</th><th>Type</th><th>Message</th></tr></thead><tbody></tbody></table></div></div>`;
   const svg = app.querySelector("#chart");
-  const points = [], evals = [];
+  const dpoSvg = app.querySelector("#dpochart");
+  const points = [], evals = [], margins = [], evalMargins = [];
   let job = null, pending = false;
 
   const redraw = () => {
     if (pending) return;
     pending = true;
-    requestAnimationFrame(() => { pending = false; drawChart(svg, points, evals); });
+    requestAnimationFrame(() => {
+      pending = false;
+      drawChart(svg, points, evals);
+      if (margins.length) drawChart(dpoSvg, margins, evalMargins, (v) => v.toFixed(2));
+    });
   };
   const summary = () => {
     if (!job) return;
@@ -294,6 +305,7 @@ async function showJob(id) {
       <dt>Status</dt><dd>${statusBadge(job.status)} ${job.error ? `<span class="error">${esc(job.error)}</span>` : ""}</dd>
       <dt>Progress</dt><dd>${progressBar(p)}</dd>
       <dt>Model</dt><dd>${esc(job.spec.model)}</dd>
+      <dt>Method</dt><dd>${job.spec.method.type === "dpo" ? `DPO, β=${job.spec.method.beta}` : "supervised"}</dd>
       <dt>Training file</dt><dd class="mono">${esc(job.spec.training_file)}</dd>
       <dt>Last loss</dt><dd class="num">${fmtNum(p.last_loss)}</dd>
       <dt>Tokens/s</dt><dd class="num">${p.tokens_per_second ? p.tokens_per_second.toFixed(0) : ""}</dd>
@@ -354,6 +366,13 @@ async function showJob(id) {
       <td>${esc(new Date(e.created_at * 1000).toLocaleTimeString())}</td><td>${esc(e.type)}</td><td>${esc(e.message)}</td></tr>`);
     if (stick) logBox.scrollTop = logBox.scrollHeight;
     const d = e.data || {};
+    if (e.type === "metrics" && Number.isFinite(d["rewards/margins"])) {
+      margins.push({ step: d.step, loss: d["rewards/margins"], lr: d["rewards/accuracies"] });
+      app.querySelector("#dpo").hidden = false;
+    }
+    if (e.type === "metrics" && Number.isFinite(d["eval_rewards/margins"])) {
+      evalMargins.push({ step: d.step, eval: d["eval_rewards/margins"] });
+    }
     if (e.type === "metrics" && Number.isFinite(d.loss)) {
       points.push({ step: d.step, loss: d.loss, lr: d.learning_rate });
       if (job) {
