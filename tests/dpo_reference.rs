@@ -5,17 +5,13 @@
 
 mod common;
 
-use common::rel;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use candle_core::{Device, Tensor};
 use qlorad::data::preference::tokenize_pair;
 use qlorad::data::{encode_preferences, read_records, EncodeOptions, Sample, TextTokenizer};
 use qlorad::finetune::{JobSpec, Plan, RunEvent};
 use qlorad::model::llama::{CausalLm, LoadOptions};
-use qlorad::model::WeightFiles;
 use qlorad::train::dpo::DpoConfig;
 use qlorad::train::{Hyperparameters, Schedule, TrainEvent, Trainer, TrainerOptions};
 use serde_json::{json, Value};
@@ -210,7 +206,7 @@ const METRICS: [&str; 6] = [
 
 /// Each step's loss, gradient norm, learning rate and reward metrics, and the final adapter,
 /// against TRL's run.
-fn assert_matches_trl(events: &[TrainEvent], trainable: Vec<(String, candle_core::Var)>) {
+fn assert_matches_trl(events: &[TrainEvent], model: &CausalLm) {
     let want = read_json(&dpo("steps.json"));
     let want = want["steps"].as_array().unwrap();
     let ours: Vec<&TrainEvent> = events
@@ -245,18 +241,7 @@ fn assert_matches_trl(events: &[TrainEvent], trainable: Vec<(String, candle_core
             close(k, fields[k].as_f64().unwrap(), 1e-4);
         }
     }
-    let fin = WeightFiles::open_file(&dpo("final-adapter/adapter_model.safetensors")).unwrap();
-    for (name, var) in trainable {
-        let v = fin.tensor(&name).unwrap();
-        let want = Tensor::from_vec(
-            bytemuck::pod_collect_to_vec::<u8, f32>(v.data()),
-            v.shape(),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let r = rel(var.as_tensor(), &want);
-        assert!(r <= 1e-3, "{name}: final adapter relative error {r}");
-    }
+    common::assert_adapter_close(model, &dpo("final-adapter/adapter_model.safetensors"), 1e-3);
 }
 
 #[test]
@@ -305,7 +290,7 @@ fn six_dpo_steps_match_trl() {
     trainer
         .run(&AtomicBool::new(false), &mut |e| events.push(e.clone()))
         .unwrap();
-    assert_matches_trl(&events, model.trainable());
+    assert_matches_trl(&events, &model);
 }
 
 /// A DPO job from its spec, as the service runs it: the reference is stored with the run, and

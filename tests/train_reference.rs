@@ -10,11 +10,10 @@ use common::rel;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use qlorad::data::{encode_dataset, EncodeOptions, Example, TextTokenizer};
 use qlorad::lora::{LoraConfig, TargetModules};
 use qlorad::model::llama::{CausalLm, LoadOptions};
-use qlorad::model::WeightFiles;
 use qlorad::rng::Rng;
 use qlorad::train::{Hyperparameters, Schedule, TrainEvent, Trainer, TrainerOptions};
 use serde_json::Value;
@@ -120,21 +119,11 @@ fn assert_matches_reference(model: &CausalLm, events: &[TrainEvent], dir: &str, 
             "step {step}: grad norm {norm} vs {wn}"
         );
     }
-    let fin = WeightFiles::open_file(&lm(&format!(
-        "{dir}/final-adapter/adapter_model.safetensors"
-    )))
-    .unwrap();
-    for (name, var) in model.trainable() {
-        let v = fin.tensor(&name).unwrap();
-        let want = Tensor::from_vec(
-            bytemuck::pod_collect_to_vec::<u8, f32>(v.data()),
-            v.shape(),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let r = rel(var.as_tensor(), &want);
-        assert!(r <= 1e-3, "{name}: final adapter relative error {r}");
-    }
+    common::assert_adapter_close(
+        model,
+        &lm(&format!("{dir}/final-adapter/adapter_model.safetensors")),
+        1e-3,
+    );
 }
 
 /// The dense `llama-gqa` model with the reference runs' initial adapter.

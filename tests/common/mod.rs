@@ -56,3 +56,20 @@ pub fn rel(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Every trainable tensor of `model` within `tol` (relative, `rel`) of the same-named tensor of
+/// the PEFT adapter file `file` (f32).
+pub fn assert_adapter_close(model: &qlorad::model::llama::CausalLm, file: &Path, tol: f32) {
+    let fin = qlorad::model::WeightFiles::open_file(file).unwrap();
+    for (name, var) in model.trainable() {
+        let v = fin.tensor(&name).unwrap();
+        let want = Tensor::from_vec(
+            bytemuck::pod_collect_to_vec::<u8, f32>(v.data()),
+            v.shape(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let r = rel(var.as_tensor(), &want);
+        assert!(r <= tol, "{name}: final adapter relative error {r}");
+    }
+}
