@@ -57,8 +57,8 @@ def download_adapter(base, job_id, out):
     return out
 
 
-def answer(model, adapter, question):
-    cmd = [os.path.join(ROOT, "target", "release", "qlorad"), "generate", "--model", model, "--chat",
+def answer(qlorad, model, adapter, question):
+    cmd = [qlorad, "generate", "--model", model, "--chat",
            "--max-tokens", "32", "--prompt", question, "--adapter", adapter]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--model", default="SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--model-file", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--questions", type=int, default=12)
+    ap.add_argument("--qlorad", default=os.path.join(ROOT, "target", "release", "qlorad"))
     args = ap.parse_args()
     client = OpenAI(base_url=f"{args.base_url}/v1", api_key=os.environ.get("QLORAD_API_KEY", "unused"))
 
@@ -123,7 +124,7 @@ def main():
     for q in questions:
         print(q)
         for k, a in adapters.items():
-            text = answer(args.model_file, a, q)
+            text = answer(args.qlorad, args.model_file, a, q)
             styled[k] += text.startswith("Ahoy")
             print(f"  {k}: {text!r}")
     for k in adapters:

@@ -6,7 +6,7 @@
 //! `quant::linear`; each decoder layer (`layer`) and the LM head's loss (`head`) is one op whose
 //! backward is written by hand. `generate` continues a prompt.
 
-mod generate;
+pub mod generate;
 mod head;
 mod layer;
 
