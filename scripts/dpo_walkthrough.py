@@ -46,7 +46,7 @@ def wait(client, job_id):
 
 
 def metrics(client, job_id):
-    events = client.fine_tuning.jobs.list_events(job_id, limit=1000).data
+    events = list(client.fine_tuning.jobs.list_events(job_id, limit=100))  # auto-paginates
     return sorted((e.data for e in events if e.type == "metrics"), key=lambda d: (d["step"], "eval_loss" in d))
 
 
@@ -63,23 +63,10 @@ def answer(qlorad, model, adapter, question):
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--base-url", default="http://127.0.0.1:8080")
-    ap.add_argument("--model", default="SmolLM2-135M-Instruct.Q4_1.gguf")
-    ap.add_argument("--model-file", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--questions", type=int, default=12)
-    ap.add_argument("--qlorad", default=os.path.join(ROOT, "target", "release", "qlorad"))
-    args = ap.parse_args()
-    client = OpenAI(base_url=f"{args.base_url}/v1", api_key=os.environ.get("QLORAD_API_KEY", "unused"))
-
-    ex = os.path.join(ROOT, "examples")
+def run_sft(client, args, ex):
     sft_train = upload(client, f"{ex}/lumenfold/train.jsonl")
     sft_valid = upload(client, f"{ex}/lumenfold/valid.jsonl")
-    pairs = upload(client, f"{ex}/house-style/train.jsonl")
-    heldout = upload(client, f"{ex}/house-style/heldout.jsonl")
-
-    sft = client.fine_tuning.jobs.create(
+    job = client.fine_tuning.jobs.create(
         model=args.model,
         training_file=sft_train,
         validation_file=sft_valid,
@@ -89,7 +76,27 @@ def main():
         extra_body={"hyperparameters": {"lr_scheduler": "cosine", "warmup_ratio": 0.05, "max_seq_len": 128},
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05}, "eval_every": 19},
     )
-    sft = wait(client, sft.id)
+    return wait(client, job.id)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base-url", default="http://127.0.0.1:8080")
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--model-file", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--questions", type=int, default=12)
+    ap.add_argument("--sft-job", help="a succeeded supervised job to continue, instead of running one")
+    ap.add_argument("--qlorad", default=os.path.join(ROOT, "target", "release", "qlorad"))
+    args = ap.parse_args()
+    client = OpenAI(base_url=f"{args.base_url}/v1", api_key=os.environ.get("QLORAD_API_KEY", "unused"))
+
+    ex = os.path.join(ROOT, "examples")
+    pairs = upload(client, f"{ex}/house-style/train.jsonl")
+    heldout = upload(client, f"{ex}/house-style/heldout.jsonl")
+    if args.sft_job:
+        sft = wait(client, args.sft_job)
+    else:
+        sft = run_sft(client, args, ex)
     print("SFT validation loss:", [round(m["eval_loss"], 4) for m in metrics(client, sft.id) if "eval_loss" in m])
 
     method = {"type": "dpo", "dpo": {"hyperparameters": {

@@ -40,6 +40,8 @@ pub struct AppState {
     pub keys: Arc<auth::ApiKeys>,
     /// Open event streams per key.
     pub streams: limits::StreamSlots,
+    /// Loaded models for `/v1/chat/completions` and `/v1/completions`.
+    pub inference: Arc<crate::jobs::inference::Inference>,
 }
 
 /// `{"error": {"message", "type", "param", "code"}}` with a fitting status: the same object on
@@ -316,6 +318,9 @@ fn routes(upload_limit: usize, body_limit: usize) -> OpenApiRouter<AppState> {
             v1::fine_tuning::fine_tuning_jobs_create,
             v1::fine_tuning::fine_tuning_jobs_list
         ))
+        .routes(routes!(v1::chat::chat_completions))
+        .routes(routes!(v1::chat::completions))
+        .routes(routes!(v1::chat::models))
         .routes(routes!(v1::fine_tuning::fine_tuning_jobs_get))
         .routes(routes!(v1::fine_tuning::fine_tuning_jobs_cancel))
         .routes(routes!(v1::fine_tuning::fine_tuning_jobs_pause))

@@ -197,7 +197,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Generate { mut args, spec } => {
             args.model = model_arg(&args.model)?;
-            println!("{}", generate::generate(&args, &spec.load()?)?)
+            generate::generate(&args, &spec.load()?)?
         }
         Command::Merge(mut c) => {
             c.model = model_arg(&c.model)?;

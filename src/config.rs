@@ -17,6 +17,7 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
+    pub inference: InferenceConfig,
     /// Endpoints told when a job ends (`[[webhooks]]`, any number).
     #[serde(default)]
     pub webhooks: Vec<WebhookConfig>,
@@ -183,6 +184,25 @@ pub struct LimitsConfig {
     pub max_queued_jobs_per_key: u64,
     /// Server-Sent Event streams one key may hold open; one more is refused with 429.
     pub max_event_streams_per_key: usize,
+}
+
+/// How `/v1/chat/completions` and `/v1/completions` run models.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceConfig {
+    /// Where generation runs: `cpu` or `cuda:N`. A GPU that workers train on is shared with
+    /// them; `cpu` keeps every GPU for training.
+    pub device: String,
+    /// How a base loads for generation: `nf4` (as jobs train on it), `fp4` or `none` (dense).
+    pub quantization: String,
+    /// Base models kept loaded; the least recently used is dropped for another.
+    pub max_models: usize,
+    /// Adapters kept loaded per base model.
+    pub max_adapters: usize,
+    /// The most tokens one request may ask for.
+    pub max_tokens: usize,
+    /// Seconds a non-streamed generation may take before the answer is 408.
+    pub timeout_seconds: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,6 +2,7 @@
 //! thread, events (stored, then broadcast), leases, cancellation, resume, artifacts.
 
 pub mod events;
+pub mod inference;
 pub mod intake;
 pub mod layout;
 pub mod stats;
@@ -137,6 +138,19 @@ impl<'a> FineTuned<'a> {
         let (_suffix, job) = tail.rsplit_once(':')?;
         (!base.is_empty() && job.starts_with("job-")).then_some(FineTuned { base, job, step })
     }
+}
+
+/// A succeeded job's fine-tuned model name. A job that continued a fine-tuned model is named
+/// after the base it started from.
+pub fn fine_tuned_name(job: &store::JobRow) -> String {
+    let model = job.spec["model"].as_str().unwrap_or_default();
+    let base = FineTuned::parse(model).map_or(model, |f| f.base);
+    format!(
+        "ft:{}:qlorad:{}:{}",
+        base,
+        job.suffix.as_deref().unwrap_or_default(),
+        job.id
+    )
 }
 
 pub fn now() -> i64 {

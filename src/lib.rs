@@ -33,6 +33,7 @@ pub mod config;
 pub mod data;
 pub mod export;
 pub mod finetune;
+pub mod infer;
 pub mod jobs;
 pub mod lora;
 pub mod model;

@@ -95,6 +95,7 @@ pub async fn serve_on(
         http_metrics: Default::default(),
         keys: Arc::new(keys),
         streams: Default::default(),
+        inference: Arc::new(crate::jobs::inference::Inference::new(&config.inference)),
     };
     info!("listening on http://{}", listener.local_addr()?);
     let stop = shutdown.clone();

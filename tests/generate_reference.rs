@@ -67,7 +67,11 @@ fn greedy_generation_is_token_identical_to_transformers() {
         let prompts = ids(&c["prompts"]);
         let expected = ids(&c["continuations"]);
         for (p, e) in prompts.iter().zip(&expected) {
-            assert_eq!(&greedy(&m, std::slice::from_ref(p), n)[0], e, "{case}: {p:?}");
+            assert_eq!(
+                &greedy(&m, std::slice::from_ref(p), n)[0],
+                e,
+                "{case}: {p:?}"
+            );
         }
         // All prompts in one left-padded batch: the same continuations.
         assert_eq!(greedy(&m, &prompts, n), expected, "{case}: batched");

@@ -74,8 +74,13 @@ fn is_upload(req: &Request) -> bool {
 /// and downloads are not cut off: their handlers answer at once and the body follows.
 pub async fn time_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let limits = &state.config.limits;
+    let generation = req.method() == Method::POST
+        && matches!(req.uri().path(), "/v1/chat/completions" | "/v1/completions");
     let seconds = if is_upload(&req) {
         limits.upload_timeout_seconds
+    } else if generation {
+        // The handler answers 408 itself at inference.timeout_seconds, naming that setting.
+        state.config.inference.timeout_seconds + 5
     } else {
         limits.request_timeout_seconds
     };

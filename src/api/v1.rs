@@ -3,6 +3,7 @@
 //! seconds, `object`, list envelopes with `has_more`); errors are OpenAI's error object. qlorad's
 //! own job options ride along as extra request fields.
 
+pub mod chat;
 pub mod files;
 pub mod fine_tuning;
 

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use crate::data::{Message, TextTokenizer};
 use crate::finetune::{load_model, FinetuneError, JobSpec};
-use crate::rng::Rng;
+use crate::infer::{Engine, InferError, Prompt, Request};
+use crate::model::llama::generate::Sampling;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -23,42 +24,60 @@ pub struct GenerateArgs {
     /// 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// Sample from the most likely tokens whose probability reaches this.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Sample from the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Text that ends the answer (not printed); repeat for several.
+    #[arg(long)]
+    pub stop: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
-pub fn generate(args: &GenerateArgs, spec: &JobSpec) -> Result<String, FinetuneError> {
+/// Print the continuation as it is generated (the same engine as `/v1/chat/completions`).
+pub fn generate(args: &GenerateArgs, spec: &JobSpec) -> Result<(), FinetuneError> {
+    use std::io::Write;
     let tok = TextTokenizer::load(&args.model)?;
-    let mut model = load_model(&args.model, spec)?;
-    if let Some(a) = &args.adapter {
-        model.load_adapter(a)?;
-    }
-    let text = if args.chat {
-        let template = tok
-            .template
-            .as_ref()
-            .ok_or_else(|| crate::data::DataError::File {
-                path: args.model.join("tokenizer_config.json"),
-                message: "--chat needs a chat template, and this model has none".into(),
-            })?;
-        template.render(
-            &[Message {
+    let model = load_model(&args.model, spec)?;
+    let mut engine = Engine::new(model, tok, 1);
+    let req = Request {
+        adapter: args.adapter.clone(),
+        prompt: if args.chat {
+            Prompt::Chat(vec![Message {
                 role: "user".into(),
                 content: args.prompt.clone(),
-            }],
-            true,
-        )?
-    } else {
-        format!("{}{}", tok.bos_text(), args.prompt)
+            }])
+        } else {
+            Prompt::Text(args.prompt.clone())
+        },
+        max_tokens: args.max_tokens,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+        },
+        stop: args.stop.clone(),
+        n: 1,
     };
-    let (ids, _) = tok.encode(&text)?;
-    let stop: Vec<u32> = tok.eos.iter().map(|e| e.1).collect();
-    let out = model.generate(
-        &ids,
-        args.max_tokens,
-        args.temperature,
-        &stop,
-        &mut Rng::new(args.seed),
-    )?;
-    Ok(tok.decode(&out)?)
+    let mut out = std::io::stdout().lock();
+    engine
+        .run(&req, &mut |_, text| {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+            true
+        })
+        .map_err(|e| match e {
+            InferError::Model(e) => FinetuneError::from(e),
+            InferError::Data(e) => FinetuneError::from(e),
+            InferError::Lora(e) => FinetuneError::from(e),
+            InferError::Request { field, message } => {
+                FinetuneError::from(crate::finetune::SpecError::new(&field, message))
+            }
+        })?;
+    let _ = writeln!(out);
+    Ok(())
 }

@@ -425,6 +425,31 @@ impl CausalLm {
         Ok(cfg)
     }
 
+    /// Remove every adapter, returning them by module path (to install again with
+    /// [`CausalLm::set_adapters`]).
+    pub fn take_adapters(&mut self) -> Vec<(String, LoraAdapter)> {
+        self.linears_mut()
+            .filter_map(|(path, lin)| lin.adapter.take().map(|a| (path, a)))
+            .collect()
+    }
+
+    /// Make `set` the model's adapters (none elsewhere): the way one loaded base serves several
+    /// fine-tuned models in turn. The tensors are shared, not copied.
+    pub fn set_adapters(&mut self, set: &[(String, LoraAdapter)]) -> Result<()> {
+        let mut by_path: std::collections::HashMap<&str, &LoraAdapter> =
+            set.iter().map(|(p, a)| (p.as_str(), a)).collect();
+        for (path, lin) in self.linears_mut() {
+            lin.adapter = by_path.remove(path.as_str()).cloned();
+        }
+        match by_path.keys().next() {
+            Some(path) => Err(bad(
+                path,
+                "the adapter names a module this model does not have",
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Save the adapters in PEFT format.
     pub fn save_adapter(
         &self,

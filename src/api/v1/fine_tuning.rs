@@ -225,18 +225,6 @@ fn method_view(spec: &Value) -> V1Method {
     }
 }
 
-fn fine_tuned_name(job: &JobRow) -> String {
-    let model = job.spec["model"].as_str().unwrap_or_default();
-    // A job that continued a fine-tuned model is named after the base it started from.
-    let base = crate::jobs::FineTuned::parse(model).map_or(model, |f| f.base);
-    format!(
-        "ft:{}:qlorad:{}:{}",
-        base,
-        job.suffix.as_deref().unwrap_or_default(),
-        job.id
-    )
-}
-
 fn job_view(job: JobRow) -> V1Job {
     let spec = &job.spec;
     let text = |k: &str| spec[k].as_str().map(String::from);
@@ -251,7 +239,8 @@ fn job_view(job: JobRow) -> V1Job {
         model: text("model"),
         created_at: job.created_at,
         finished_at: job.finished_at,
-        fine_tuned_model: (job.status == Status::Succeeded).then(|| fine_tuned_name(&job)),
+        fine_tuned_model: (job.status == Status::Succeeded)
+            .then(|| crate::jobs::fine_tuned_name(&job)),
         organization_id: "qlorad".into(),
         result_files: job.result_files.clone(),
         status: job.status,
@@ -709,7 +698,11 @@ fn checkpoint_view(job: &JobRow, c: CheckpointRow) -> V1Checkpoint {
         id: format!("ftckpt-{}-{}", job_key(&job.id), c.step),
         object: "fine_tuning.job.checkpoint".into(),
         created_at: c.created_at,
-        fine_tuned_model_checkpoint: format!("{}:ckpt-step-{}", fine_tuned_name(job), c.step),
+        fine_tuned_model_checkpoint: format!(
+            "{}:ckpt-step-{}",
+            crate::jobs::fine_tuned_name(job),
+            c.step
+        ),
         fine_tuning_job_id: job.id.clone(),
         step_number: c.step,
         metrics: V1CheckpointMetrics {

@@ -91,10 +91,10 @@ impl CausalLm {
             });
         }
         let c = &self.config;
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, c.hidden_size))?;
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, s, c.hidden_size))?;
         // Each row's positions count from its first real token.
         let rope: Vec<(Tensor, Tensor)> = cache
             .pad
@@ -234,8 +234,10 @@ impl CausalLm {
             ids.extend_from_slice(p);
         }
         let mut cache = self.kv_cache(pad);
-        let mut logits =
-            self.decode_step(&Tensor::from_vec(ids, (b, longest), &self.device)?, &mut cache)?;
+        let mut logits = self.decode_step(
+            &Tensor::from_vec(ids, (b, longest), &self.device)?,
+            &mut cache,
+        )?;
         let mut rngs: Vec<Rng> = (0..b)
             .map(|r| Rng::new(sampling.seed).fork(r as u64))
             .collect();
@@ -266,7 +268,8 @@ impl CausalLm {
             if out.iter().any(|(t, d)| d.is_none() && t.len() == max_new) {
                 break;
             }
-            logits = self.decode_step(&Tensor::from_vec(feed, (b, 1), &self.device)?, &mut cache)?;
+            logits =
+                self.decode_step(&Tensor::from_vec(feed, (b, 1), &self.device)?, &mut cache)?;
         }
         Ok(out
             .into_iter()
