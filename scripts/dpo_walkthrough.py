@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--model", default="SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--model-file", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--questions", type=int, default=12)
+    ap.add_argument("--lr-multiplier", type=float, default=0.25, help="DPO's, over 2e-4")
     ap.add_argument("--sft-job", help="a succeeded supervised job to continue, instead of running one")
     ap.add_argument("--qlorad", default=os.path.join(ROOT, "target", "release", "qlorad"))
     args = ap.parse_args()
@@ -100,7 +101,7 @@ def main():
     print("SFT validation loss:", [round(m["eval_loss"], 4) for m in metrics(client, sft.id) if "eval_loss" in m])
 
     method = {"type": "dpo", "dpo": {"hyperparameters": {
-        "beta": 0.1, "n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 2.5}}}
+        "beta": 0.1, "n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": args.lr_multiplier}}}
     dpo = client.fine_tuning.jobs.create(
         model=sft.fine_tuned_model,
         training_file=pairs,
@@ -118,7 +119,8 @@ def main():
             print(f"{m['step']:>4}  {'':>29}|           {m['eval_loss']:.4f} {m['eval_rewards/margins']:>8.3f} "
                   f"{m['eval_rewards/accuracies']:>8.3f}")
         else:
-            print(f"{m['step']:>4}  {m['loss']:.4f} {m['rewards/margins']:>8.3f} {m['rewards/accuracies']:>8.3f}")
+            print(f"{m['step']:>4}  {m['loss']:.4f} {m['rewards/margins']:>8.3f} {m['rewards/accuracies']:>8.3f}"
+                  f"   chosen {m['rewards/chosen']:.3f} rejected {m['rewards/rejected']:.3f}")
 
     runs = os.path.join(ROOT, "runs")
     adapters = {

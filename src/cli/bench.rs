@@ -1,5 +1,5 @@
-//! `qlorad bench`: training throughput on random tokens (`bench train`) and the kernels on a
-//! device checked against the CPU (`bench kernels`).
+//! `qlorad bench`: training throughput on random tokens (`bench train`), generation throughput
+//! (`bench generate`) and the kernels on a device checked against the CPU (`bench kernels`).
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -44,6 +44,25 @@ pub enum BenchCommand {
         /// they are packed into rows of `max_seq_len`; tokens/s counts trained tokens.
         #[arg(long)]
         lengths: Option<PathBuf>,
+        #[command(flatten)]
+        spec: SpecArg,
+    },
+    /// Generation throughput with the KV cache: the prompt's pass and the one-token decode
+    /// steps after it, greedy, on random prompts (`--spec` sets device, quantization, dtype).
+    Generate {
+        /// A model directory or GGUF file; a random 4-layer model (hidden 512) when absent.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A PEFT adapter over the model, unmerged.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Streams decoded together.
+        #[arg(long, default_value_t = 1)]
+        batch_size: usize,
         #[command(flatten)]
         spec: SpecArg,
     },
@@ -120,6 +139,21 @@ pub fn run(c: BenchCommand) -> std::result::Result<(), CliError> {
                 lengths,
             })?
         }
+        BenchCommand::Generate {
+            model,
+            adapter,
+            prompt_len,
+            new_tokens,
+            batch_size,
+            spec,
+        } => bench_generate(&GenerateBench {
+            model,
+            adapter,
+            prompt_len,
+            new_tokens,
+            batch_size,
+            spec: spec.load()?,
+        })?,
         BenchCommand::Kernels {
             device,
             rows,
@@ -350,4 +384,95 @@ fn tempfile_dir() -> Result<TempDir> {
     let p = std::env::temp_dir().join(format!("qlorad-bench-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&p).map_err(crate::finetune::io_err(&p))?;
     Ok(TempDir(p))
+}
+
+/// What `qlorad bench generate` measures.
+pub struct GenerateBench {
+    pub model: Option<PathBuf>,
+    pub adapter: Option<PathBuf>,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub batch_size: usize,
+    pub spec: JobSpec,
+}
+
+/// Time the prompt's pass and the one-token decode steps after it (KV cache, greedy) on random
+/// prompts; report prompt and decode tokens/s over all rows.
+pub fn bench_generate(args: &GenerateBench) -> Result<serde_json::Value> {
+    let tmp;
+    let model_dir = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            tmp = tempfile_dir()?;
+            crate::model::random::RandomLlama {
+                vocab_size: 4096,
+                hidden_size: 512,
+                intermediate_size: 1408,
+                num_hidden_layers: 4,
+                num_attention_heads: 8,
+                num_key_value_heads: 2,
+                tie_word_embeddings: false,
+                qk_norm: false,
+                dtype: safetensors::Dtype::BF16,
+                seed: 1,
+            }
+            .write(&tmp.0)?;
+            tmp.0.clone()
+        }
+    };
+    let loaded = Instant::now();
+    let mut model = load_model(&model_dir, &args.spec)?;
+    if let Some(a) = &args.adapter {
+        model.load_adapter(a)?;
+    }
+    crate::bench::sync(model.device())?;
+    let load_s = loaded.elapsed().as_secs_f64();
+    let vocab = model.config.vocab_size as u64;
+    let mut rng = Rng::new(7);
+    let (b, p) = (args.batch_size.max(1), args.prompt_len.max(1));
+    let prompt: Vec<u32> = (0..b * p)
+        .map(|_| (rng.next_u64() % vocab) as u32)
+        .collect();
+    let dev = model.device().clone();
+    let run = |timed: bool| -> Result<(f64, f64)> {
+        let mut cache = model.kv_cache(vec![0; b]);
+        let t0 = Instant::now();
+        let mut logits = model.decode_step(
+            &candle_core::Tensor::from_vec(prompt.clone(), (b, p), &dev)?,
+            &mut cache,
+        )?;
+        let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        let prompt_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut next = next;
+        let steps = if timed { args.new_tokens.max(1) } else { 2 };
+        for _ in 0..steps {
+            logits = model.decode_step(
+                &candle_core::Tensor::from_vec(next, (b, 1), &dev)?,
+                &mut cache,
+            )?;
+            next = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        }
+        Ok((prompt_s, t1.elapsed().as_secs_f64()))
+    };
+    run(false)?; // warm-up: allocator pools, kernel loading
+    let (prompt_s, decode_s) = run(true)?;
+    let c = &model.config;
+    Ok(json!({
+        "bench": "generate",
+        "device": args.spec.device,
+        "model": model_dir.display().to_string(),
+        "adapter": args.adapter.as_ref().map(|a| a.display().to_string()),
+        "layers": c.num_hidden_layers,
+        "hidden": c.hidden_size,
+        "quantization": format!("{:?}", args.spec.quantization.kind).to_lowercase(),
+        "dtype": format!("{:?}", args.spec.quantization.dtype()).to_lowercase(),
+        "batch_size": b,
+        "prompt_len": p,
+        "new_tokens": args.new_tokens.max(1),
+        "load_seconds": load_s,
+        "prompt_tokens_per_second": (b * p) as f64 / prompt_s,
+        "decode_tokens_per_second": (b * args.new_tokens.max(1)) as f64 / decode_s,
+        "decode_ms_per_step": decode_s * 1000.0 / args.new_tokens.max(1) as f64,
+    }))
 }
