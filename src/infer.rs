@@ -93,15 +93,7 @@ impl Engine {
     /// its own).
     pub fn new(mut model: CausalLm, tok: TextTokenizer, max_adapters: usize) -> Engine {
         model.take_adapters();
-        let mut stop_ids: Vec<u32> = tok.eos.iter().map(|e| e.1).collect();
-        let eos = &model.config.raw["eos_token_id"];
-        let listed: Vec<u64> = match eos {
-            serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
-            v => v.as_u64().into_iter().collect(),
-        };
-        stop_ids.extend(listed.into_iter().map(|i| i as u32));
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
+        let stop_ids = stop_ids(&model, &tok);
         Engine {
             model,
             tok,
@@ -234,6 +226,47 @@ impl Engine {
             choices,
         })
     }
+}
+
+/// Token ids that end a turn: the tokenizer's EOS and the model config's `eos_token_id`s.
+pub fn stop_ids(model: &CausalLm, tok: &TextTokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> = tok.eos.iter().map(|e| e.1).collect();
+    let listed: Vec<u64> = match &model.config.raw["eos_token_id"] {
+        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
+        v => v.as_u64().into_iter().collect(),
+    };
+    ids.extend(listed.into_iter().map(|i| i as u32));
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Greedy answers of `model` as it is (its adapters on) to each conversation, all in one
+/// batch, at most `max_tokens` each: the samples a job records at its evaluations.
+pub fn answer_chats(
+    model: &CausalLm,
+    tok: &TextTokenizer,
+    chats: &[Vec<Message>],
+    max_tokens: usize,
+) -> Result<Vec<String>> {
+    let template = tok
+        .template
+        .as_ref()
+        .ok_or_else(|| request("eval_prompts", "this model has no chat template"))?;
+    let prompts = chats
+        .iter()
+        .map(|m| Ok(tok.encode(&template.render(m, true)?)?.0))
+        .collect::<Result<Vec<_>>>()?;
+    let out = model.generate_batch(
+        &prompts,
+        max_tokens,
+        &Sampling::default(),
+        &stop_ids(model, tok),
+        &mut |_, _| Next::Continue,
+    )?;
+    out.iter()
+        .map(|(t, _)| Ok(tok.decode(t)?))
+        .collect::<Result<Vec<_>>>()
 }
 
 /// One choice's decoding: its tokens, the text kept (cut at a stop string) and how much of it

@@ -129,6 +129,10 @@ pub struct JobSpecSchema {
     early_stopping: Option<EarlyStoppingSchema>,
     /// The adapter and exports of the lowest validation loss, not the last step's.
     load_best: Option<bool>,
+    /// Up to 16 conversations (lists of `{"role", "content"}`) the model answers greedily at
+    /// every evaluation and at the end; the answers are events.
+    #[schema(value_type = Option<Vec<Vec<crate::api::v1::fine_tuning::Object>>>)]
+    eval_prompts: Option<Vec<Vec<serde_json::Value>>>,
     export: Option<ExportSchema>,
     /// `cpu` or `cuda:N` (a job on `cpu` runs on whichever worker claims it).
     device: Option<String>,

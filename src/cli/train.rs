@@ -156,6 +156,15 @@ impl Progress {
                 bar.suspend(|| eprintln!("{which} data: {summary}"));
                 None
             }
+            RunEvent::Samples { step, samples } => {
+                bar.suspend(|| {
+                    for s in samples {
+                        let q = s.messages.last().map_or("", |m| m.content.as_str());
+                        eprintln!("step {step}: {q:?} -> {:?}", s.answer);
+                    }
+                });
+                Some(json!({"step": step, "samples": samples}))
+            }
             RunEvent::Reference { pairs, computed } => {
                 let how = if *computed {
                     "computed"

@@ -36,6 +36,13 @@ pub struct Plan {
     pub base_model_name: Option<String>,
 }
 
+/// One eval prompt and what the model answered.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SampleAnswer {
+    pub messages: Vec<crate::data::Message>,
+    pub answer: String,
+}
+
 /// Which dataset a [`RunEvent::Data`] describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
@@ -58,6 +65,11 @@ pub enum RunEvent {
     Reference {
         pairs: usize,
         computed: bool,
+    },
+    /// The model's greedy answers to the spec's `eval_prompts`, in order, at `step`.
+    Samples {
+        step: usize,
+        samples: Vec<SampleAnswer>,
     },
     /// Training continues from a checkpoint.
     Resumed {
@@ -181,7 +193,32 @@ fn run_inner(
             checkpoint: dir,
         });
     }
-    let outcome = trainer.run(cancel, &mut |e| on_event(&RunEvent::Train(e.clone())))?;
+    // The eval prompts' answers at every evaluation, or at the end without a validation set.
+    let sample_at = |e: &TrainEvent| match e {
+        TrainEvent::Eval { step, .. } => Some(*step),
+        TrainEvent::Finished { step, .. } if data.eval.is_none() => Some(*step),
+        _ => None,
+    };
+    let outcome = trainer.run(cancel, &mut |e| {
+        on_event(&RunEvent::Train(e.clone()));
+        if let Some(step) = sample_at(e).filter(|_| !spec.eval_prompts.is_empty()) {
+            match crate::infer::answer_chats(&model, &tok, &spec.eval_prompts, SAMPLE_TOKENS) {
+                Ok(answers) => {
+                    let samples = spec
+                        .eval_prompts
+                        .iter()
+                        .zip(answers)
+                        .map(|(m, answer)| SampleAnswer {
+                            messages: m.clone(),
+                            answer,
+                        })
+                        .collect();
+                    on_event(&RunEvent::Samples { step, samples })
+                }
+                Err(e) => tracing::warn!(error = %e, "answering the eval prompts failed"),
+            }
+        }
+    })?;
     let step = match outcome {
         TrainOutcome::Cancelled { step } => return Ok(Outcome::Stopped { step }),
         TrainOutcome::Finished { step } => step,
@@ -262,6 +299,9 @@ impl Datasets {
         format!("{:x}", h.finalize())
     }
 }
+
+/// Tokens each eval prompt's answer may take.
+const SAMPLE_TOKENS: usize = 64;
 
 /// The reference log-probabilities of a DPO run, in its run directory.
 const REFERENCE_FILE: &str = "reference_logps.json";

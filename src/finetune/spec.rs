@@ -200,6 +200,9 @@ pub struct JobSpec {
     pub early_stopping: Option<crate::train::trainer::EarlyStopping>,
     /// The adapter (and exports) of the lowest validation loss rather than the last step's.
     pub load_best: bool,
+    /// Conversations the model answers (greedily, up to 64 tokens) at every evaluation and at
+    /// the end, recorded as events: how the answers change as it trains.
+    pub eval_prompts: Vec<Vec<crate::data::Message>>,
     pub export: ExportSpec,
     /// `cpu` or `cuda:N`.
     pub device: String,
@@ -223,6 +226,7 @@ impl Default for JobSpec {
             eval_every: None,
             early_stopping: None,
             load_best: false,
+            eval_prompts: Vec::new(),
             export: ExportSpec::default(),
             device: "cpu".into(),
             priority: 0,
@@ -355,6 +359,27 @@ impl JobSpec {
                 "data.packing",
                 "is for supervised data: DPO keeps each pair's answers whole and lays a micro-batch's pairs end to end already",
             ));
+        }
+        if self.eval_prompts.len() > 16 {
+            return Err(spec_err("eval_prompts", "at most 16 conversations"));
+        }
+        for (i, chat) in self.eval_prompts.iter().enumerate() {
+            let last = chat.last().map(|m| m.role.as_str());
+            if last.is_none() || last == Some("assistant") {
+                return Err(spec_err(
+                    &format!("eval_prompts[{i}]"),
+                    "must be a conversation that ends with a user (or system) message",
+                ));
+            }
+            if let Some(j) = chat
+                .iter()
+                .position(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+            {
+                return Err(spec_err(
+                    &format!("eval_prompts[{i}][{j}].role"),
+                    "must be system, user or assistant",
+                ));
+            }
         }
         if self.checkpoint_every == Some(0) {
             return Err(spec_err("checkpoint_every", "must be at least 1"));

@@ -511,6 +511,11 @@ async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEven
             let data = serde_json::to_value(summary).unwrap_or_default();
             record(svc, id, EventKind::Log, &message, data).await
         }
+        RunEvent::Samples { step, samples } => {
+            let message = format!("answers to {} eval prompts at step {step}", samples.len());
+            let data = serde_json::json!({"step": step, "samples": samples});
+            record(svc, id, EventKind::Log, &message, data).await
+        }
         RunEvent::Reference { pairs, computed } => {
             let message = if computed {
                 format!(

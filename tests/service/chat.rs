@@ -207,7 +207,7 @@ async fn a_fine_tuned_model_answers_its_owner_only() {
         "/v1/fine_tuning/jobs",
         ALICE,
         json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"max_steps": 2, "learning_rate": 1e-2},
-               "lora": {"r": 4}, "suffix": "chat"}),
+               "lora": {"r": 4}, "suffix": "chat", "eval_prompts": [ask()]}),
     )
     .await;
     assert_eq!(status, 200, "{job}");
@@ -226,6 +226,33 @@ async fn a_fine_tuned_model_answers_its_owner_only() {
     let (status, mine) = post(&c, &s, "/v1/chat/completions", ALICE, body.clone()).await;
     assert_eq!(status, 200, "{mine}");
     assert_eq!(mine["model"], ft);
+    // The job answered its eval prompt at the end with the model it made: the same answer.
+    let (_, events) = get(
+        &c,
+        &s,
+        &format!("/v1/fine_tuning/jobs/{id}/events?limit=100"),
+        ALICE,
+    )
+    .await;
+    let samples = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|e| e["data"].get("samples").cloned())
+        .expect("a samples event");
+    assert_eq!(samples[0]["messages"], ask());
+    let (_, long) = post(
+        &c,
+        &s,
+        "/v1/chat/completions",
+        ALICE,
+        json!({"model": ft, "messages": ask(), "max_tokens": 64, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(
+        samples[0]["answer"],
+        long["choices"][0]["message"]["content"]
+    );
     // Another key's fine-tuned model does not exist for it.
     let (_, theirs) = post(&c, &s, "/v1/chat/completions", BOB, body).await;
     assert_eq!(theirs["error"]["code"], "model_not_found", "{theirs}");

@@ -279,6 +279,13 @@ async function showJob(id) {
         <span><i style="background:var(--eval)"></i>validation margin</span>
         <span><i style="background:var(--lr)"></i>reward accuracy (right axis)</span></div>
       <svg id="dpochart" data-points="0" role="img" aria-label="DPO reward margin and accuracy by step"></svg></div>
+    <div class="card" id="samples" hidden><h2>Answers to the eval prompts</h2>
+      <p class="muted" id="samples-step"></p><table><thead><tr><th>Prompt</th><th>Answer</th></tr></thead><tbody></tbody></table></div>
+    <div class="card" id="chat" hidden><h2>Try it</h2>
+      <p class="muted">The fine-tuned model <span class="mono" id="chat-model"></span>, through <span class="mono">/v1/chat/completions</span>.</p>
+      <div class="log" id="chat-log"></div>
+      <form id="chat-form"><textarea name="q" rows="2" placeholder="Ask something…" required></textarea>
+        <button type="submit">Send</button> <span class="error" id="chat-err"></span></form></div>
     <div class="row">
       <div class="card"><h2>Checkpoints</h2><table id="ckpts"><thead><tr><th>Step</th><th>Name</th><th>Loss</th><th>Saved</th></tr></thead><tbody></tbody></table></div>
       <div class="card"><h2>Artifacts</h2><table id="arts"><thead><tr><th>File</th><th>Size</th></tr></thead><tbody></tbody></table></div>
@@ -317,7 +324,69 @@ async function showJob(id) {
     app.querySelector("#pause").disabled = !["queued", "running"].includes(job.status);
     app.querySelector("#resume").disabled = job.status !== "paused";
   };
-  const loadJob = async () => { job = await api(`/jobs/${encodeURIComponent(id)}`); summary(); };
+  const loadJob = async () => {
+    job = await api(`/jobs/${encodeURIComponent(id)}`);
+    summary();
+    if (job.status === "succeeded" && app.querySelector("#chat").hidden) {
+      const v1 = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}`);
+      if (v1.fine_tuned_model) startChat(v1.fine_tuned_model);
+    }
+  };
+  // A chat with the fine-tuned model, streamed as it is generated.
+  const startChat = (model) => {
+    const card = app.querySelector("#chat"), log = app.querySelector("#chat-log");
+    card.hidden = false;
+    app.querySelector("#chat-model").textContent = model;
+    const history = [];
+    const say = (role, text) => {
+      log.insertAdjacentHTML("beforeend", `<p class="chat-${role}"><b>${role === "user" ? "You" : "Model"}:</b> <span></span></p>`);
+      const span = log.lastElementChild.querySelector("span");
+      span.textContent = text;
+      return span;
+    };
+    app.querySelector("#chat-form").addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const form = ev.target, err = app.querySelector("#chat-err");
+      const q = form.q.value.trim();
+      if (!q) return;
+      err.textContent = "";
+      form.q.value = "";
+      history.push({ role: "user", content: q });
+      say("user", q);
+      const out = say("assistant", "");
+      try {
+        const r = await fetch("/v1/chat/completions", {
+          method: "POST",
+          headers: authHeaders({ "content-type": "application/json" }),
+          body: JSON.stringify({ model, messages: history, stream: true, temperature: 0, max_tokens: 256 }),
+        });
+        if (!r.ok) throw new Error((await r.json()).error.message);
+        const reader = r.body.getReader(), dec = new TextDecoder();
+        let buf = "", answer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += dec.decode(value, { stream: true });
+          let i;
+          while ((i = buf.indexOf("\n\n")) >= 0) {
+            const block = buf.slice(0, i);
+            buf = buf.slice(i + 2);
+            for (const line of block.split("\n")) {
+              if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+              const c = JSON.parse(line.slice(6));
+              if (c.error) throw new Error(c.error.message);
+              const d = c.choices && c.choices[0] && c.choices[0].delta;
+              if (d && d.content) { answer += d.content; out.textContent = answer; }
+            }
+          }
+        }
+        history.push({ role: "assistant", content: answer });
+      } catch (e) {
+        err.textContent = e.message;
+        history.pop();
+      }
+    });
+  };
   const loadCheckpoints = async () => {
     const c = await api(`/jobs/${encodeURIComponent(id)}/checkpoints`);
     app.querySelector("#ckpts tbody").innerHTML = c.data.map((k) => `<tr><td class="num">${k.step}</td>
@@ -384,6 +453,12 @@ async function showJob(id) {
     } else if (e.type === "metrics" && Number.isFinite(d.eval_loss)) {
       evals.push({ step: d.step, eval: d.eval_loss });
       redraw();
+    } else if (e.type === "log" && Array.isArray(d.samples)) {
+      const card = app.querySelector("#samples");
+      card.hidden = false;
+      app.querySelector("#samples-step").textContent = `at step ${d.step}`;
+      card.querySelector("tbody").innerHTML = d.samples.map((x) => `<tr>
+        <td>${esc((x.messages[x.messages.length - 1] || {}).content || "")}</td><td>${esc(x.answer)}</td></tr>`).join("");
     } else if (e.type === "checkpoint") {
       loadCheckpoints().catch(() => {});
     } else if (e.type === "artifact") {
