@@ -1,5 +1,5 @@
 """Drive a live qlorad server with the official `openai` Python client, unchanged but for
-base_url and api_key: upload, create, list, retrieve, events, checkpoints, pause, resume, cancel, DPO, errors.
+base_url and api_key: upload, create, list, retrieve, events, checkpoints, pause, resume, cancel, chat completions, models, DPO, errors.
 
     pip install openai
     cargo run --release --example random_model -- models/tiny tiny
@@ -136,6 +136,29 @@ def main():
     check(wait(client, long.id, {"cancelled"}).status == "cancelled", "cancelled job stops")
     every = [j.id for j in client.fine_tuning.jobs.list(limit=1)]  # auto-paginates
     check(every[:2] == [long.id, job.id], "jobs auto-pagination")
+
+    # Chat with the fine-tuned model, whole and streamed; it is listed among the models.
+    ask = [{"role": "user", "content": "Capital of France?"}]
+    whole = client.chat.completions.create(model=done.fine_tuned_model, messages=ask, temperature=0, max_tokens=8)
+    text = whole.choices[0].message.content
+    check(whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+          and whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens,
+          f"chat.completions.create -> {text!r}, usage {whole.usage.completion_tokens} tokens")
+    pieces = client.chat.completions.create(model=done.fine_tuned_model, messages=ask, temperature=0, max_tokens=8,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(pieces)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    check(streamed == text and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens,
+          "chat.completions.create(stream=True) streams the same text, then the usage")
+    legacy = client.completions.create(model=done.fine_tuned_model, prompt="Paris is", max_tokens=4, temperature=0)
+    check(legacy.object == "text_completion" and isinstance(legacy.choices[0].text, str), "completions.create")
+    listed = [m.id for m in client.models.list()]
+    check(done.fine_tuned_model in listed and args.model in listed, f"models.list has the base and the fine-tuned model")
+    try:
+        client.chat.completions.create(model="ft:nope:qlorad::job-x", messages=ask)
+        check(False, "an unknown model is an error")
+    except openai.NotFoundError as e:
+        check(e.param == "model", f"chat with an unknown model: NotFoundError param=model")
 
     # DPO from the supervised job's model, on OpenAI's preference records, `method` as OpenAI has it.
     pairs = "".join(json.dumps(r) + "\n" for r in PAIRS).encode()
