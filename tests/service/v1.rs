@@ -392,9 +392,14 @@ async fn bad_v1_requests_get_the_openai_error_object() {
             Some("hyperparameters.learning_rate_multiplier"),
         ),
         (
-            json!({"model": "tiny", "training_file": fid, "method": {"type": "dpo"}}),
+            json!({"model": "tiny", "training_file": fid, "method": {"type": "orpo"}}),
             400,
             Some("method.type"),
+        ),
+        (
+            json!({"model": "tiny", "training_file": fid, "method": {"type": "dpo"}}),
+            422,
+            Some("training_file"),
         ),
         (
             json!({"model": "tiny", "training_file": fid, "lora": {"r": 0}}),
