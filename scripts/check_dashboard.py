@@ -5,9 +5,10 @@ points. Saves a screenshot. Drives Chromium over the DevTools protocol.
     pip install websocket-client          # and a chromium binary (Debian: apt-get install chromium)
     cargo run --release -- serve --model-root models --data-dir /tmp/qlorad-data &
     python scripts/check_dashboard.py [--server http://127.0.0.1:8080] [--model tiny] \
-        [--screenshot /tmp/qlorad-dashboard.png]
+        [--screenshot /tmp/qlorad-dashboard.png] [--chat-job JOB --chat-question TEXT]
 
-The script starts its own long job (and cancels it at the end).
+The script starts its own long job (and cancels it at the end). With --chat-job (a succeeded job)
+it also asks that job's page's chat a question and prints the streamed answer.
 """
 
 import argparse
@@ -61,6 +62,40 @@ class Tab:
         return r.get("result", {}).get("value")
 
 
+def check_chat(tab, args):
+    """A succeeded job's page: its chat answers a question, streamed into the page."""
+    tab.call("Page.navigate", url=f"{args.server}/#/jobs/{args.chat_job}")
+    for _ in range(100):
+        if tab.eval("!!document.getElementById('chat') && !document.getElementById('chat').hidden"):
+            break
+        time.sleep(0.1)
+    else:
+        print("FAIL: no chat on the succeeded job's page")
+        return False
+    q = json.dumps(args.chat_question)
+    tab.eval(f"(() => {{ const f = document.getElementById('chat-form'); f.q.value = {q}; f.requestSubmit(); return 1; }})()")
+    last = "(() => { const a = document.querySelectorAll('#chat-log .chat-assistant span'); return a.length ? a[a.length - 1].textContent : ''; })()"
+    answer, steady = "", 0
+    for _ in range(600):
+        err = tab.eval("document.getElementById('chat-err').textContent")
+        if err:
+            print(f"FAIL: chat error {err}")
+            return False
+        now = tab.eval(last) or ""
+        steady = steady + 1 if now and now == answer else 0
+        answer = now
+        if steady >= 15:  # the streamed answer has not grown for 1.5 s
+            break
+        time.sleep(0.1)
+    shot = tab.call("Page.captureScreenshot", format="png")
+    path = args.screenshot.replace(".png", "-chat.png")
+    with open(path, "wb") as out:
+        out.write(base64.b64decode(shot["data"]))
+    model = tab.eval("document.getElementById('chat-model').textContent")
+    print(f"chat with {model}: {args.chat_question!r} -> {answer!r} (screenshot {path})")
+    return bool(answer)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", default="http://127.0.0.1:8080")
@@ -68,6 +103,8 @@ def main():
     ap.add_argument("--screenshot", default="/tmp/qlorad-dashboard.png")
     ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
     ap.add_argument("--port", type=int, default=9333)
+    ap.add_argument("--chat-job", help="a succeeded job whose page's chat is asked --chat-question")
+    ap.add_argument("--chat-question", default="Who designed the Lumenfold?")
     args = ap.parse_args()
 
     body = "".join(json.dumps(r) + "\n" for r in DATA).encode()
@@ -130,6 +167,8 @@ def main():
             time.sleep(0.1)
         print(f"jobs list shows the job running: {jobs_page}")
         ok = first >= 2 and second > first and drawn == second and status == "running" and rows > 0 and jobs_page
+        if args.chat_job:
+            ok = check_chat(tab, args) and ok
     finally:
         browser.terminate()
         browser.wait()

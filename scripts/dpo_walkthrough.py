@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--model", default="SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--model-file", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--questions", type=int, default=12)
-    ap.add_argument("--lr-multiplier", type=float, default=0.25, help="DPO's, over 2e-4")
+    ap.add_argument("--lr-multiplier", type=float, default=0.5, help="DPO's, over 2e-4")
     ap.add_argument("--sft-job", help="a succeeded supervised job to continue, instead of running one")
     ap.add_argument("--qlorad", default=os.path.join(ROOT, "target", "release", "qlorad"))
     args = ap.parse_args()
