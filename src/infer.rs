@@ -123,10 +123,13 @@ impl Engine {
                     set
                 }
                 None => {
+                    // Whatever happens, the model is left bare and says so: a load that fails
+                    // halfway leaves no stray adapter behind.
                     self.model.take_adapters();
                     self.installed = None;
-                    self.model.load_adapter(dir)?;
+                    let loaded = self.model.load_adapter(dir);
                     let set = self.model.take_adapters();
+                    loaded?;
                     if self.adapters.len() == self.max_adapters {
                         self.adapters.remove(0);
                     }

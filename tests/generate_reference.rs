@@ -165,3 +165,34 @@ fn sampling_is_seeded_and_stops() {
         .unwrap();
     assert_eq!(out[0], (a.0[..5].to_vec(), Finish::Stop));
 }
+
+/// One loaded base serves its adapters in turn: taking the adapters off gives the base's
+/// continuations, putting them back the adapter's, each as transformers generates them.
+#[test]
+fn adapters_swap_on_one_loaded_base() {
+    let want: Value =
+        serde_json::from_slice(&std::fs::read(lm("generate/expected.json")).unwrap()).unwrap();
+    let n = want["max_new_tokens"].as_u64().unwrap() as usize;
+    let cases = &want["cases"];
+    let prompts = ids(&cases["llama-gqa"]["prompts"]);
+    let mut m = load("llama-gqa", Some("llama-gqa-lora"));
+    let set = m.take_adapters();
+    assert!(!set.is_empty());
+    for round in 0..2 {
+        m.set_adapters(&[]).unwrap();
+        let base = greedy(&m, &prompts, n);
+        assert_eq!(
+            base,
+            ids(&cases["llama-gqa"]["continuations"]),
+            "round {round}: base"
+        );
+        m.set_adapters(&set).unwrap();
+        let tuned = greedy(&m, &prompts, n);
+        let key = "llama-gqa+llama-gqa-lora";
+        assert_eq!(
+            tuned,
+            ids(&cases[key]["continuations"]),
+            "round {round}: adapter"
+        );
+    }
+}
