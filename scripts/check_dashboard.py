@@ -72,6 +72,10 @@ def check_chat(tab, args):
     else:
         print("FAIL: no chat on the succeeded job's page")
         return False
+    # A DPO job's page draws its reward margins too.
+    dpo = tab.eval("(() => { const p = document.querySelector('#dpochart polyline.loss');"
+                   " return document.getElementById('dpo').hidden || !p ? 0 : p.getAttribute('points').trim().split(/\\s+/).length; })()")
+    print(f"DPO reward chart points: {dpo}")
     q = json.dumps(args.chat_question)
     tab.eval(f"(() => {{ const f = document.getElementById('chat-form'); f.q.value = {q}; f.requestSubmit(); return 1; }})()")
     last = "(() => { const a = document.querySelectorAll('#chat-log .chat-assistant span'); return a.length ? a[a.length - 1].textContent : ''; })()"

@@ -273,12 +273,12 @@ async function showJob(id) {
       <div class="legend"><span><i style="background:var(--loss)"></i>training loss</span>
         <span><i style="background:var(--eval)"></i>validation loss</span>
         <span><i style="background:var(--lr)"></i>learning rate (right axis)</span></div>
-      <svg id="chart" data-points="0" role="img" aria-label="loss and learning rate by step"></svg></div>
+      <svg id="chart" class="chart" data-points="0" role="img" aria-label="loss and learning rate by step"></svg></div>
     <div class="card" id="dpo" hidden><h2>DPO rewards</h2>
       <div class="legend"><span><i style="background:var(--loss)"></i>reward margin (chosen − rejected)</span>
         <span><i style="background:var(--eval)"></i>validation margin</span>
         <span><i style="background:var(--lr)"></i>reward accuracy (right axis)</span></div>
-      <svg id="dpochart" data-points="0" role="img" aria-label="DPO reward margin and accuracy by step"></svg></div>
+      <svg id="dpochart" class="chart" data-points="0" role="img" aria-label="DPO reward margin and accuracy by step"></svg></div>
     <div class="card" id="samples" hidden><h2>Answers to the eval prompts</h2>
       <p class="muted" id="samples-step"></p><table><thead><tr><th>Prompt</th><th>Answer</th></tr></thead><tbody></tbody></table></div>
     <div class="card" id="chat" hidden><h2>Try it</h2>
