@@ -268,6 +268,86 @@ unsafe fn lookup16_ssse3(out: &mut [u16], packed: &[u8], lo: &[u8; 16], hi: &[u8
     }
 }
 
+/// `y = x · Wᵀ` for a few rows of x `[m, k]` (f32) and a 4-bit W `[n, k]` whose blocks do not
+/// straddle rows (`k` a multiple of `block_size`): each block of codes is decoded to the very
+/// values `dequantize_4bit` gives (a scaled 16-entry table) and dotted at once, so W is never
+/// dense. The rows of W are split across threads. Returns y `[m, n]`. For generation, where the
+/// dequantization of every weight at every step costs more than the product itself.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rows_4bit(
+    packed: &[u8],
+    absmax: &[f32],
+    quant_type: QuantType,
+    block_size: usize,
+    x: &[f32],
+    (m, k, n): (usize, usize, usize),
+    y: &mut [f32],
+) -> Result<()> {
+    check_block_size(block_size)?;
+    if k % block_size != 0 || packed.len() < n * k / 2 || absmax.len() < n * k / block_size {
+        return Err(QuantError::InvalidState(format!(
+            "a [{n}, {k}] weight in blocks of {block_size} does not fit {} bytes and {} scales",
+            packed.len(),
+            absmax.len()
+        )));
+    }
+    if x.len() != m * k || y.len() != m * n {
+        return Err(QuantError::InvalidState(format!(
+            "x of {} and y of {} values for m {m}, k {k}, n {n}",
+            x.len(),
+            y.len()
+        )));
+    }
+    let decode = quant_type.decode_table();
+    let blocks = k / block_size;
+    // y transposed, [n, m]: each output row of W writes its m values in one place.
+    let mut yt = vec![0f32; n * m];
+    let rows_per_task = (1 << 16) / k.max(1) + 1;
+    yt.par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let mut w = vec![0f32; block_size];
+            for (jj, acc) in out.chunks_mut(m).enumerate() {
+                let j = t * rows_per_task + jj;
+                let codes = &packed[j * k / 2..(j + 1) * k / 2];
+                let scales = &absmax[j * blocks..(j + 1) * blocks];
+                for (b, (c, &s)) in codes.chunks(block_size / 2).zip(scales).enumerate() {
+                    let table: [f32; 16] = std::array::from_fn(|i| decode[i] * s);
+                    lookup(&mut w, c, &table);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xr = &x[r * k + b * block_size..r * k + (b + 1) * block_size];
+                        *a += dot(&w, xr);
+                    }
+                }
+            }
+        });
+    for (j, row) in yt.chunks(m).enumerate() {
+        for (r, &v) in row.iter().enumerate() {
+            y[r * n + j] = v;
+        }
+    }
+    Ok(())
+}
+
+/// A dot product in eight lanes, which the compiler keeps in vector registers.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,7 @@
 //! `Quant4Tensor`: a weight held as packed 4-bit codes plus its quant state, on a candle device.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Shape, Tensor};
 use half::{bf16, f16};
 
@@ -47,6 +49,8 @@ pub struct Quant4Tensor {
     block_size: usize,
     shape: Shape,
     dtype: FloatDType,
+    /// The absmax expanded to f32, made on first use by the CPU's fused product.
+    absmax_cache: std::sync::OnceLock<Arc<Vec<f32>>>,
 }
 
 /// The quant state on a GPU: what the dequantization kernel reads.
@@ -112,6 +116,7 @@ impl Quant4Tensor {
             block_size: config.block_size,
             shape: t.shape().clone(),
             dtype,
+            absmax_cache: Default::default(),
         })
     }
 
@@ -151,6 +156,7 @@ impl Quant4Tensor {
             block_size: config.block_size,
             shape,
             dtype: data.dtype(),
+            absmax_cache: Default::default(),
         })
     }
 
@@ -199,6 +205,7 @@ impl Quant4Tensor {
             block_size: config.block_size,
             shape: t.shape().clone(),
             dtype,
+            absmax_cache: Default::default(),
         })
     }
 
@@ -264,6 +271,7 @@ impl Quant4Tensor {
             block_size,
             shape,
             dtype,
+            absmax_cache: Default::default(),
         })
     }
 
@@ -308,6 +316,44 @@ impl Quant4Tensor {
             Absmax::Nested(n) => n.codes.len() + n.scales.len() * 4 + 256 * 4,
         };
         self.packed.elem_count() + absmax
+    }
+
+    /// `x · Wᵀ` for a few rows of f32 x `[m, in]` on the CPU without making W dense (see
+    /// `blockwise::matmul_rows_4bit`): y `[m, out]`. None where that path does not apply: a
+    /// weight off the CPU, not 2-D, or whose blocks straddle its rows.
+    pub fn matmul_rows_cpu(&self, x: &[f32], m: usize) -> Result<Option<Vec<f32>>> {
+        let &[n, k] = self.shape.dims() else {
+            return Ok(None);
+        };
+        if !self.packed.device().is_cpu() || k % self.block_size != 0 {
+            return Ok(None);
+        }
+        let (storage, layout) = self.packed.storage_and_layout();
+        let candle_core::Storage::Cpu(candle_core::CpuStorage::U8(bytes)) = &*storage else {
+            return Ok(None);
+        };
+        let bytes = &bytes[layout.start_offset()..];
+        let absmax = self.absmax_f32()?;
+        let mut y = vec![0f32; m * n];
+        blockwise::matmul_rows_4bit(
+            bytes,
+            &absmax,
+            self.quant_type,
+            self.block_size,
+            x,
+            (m, k, n),
+            &mut y,
+        )?;
+        Ok(Some(y))
+    }
+
+    /// The blocks' absmax in f32, expanded once (double quantization) and kept.
+    fn absmax_f32(&self) -> Result<Arc<Vec<f32>>> {
+        if let Some(a) = self.absmax_cache.get() {
+            return Ok(a.clone());
+        }
+        let a = Arc::new(self.absmax.to_f32()?);
+        Ok(self.absmax_cache.get_or_init(|| a).clone())
     }
 
     /// Dequantize to a dense tensor of this weight's shape on its device.
