@@ -553,6 +553,15 @@ async fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(first_checkpoint > 0, "a checkpoint was written");
+    // Its event is stored before the checkpoint takes its final name: kill once it has.
+    let dir = data.join(format!("jobs/{id}/run/checkpoint-{first_checkpoint}"));
+    for _ in 0..500 {
+        if dir.is_dir() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(dir.is_dir(), "{} is in place", dir.display());
     server.child.kill().unwrap(); // SIGKILL: no chance to checkpoint or requeue
     server.child.wait().unwrap();
 
