@@ -98,6 +98,36 @@ impl LoraAdapter {
         matmul_t(&matmul_t(&x, &a)?, &b)
     }
 
+    /// `forward` for generation: no dropout, nothing tracked. A few f32 rows on the CPU run in
+    /// plain loops, since a threaded matmul's start costs more than these rank-r products.
+    pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        let inner = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / inner;
+        if !(x.device().is_cpu() && x.dtype() == DType::F32 && rows <= INFER_ROWS) {
+            let (a, b) = self.weights(x.dtype(), false)?;
+            return matmul_t(&matmul_t(&x.detach(), &a)?, &b);
+        }
+        let r = self.rank();
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let a: Vec<f32> = self.a.as_tensor().flatten_all()?.to_vec1()?; // [r, in]
+        let b: Vec<f32> = self.b.as_tensor().flatten_all()?.to_vec1()?; // [out, r]
+        let out = b.len() / r.max(1);
+        let scale = self.scale as f32;
+        let mut y = vec![0f32; rows * out];
+        for (xr, yr) in xs.chunks(inner).zip(y.chunks_mut(out)) {
+            let u: Vec<f32> = a
+                .chunks(inner)
+                .map(|ar| ar.iter().zip(xr).map(|(p, q)| p * q).sum::<f32>())
+                .collect();
+            for (yo, bo) in yr.iter_mut().zip(b.chunks(r)) {
+                *yo = scale * bo.iter().zip(&u).map(|(p, q)| p * q).sum::<f32>();
+            }
+        }
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("x has a last dimension") = out;
+        Tensor::from_vec(y, shape, x.device())
+    }
+
     /// The dropout seed a training forward draws (none without dropout).
     fn seed(&self, rng: Option<&mut Rng>) -> Option<u64> {
         match rng {
@@ -163,7 +193,19 @@ pub struct LoraLinear {
     pub adapter: Option<LoraAdapter>,
 }
 
+/// Rows up to which `LoraAdapter::infer` loops by hand on the CPU.
+const INFER_ROWS: usize = 8;
+
 impl LoraLinear {
+    /// `base(x) + adapter(x)` for generation: no dropout, nothing tracked.
+    pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.adapter {
+            Some(a) => y + span("LoRA adapter forwards", || a.infer(x))?,
+            None => Ok(y),
+        }
+    }
+
     /// `base(x) + adapter(x)`; `rng` is given in training, for dropout.
     pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let y = self.base.forward(x)?;
@@ -293,6 +335,22 @@ impl LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Generation's adapter product (plain loops for a few rows) equals the training forward.
+    #[test]
+    fn infer_equals_forward() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 0.3, (4, 48), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.3, (20, 4), &dev).unwrap();
+        let lora = LoraAdapter::from_weights(&a, &b, 2.0, 0.1).unwrap();
+        for rows in [1, 5, INFER_ROWS, INFER_ROWS + 3] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 48), &dev).unwrap();
+            let (y, want) = (lora.infer(&x).unwrap(), lora.forward(&x, None).unwrap());
+            assert_eq!(y.dims(), want.dims());
+            let d = (y - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "rows {rows}");
+        }
+    }
 
     #[test]
     fn starts_equal_to_the_base_and_trains_only_a_and_b() {

@@ -155,9 +155,9 @@ impl CausalLm {
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let l = &layer.linears;
         let h = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
-        let q = l[0].forward(&h, None)?.reshape((b, s, nh, hd))?;
-        let k = l[1].forward(&h, None)?.reshape((b, s, nkv, hd))?;
-        let v = l[2].forward(&h, None)?.reshape((b, s, nkv, hd))?;
+        let q = l[0].infer(&h)?.reshape((b, s, nh, hd))?;
+        let k = l[1].infer(&h)?.reshape((b, s, nkv, hd))?;
+        let v = l[2].infer(&h)?.reshape((b, s, nkv, hd))?;
         let (q, k) = match &layer.qk_norm {
             Some((qn, kn)) => (
                 rms_norm(&q, qn, c.rms_norm_eps)?,
@@ -201,11 +201,11 @@ impl CausalLm {
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
         *kv = Some((k, v));
-        let x = (x + l[3].forward(&attn, None)?)?;
+        let x = (x + l[3].infer(&attn)?)?;
         let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-        let gate = l[4].forward(&h, None)?;
-        let up = l[5].forward(&h, None)?;
-        Ok((&x + l[6].forward(&swiglu(&gate, &up)?, None)?)?)
+        let gate = l[4].infer(&h)?;
+        let up = l[5].infer(&h)?;
+        Ok((&x + l[6].infer(&swiglu(&gate, &up)?)?)?)
     }
 
     /// Continue each prompt by up to `max_new` tokens, all rows in one batch. `on_token(row,
