@@ -207,27 +207,7 @@ fn peak_rss_gib() -> Option<f64> {
 
 /// Time forward + backward + optimizer steps on random tokens and report throughput.
 pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
-    let tmp;
-    let model_dir = match &args.model {
-        Some(m) => m.clone(),
-        None => {
-            tmp = tempfile_dir()?;
-            crate::model::random::RandomLlama {
-                vocab_size: 4096,
-                hidden_size: 512,
-                intermediate_size: 1408,
-                num_hidden_layers: 4,
-                num_attention_heads: 8,
-                num_key_value_heads: 2,
-                tie_word_embeddings: false,
-                qk_norm: args.qk_norm,
-                dtype: safetensors::Dtype::BF16,
-                seed: 1,
-            }
-            .write(&tmp.0)?;
-            tmp.0.clone()
-        }
-    };
+    let (model_dir, _tmp) = model_or_random(&args.model, args.qk_norm)?;
     let dev = crate::model::parse_device(&args.spec.device)
         .map_err(|message| SpecError::new("device", message))?;
     let meter = crate::bench::PeakMemory::start(&dev);
@@ -377,6 +357,29 @@ impl Drop for TempDir {
     }
 }
 
+/// The model to benchmark: `model`, or a random 4-layer one (hidden 512, bf16; a Qwen3 with
+/// `qk_norm`) written to a temporary directory that lives as long as the returned guard.
+fn model_or_random(model: &Option<PathBuf>, qk_norm: bool) -> Result<(PathBuf, Option<TempDir>)> {
+    if let Some(m) = model {
+        return Ok((m.clone(), None));
+    }
+    let tmp = tempfile_dir()?;
+    crate::model::random::RandomLlama {
+        vocab_size: 4096,
+        hidden_size: 512,
+        intermediate_size: 1408,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 2,
+        tie_word_embeddings: false,
+        qk_norm,
+        dtype: safetensors::Dtype::BF16,
+        seed: 1,
+    }
+    .write(&tmp.0)?;
+    Ok((tmp.0.clone(), Some(tmp)))
+}
+
 fn tempfile_dir() -> Result<TempDir> {
     // Unique per call: benchmarks may run side by side in one process (tests do).
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -399,27 +402,7 @@ pub struct GenerateBench {
 /// Time the prompt's pass and the one-token decode steps after it (KV cache, greedy) on random
 /// prompts; report prompt and decode tokens/s over all rows.
 pub fn bench_generate(args: &GenerateBench) -> Result<serde_json::Value> {
-    let tmp;
-    let model_dir = match &args.model {
-        Some(m) => m.clone(),
-        None => {
-            tmp = tempfile_dir()?;
-            crate::model::random::RandomLlama {
-                vocab_size: 4096,
-                hidden_size: 512,
-                intermediate_size: 1408,
-                num_hidden_layers: 4,
-                num_attention_heads: 8,
-                num_key_value_heads: 2,
-                tie_word_embeddings: false,
-                qk_norm: false,
-                dtype: safetensors::Dtype::BF16,
-                seed: 1,
-            }
-            .write(&tmp.0)?;
-            tmp.0.clone()
-        }
-    };
+    let (model_dir, _tmp) = model_or_random(&args.model, false)?;
     let loaded = Instant::now();
     let mut model = load_model(&model_dir, &args.spec)?;
     if let Some(a) = &args.adapter {

@@ -219,17 +219,18 @@ fn parse(state: &AppState, body: Value, kind: Kind) -> ApiResult<Parsed> {
             .as_u64()
             .ok_or_else(|| bad("seed", "must be a non-negative integer"))?,
     };
-    let top_k = count(&body, "top_k").or_else(|e| {
-        if body.get("top_k") == Some(&json!(0)) {
-            Ok(None)
-        } else {
-            Err(e)
+    // 0 (or absent) keeps every token.
+    let top_k = match body.get("top_k") {
+        None | Some(Value::Null) => 0,
+        Some(v) => {
+            v.as_u64()
+                .ok_or_else(|| bad("top_k", "must be a non-negative integer"))? as usize
         }
-    })?;
+    };
     let sampling = Sampling {
         temperature: number(&body, "temperature", 1.0, (0.0, 2.0))?,
         top_p: number(&body, "top_p", 1.0, (0.0, 1.0))?,
-        top_k: top_k.unwrap_or(0),
+        top_k,
         seed,
     };
     let n = count(&body, "n")?.unwrap_or(1);
@@ -263,14 +264,7 @@ fn finish_reason(f: Finish) -> &'static str {
     }
 }
 
-/// Token counts of a request.
-#[derive(Serialize, ToSchema)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub total_tokens: usize,
-}
-
+/// Token counts of a request: `prompt_tokens`, `completion_tokens`, `total_tokens`.
 fn usage(r: &Generated) -> Value {
     let completion: usize = r.choices.iter().map(|c| c.tokens).sum();
     json!({"prompt_tokens": r.prompt_tokens, "completion_tokens": completion,
