@@ -1,6 +1,9 @@
 //! With the `cuda` feature, compile `kernels/qlorad.cu` (which includes one file per op) to PTX
 //! with nvcc (found on PATH or under CUDA_HOME); the driver turns it into machine code when the
-//! module first loads.
+//! module first loads. With `cudnn`, also compile `kernels/cudnn_attention.cpp` against cuDNN's
+//! and cudnn-frontend's headers (`scripts/fetch_cudnn.sh` puts them under /opt/cudnn-pip).
+
+use std::path::PathBuf;
 
 fn main() {
     // A directory: any file under it.
@@ -9,11 +12,11 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let out =
-        std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("qlorad.ptx");
-    let nvcc = std::env::var("CUDA_HOME")
-        .map(|h| std::path::Path::new(&h).join("bin/nvcc"))
-        .ok()
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("qlorad.ptx");
+    let cuda_home = std::env::var("CUDA_HOME").ok().map(PathBuf::from);
+    let nvcc = cuda_home
+        .as_ref()
+        .map(|h| h.join("bin/nvcc"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| "nvcc".into());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
@@ -27,4 +30,52 @@ fn main() {
         .status()
         .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
     assert!(status.success(), "nvcc failed on kernels/qlorad.cu");
+    #[cfg(feature = "cudnn")]
+    cudnn(cuda_home.as_deref());
+}
+
+/// cuDNN's attention through cudnn-frontend, which opens libcudnn at run time: nothing of
+/// cuDNN is linked.
+#[cfg(feature = "cudnn")]
+fn cudnn(cuda_home: Option<&std::path::Path>) {
+    for var in ["QLORAD_CUDNN_INCLUDE", "QLORAD_CUDNN_FRONTEND_INCLUDE"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let dir = |var: &str, default: &str, header: &str| {
+        let d = std::env::var(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| default.into());
+        assert!(
+            d.join(header).exists(),
+            "the cudnn feature needs {header} in {} (set {var}, or run scripts/fetch_cudnn.sh)",
+            d.display()
+        );
+        d
+    };
+    let cudnn = dir(
+        "QLORAD_CUDNN_INCLUDE",
+        "/opt/cudnn-pip/cudnn/include",
+        "cudnn.h",
+    );
+    let frontend = dir(
+        "QLORAD_CUDNN_FRONTEND_INCLUDE",
+        "/opt/cudnn-pip/frontend/include",
+        "cudnn_frontend.h",
+    );
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .warnings(false)
+        .define("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)
+        .include(frontend)
+        .include(cudnn);
+    if let Some(home) = cuda_home {
+        build.include(home.join("include"));
+    }
+    build
+        .file("kernels/cudnn_attention.cpp")
+        .compile("qlorad_cudnn");
+    println!("cargo:rustc-link-lib=dylib=dl");
 }

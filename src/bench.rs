@@ -305,3 +305,209 @@ fn fused_ops_vs_cpu(device: &Device) -> candle_core::Result<serde_json::Value> {
     }
     Ok(serde_json::Value::Object(out))
 }
+
+/// ‖a − b‖ / ‖b‖, on the CPU in f32.
+fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let n = |t: &Tensor| -> candle_core::Result<f32> { t.sqr()?.sum_all()?.sqrt()?.to_scalar() };
+    Ok(n(&(&a - &b)?)? / n(&b)?)
+}
+
+/// One attention problem: q `[b, nh, s, hd]`, k and v `[b, nkv, s, hd]`, dL/dout `[b·s, nh·hd]`.
+struct AttnCase {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_out: Tensor,
+    segments: Vec<(usize, usize)>,
+    scale: f64,
+}
+
+impl AttnCase {
+    fn random(
+        (b, nh, nkv, hd): (usize, usize, usize, usize),
+        lengths: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let s: usize = lengths.iter().sum();
+        let r = |shape: &[usize]| -> candle_core::Result<Tensor> {
+            Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)
+        };
+        Ok(AttnCase {
+            q: r(&[b, nh, s, hd])?,
+            k: r(&[b, nkv, s, hd])?,
+            v: r(&[b, nkv, s, hd])?,
+            g_out: r(&[b * s, nh * hd])?,
+            segments: crate::ops::attention::segments(lengths),
+            scale: 1.0 / (hd as f64).sqrt(),
+        })
+    }
+
+    fn to(&self, device: &Device, dtype: DType) -> candle_core::Result<Self> {
+        let m = |t: &Tensor| t.to_device(device)?.to_dtype(dtype);
+        Ok(AttnCase {
+            q: m(&self.q)?,
+            k: m(&self.k)?,
+            v: m(&self.v)?,
+            g_out: m(&self.g_out)?,
+            segments: self.segments.clone(),
+            scale: self.scale,
+        })
+    }
+
+    /// Output and dq, dk, dv, through the fused engine where it runs (`fused`), else blocked.
+    fn run(&self, fused: bool) -> candle_core::Result<[Tensor; 4]> {
+        let (b, _, s, _) = self.q.dims4()?;
+        let keep = Tensor::ones((b, s), DType::U8, self.q.device())?;
+        let att = crate::ops::attention::Attention {
+            keep: &keep,
+            scale: self.scale,
+            segments: &self.segments,
+            block_elements: 1 << 27,
+            keep_elements: 1 << 27,
+            dense_keys: fused,
+        };
+        let (out, kept) = att.forward(&self.q, &self.k, &self.v, true)?;
+        let (gq, gk, gv) = att.backward(&self.q, &self.k, &self.v, kept, &self.g_out)?;
+        Ok([out, gq, gk, gv])
+    }
+
+    /// Causal score FLOPs of the forward (sdpa_bench's count: 4·n²·d·h/2 per sequence).
+    fn flops(&self) -> candle_core::Result<f64> {
+        let (_, nh, _, hd) = self.q.dims4()?;
+        Ok(self
+            .segments
+            .iter()
+            .map(|&(_, n)| 4.0 * (n * n) as f64 * (hd * nh) as f64 / 2.0)
+            .sum())
+    }
+}
+
+/// `qlorad bench attention`: the engine training runs on `device` against the blocked attention
+/// on the CPU in f32, then forward and backward speed per sequence length.
+pub fn bench_attention(
+    device: &Device,
+    seqs: &[usize],
+    iters: usize,
+    blocked_up_to: usize,
+) -> Result<serde_json::Value, BenchError> {
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    #[cfg(feature = "cudnn")]
+    let engine = match crate::ops::cudnn::version() {
+        Some(v) if device.is_cuda() => format!("cudnn {v}"),
+        _ => "blocked".to_string(),
+    };
+    #[cfg(not(feature = "cudnn"))]
+    let engine = "blocked".to_string();
+
+    // Whole rows, a batch of two, grouped heads, packed segments of ragged lengths.
+    type Heads = (usize, usize, usize, usize);
+    let cases: [(&str, Heads, &[usize]); 6] = [
+        ("row_h8_kv2_d128", (1, 8, 2, 128), &[300]),
+        ("batch2_h4_kv4_d128", (2, 4, 4, 128), &[256]),
+        ("row_h4_kv1_d64", (1, 4, 1, 64), &[200]),
+        ("row_h4_kv2_d256", (1, 4, 2, 256), &[160]),
+        (
+            "packed_h8_kv2_d128",
+            (1, 8, 2, 128),
+            &[70, 3, 1, 130, 9, 257],
+        ),
+        ("packed_h4_kv2_d64", (1, 4, 2, 64), &[64, 64, 1, 500]),
+    ];
+    let mut checks = serde_json::Map::new();
+    for (name, dims, lengths) in cases {
+        let case = AttnCase::random(dims, lengths, DType::F32, &Device::Cpu)?;
+        let want = case.run(false)?;
+        let got = case.to(device, dtype)?.run(true)?;
+        let errs: Vec<f32> = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| rel_err(g, w))
+            .collect::<candle_core::Result<_>>()?;
+        checks.insert(
+            name.to_string(),
+            json!({"out": errs[0], "dq": errs[1], "dk": errs[2], "dv": errs[3]}),
+        );
+    }
+
+    let mut timings = Vec::new();
+    for &s in seqs {
+        for (layout, lengths) in [
+            ("row", vec![s]),
+            // Alpaca-like examples packed into the row: 100 to 1,500 tokens.
+            ("packed", packed_lengths(s)),
+        ] {
+            let case = AttnCase::random((1, 32, 8, 128), &lengths, dtype, device)?;
+            let mut row = serde_json::Map::new();
+            row.insert("seq".into(), json!(s));
+            row.insert("layout".into(), json!(layout));
+            row.insert("examples".into(), json!(lengths.len()));
+            let fl = case.flops()?;
+            let engines: &[bool] = if s <= blocked_up_to {
+                &[true, false]
+            } else {
+                &[true]
+            };
+            for &fused in engines {
+                let label = if fused { "engine" } else { "blocked" };
+                let (b, _, sq, _) = case.q.dims4()?;
+                let keep = Tensor::ones((b, sq), DType::U8, device)?;
+                let att = crate::ops::attention::Attention {
+                    keep: &keep,
+                    scale: case.scale,
+                    segments: &case.segments,
+                    block_elements: 1 << 27,
+                    keep_elements: 1 << 32,
+                    dense_keys: fused,
+                };
+                let fwd = time(device, iters, || {
+                    att.forward(&case.q, &case.k, &case.v, false)?;
+                    Ok(())
+                })?;
+                let both = time(device, iters, || {
+                    let (_, kept) = att.forward(&case.q, &case.k, &case.v, true)?;
+                    att.backward(&case.q, &case.k, &case.v, kept, &case.g_out)?;
+                    Ok(())
+                })?;
+                let bwd = (both - fwd).max(1e-9);
+                row.insert(format!("{label}_fwd_ms"), json!(fwd * 1e3));
+                row.insert(format!("{label}_bwd_ms"), json!(bwd * 1e3));
+                row.insert(format!("{label}_fwd_tflops"), json!(fl / fwd / 1e12));
+                row.insert(format!("{label}_bwd_tflops"), json!(2.5 * fl / bwd / 1e12));
+            }
+            timings.push(serde_json::Value::Object(row));
+        }
+    }
+    Ok(json!({
+        "device": format!("{device:?}"),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "engine": engine,
+        "heads": [32, 8],
+        "head_dim": 128,
+        "relative_error_vs_cpu_blocked_f32": checks,
+        "timings": timings,
+    }))
+}
+
+/// Example lengths filling `total` tokens, drawn as Alpaca-style instruction data (100 to
+/// 1,500 tokens, most of them short), the last one cut to fit.
+fn packed_lengths(total: usize) -> Vec<usize> {
+    let mut rng = Rng::new(7);
+    let mut out = Vec::new();
+    let mut left = total;
+    while left > 0 {
+        // A skewed draw: the square of a uniform number puts most examples near the short end.
+        let u = rng.uniform(0.0, 1.0);
+        let n = (100.0 + 1400.0 * u * u) as usize;
+        let n = n.min(left);
+        out.push(n);
+        left -= n;
+    }
+    out
+}

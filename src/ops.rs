@@ -18,6 +18,8 @@ mod attn_softmax;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cudnn")]
+pub mod cudnn;
 mod dropout;
 mod hand_written;
 mod matmul;

@@ -1,5 +1,6 @@
 //! `qlorad bench`: training throughput on random tokens (`bench train`), generation throughput
-//! (`bench generate`) and the kernels on a device checked against the CPU (`bench kernels`).
+//! (`bench generate`), the kernels on a device checked against the CPU (`bench kernels`) and
+//! attention's engines against each other (`bench attention`).
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -80,6 +81,23 @@ pub enum BenchCommand {
         /// Timed repetitions (the median is reported).
         #[arg(long, default_value_t = 20)]
         iters: usize,
+    },
+    /// Causal attention on a device (Llama-3-8B heads: 32 query, 8 key, head dim 128; bf16 on a
+    /// GPU, f32 on the CPU): the engine training uses checked against the blocked attention on
+    /// the CPU (output and the three input gradients; whole rows, grouped heads, packed
+    /// segments, head dims 64 to 256), then forward and backward TFLOP/s per sequence length.
+    Attention {
+        /// cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Comma-separated sequence lengths to time.
+        #[arg(long, default_value = "2048,8192,32768")]
+        seqs: String,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Time the blocked attention too, up to this many tokens.
+        #[arg(long, default_value_t = 8192)]
+        blocked_up_to: usize,
     },
 }
 
@@ -163,6 +181,21 @@ pub fn run(c: BenchCommand) -> std::result::Result<(), CliError> {
             let dev = crate::model::parse_device(&device)
                 .map_err(|message| SpecError::new("device", message))?;
             crate::bench::bench_kernels(&dev, rows, cols, iters.max(1))?
+        }
+        BenchCommand::Attention {
+            device,
+            seqs,
+            iters,
+            blocked_up_to,
+        } => {
+            let dev = crate::model::parse_device(&device)
+                .map_err(|message| SpecError::new("device", message))?;
+            let seqs = seqs
+                .split(',')
+                .map(|s| s.trim().parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| SpecError::new("seqs", format!("not a list of lengths: {e}")))?;
+            crate::bench::bench_attention(&dev, &seqs, iters.max(1), blocked_up_to)?
         }
     };
     println!(

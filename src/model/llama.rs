@@ -525,6 +525,7 @@ impl CausalLm {
             cos,
             sin,
             keep: self.key_mask(b, s, attention_mask)?,
+            dense_keys: attention_mask.is_none(),
             segments,
         });
         let pass = if self.gradient_checkpointing {

@@ -6,7 +6,9 @@
 //! flash attention backward does) unless the forward kept them, which it may when they are
 //! small. The softmax is the fused `attn_softmax` (f32 inside, rectangular causality `j <= i +
 //! k - q`), and the products go through the device's GEMMs, so the same code runs on the CPU
-//! and on a GPU.
+//! and on a GPU. With the `cudnn` feature, bf16 and f16 on a GPU go through cuDNN's fused flash
+//! attention instead (`ops::cudnn`), whole rows or ragged segments in one launch, when every key
+//! is a real token; this blocked attention is its reference and its fallback.
 
 use candle_core::{Result, Tensor};
 
@@ -26,10 +28,18 @@ pub struct Attention<'a> {
     /// Keep the probabilities for the backward when all of them together hold at most this many
     /// elements; otherwise the backward recomputes them block by block.
     pub keep_elements: usize,
+    /// Every key is a real token (`keep` is all ones): the fused engine may run.
+    pub dense_keys: bool,
 }
 
-/// Probabilities kept by the forward, one tensor `[b, nh, bq, keys]` per block in order.
-pub struct Kept(Vec<Tensor>);
+/// What the forward keeps for the backward.
+pub enum Kept {
+    /// The probabilities, one tensor `[b, nh, bq, keys]` per block in order.
+    Probs(Vec<Tensor>),
+    /// The fused engine's output and log-sum-exp.
+    #[cfg(feature = "cudnn")]
+    Fused(super::cudnn::Saved),
+}
 
 /// The query blocks of a segment of `len` tokens for `nh` heads: `(offset, rows)`.
 fn blocks(len: usize, nh: usize, budget: usize) -> Vec<(usize, usize)> {
@@ -97,6 +107,16 @@ impl Attention<'_> {
         v: &Tensor,
         keep: bool,
     ) -> Result<(Tensor, Option<Kept>)> {
+        #[cfg(feature = "cudnn")]
+        if self.dense_keys {
+            let fused = super::profile::span("attention (cuDNN forward)", || {
+                super::cudnn::forward(q, k, v, self.segments, self.scale)
+            })?;
+            if let Some(saved) = fused {
+                let out = saved.out.clone();
+                return Ok((out, keep.then_some(Kept::Fused(saved))));
+            }
+        }
         let (b, nh, s, hd) = q.dims4()?;
         let nkv = k.dim(1)?;
         let kept_size: usize = self.segments.iter().map(|&(_, n)| nh * n * n).sum();
@@ -120,7 +140,7 @@ impl Attention<'_> {
         }
         let out = Tensor::cat(&outs, 2)?; // [b, nh, s, hd]
         let out = out.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-        Ok((out, keep.then_some(Kept(kept))))
+        Ok((out, keep.then_some(Kept::Probs(kept))))
     }
 
     /// dL/dq `[b, nh, s, hd]`, dL/dk and dL/dv `[b, nkv, s, hd]`, given dL/dout `[b·s, nh·hd]`.
@@ -133,6 +153,20 @@ impl Attention<'_> {
         kept: Option<Kept>,
         g_out: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let kept = match kept {
+            #[cfg(feature = "cudnn")]
+            Some(Kept::Fused(saved)) => {
+                let fused = super::profile::span("attention (cuDNN backward)", || {
+                    super::cudnn::backward(q, k, v, &saved, g_out, self.segments, self.scale)
+                })?;
+                if let Some(grads) = fused {
+                    return Ok(grads);
+                }
+                None
+            }
+            Some(Kept::Probs(p)) => Some(p),
+            None => None,
+        };
         let (b, nh, s, hd) = q.dims4()?;
         let nkv = k.dim(1)?;
         let span = |f: &mut dyn FnMut() -> Result<Tensor>| {
@@ -142,7 +176,7 @@ impl Attention<'_> {
             .reshape((b, s, nh, hd))?
             .transpose(1, 2)?
             .contiguous()?; // [b, nh, s, hd]
-        let mut kept = kept.map(|k| k.0.into_iter());
+        let mut kept = kept.map(|k| k.into_iter());
         let (mut gqs, mut gks, mut gvs) = (Vec::new(), Vec::new(), Vec::new());
         for &(start, len) in self.segments {
             let plan = blocks(len, nh, self.block_elements);
@@ -202,6 +236,37 @@ impl Attention<'_> {
             Tensor::cat(&gks, 2)?,
             Tensor::cat(&gvs, 2)?,
         ))
+    }
+}
+
+/// The segments of a row as a fused engine's ragged sequences: a power-of-two count (empty
+/// ones at the end, starting where the row ends) and a power-of-two bound on their length
+/// (at least 64), so that a few shapes serve every step of a packed run.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RaggedPlan {
+    pub count: usize,
+    pub bound: usize,
+    /// `count` lengths.
+    pub lengths: Vec<u32>,
+    /// `count + 1` token offsets: where each segment starts, then where the row ends.
+    pub starts: Vec<u32>,
+}
+
+impl RaggedPlan {
+    pub fn new(segments: &[(usize, usize)]) -> Self {
+        let count = segments.len().next_power_of_two();
+        let total: usize = segments.iter().map(|s| s.1).sum();
+        let longest = segments.iter().map(|s| s.1).max().unwrap_or(1);
+        let mut lengths: Vec<u32> = segments.iter().map(|s| s.1 as u32).collect();
+        lengths.resize(count, 0);
+        let mut starts: Vec<u32> = segments.iter().map(|s| s.0 as u32).collect();
+        starts.resize(count + 1, total as u32);
+        RaggedPlan {
+            count,
+            bound: longest.next_power_of_two().max(64),
+            lengths,
+            starts,
+        }
     }
 }
 
@@ -307,6 +372,7 @@ mod tests {
                 segments: segs,
                 block_elements: budget,
                 keep_elements: if keep_probs { usize::MAX } else { 0 },
+                dense_keys: false,
             };
             let (out, kept) = att.forward(&q, &k, &v, true).unwrap();
             assert_eq!(kept.is_some(), keep_probs);
@@ -341,5 +407,16 @@ mod tests {
             vec![(0, 64), (64, 64), (128, 64), (192, 8)]
         );
         assert_eq!(segments(&[3, 1, 2]), vec![(0, 3), (3, 1), (4, 2)]);
+    }
+
+    #[test]
+    fn ragged_plans_round_up_count_and_bound() {
+        let p = RaggedPlan::new(&segments(&[70, 3, 1, 130, 9]));
+        assert_eq!((p.count, p.bound), (8, 256));
+        assert_eq!(p.lengths, vec![70, 3, 1, 130, 9, 0, 0, 0]);
+        assert_eq!(p.starts, vec![0, 70, 73, 74, 204, 213, 213, 213, 213]);
+        let p = RaggedPlan::new(&[(0, 10), (10, 20)]);
+        assert_eq!((p.count, p.bound), (2, 64));
+        assert_eq!(p.starts, vec![0, 10, 30]);
     }
 }

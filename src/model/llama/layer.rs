@@ -39,6 +39,8 @@ pub(super) struct LayerCtx {
     pub(super) sin: Tensor,
     /// u8 `[batch, seq]`: 1 for a real token a query may see (with causality), 0 for padding.
     pub(super) keep: Tensor,
+    /// No padding: every key is a real token.
+    pub(super) dense_keys: bool,
     /// `(start, len)` of the sequences along a row: `(0, seq)` for padded rows, one per example
     /// for examples laid end to end in one row. Attention never crosses a segment.
     pub(super) segments: Vec<(usize, usize)>,
@@ -67,6 +69,7 @@ impl LayerCtx {
             } else {
                 ATTN_BLOCK
             },
+            dense_keys: self.dense_keys,
         }
     }
 }
