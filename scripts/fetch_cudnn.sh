@@ -5,20 +5,25 @@
 #
 #   bash scripts/fetch_cudnn.sh
 #   CARGO_TARGET_DIR=target/cuda bash ../shared/cuda/build.sh --features cudnn --bin qlorad
+#
+# Where cuDNN's headers are installed already (a cudnn image: /usr/include), `CUDNN_VERSION=`
+# fetches the frontend alone; point QLORAD_CUDNN_INCLUDE at them when building.
 set -euo pipefail
 CUDNN_PIP=${CUDNN_PIP:-/opt/cudnn-pip}
-CUDNN_VERSION=${CUDNN_VERSION:-9.13.1.26}
+CUDNN_VERSION=${CUDNN_VERSION-9.13.1.26}
 FRONTEND_VERSION=${FRONTEND_VERSION:-1.32.0}
 PYTHON=${PYTHON:-python3}
 
-if [ -e "$CUDNN_PIP/cudnn/include/cudnn.h" ] && [ -e "$CUDNN_PIP/frontend/include/cudnn_frontend.h" ]; then
+if { [ -z "$CUDNN_VERSION" ] || [ -e "$CUDNN_PIP/cudnn/include/cudnn.h" ]; } &&
+   [ -e "$CUDNN_PIP/frontend/include/cudnn_frontend.h" ]; then
   echo "$CUDNN_PIP: headers present"
   exit 0
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$PYTHON" -m pip download --quiet --no-deps --dest "$tmp" \
-  "nvidia-cudnn-cu13==$CUDNN_VERSION" "nvidia-cudnn-frontend==$FRONTEND_VERSION"
+wheels=("nvidia-cudnn-frontend==$FRONTEND_VERSION")
+[ -z "$CUDNN_VERSION" ] || wheels+=("nvidia-cudnn-cu13==$CUDNN_VERSION")
+"$PYTHON" -m pip download --quiet --no-deps --dest "$tmp" "${wheels[@]}"
 mkdir -p "$CUDNN_PIP/cudnn" "$CUDNN_PIP/frontend"
 "$PYTHON" - "$tmp" "$CUDNN_PIP" <<'PY'
 import pathlib, sys, zipfile
@@ -33,4 +38,4 @@ for wheel in tmp.glob("*.whl"):
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(z.read(name))
 PY
-echo "$CUDNN_PIP: cuDNN $CUDNN_VERSION and cudnn-frontend $FRONTEND_VERSION headers"
+echo "$CUDNN_PIP: cudnn-frontend $FRONTEND_VERSION headers${CUDNN_VERSION:+, cuDNN $CUDNN_VERSION}"
