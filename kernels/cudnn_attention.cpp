@@ -12,7 +12,6 @@
 
 #include <cudnn_frontend.h>
 
-#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -100,9 +99,10 @@ std::shared_ptr<fe::graph::Graph> build(const QlSdpa &p, bool backward, cudnnHan
     const int64_t b = p.b, hq = p.hq, hkv = p.hkv, s = p.s, d = p.d;
     std::vector<int64_t> qs, kvs, os, ss;
     if (p.ragged) {
-        // The batch stride is unused: each segment starts at its ragged offset.
-        qs = {INT_MAX, d, hq * d, 1};
-        kvs = {INT_MAX, d, hkv * d, 1};
+        // The batch stride is unused (each segment starts at its ragged offset), but cuDNN
+        // checks that it keeps 16-byte alignment.
+        qs = {s * hq * d, d, hq * d, 1};
+        kvs = {s * hkv * d, d, hkv * d, 1};
         os = qs;
         ss = {hq * s, 1, hq, 1};
     } else {
