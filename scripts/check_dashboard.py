@@ -8,7 +8,9 @@ points. Saves a screenshot. Drives Chromium over the DevTools protocol.
         [--screenshot /tmp/qlorad-dashboard.png] [--chat-job JOB --chat-question TEXT]
 
 The script starts its own long job (and cancels it at the end). With --chat-job (a succeeded job)
-it also asks that job's page's chat a question and prints the streamed answer.
+it also asks that job's page's chat a question and prints the streamed answer. A second, short
+job with evaluations and load_best checks that its page marks the winning checkpoint and that
+"Continue from" opens the new-job form on that checkpoint.
 """
 
 import argparse
@@ -38,6 +40,15 @@ def http(method, url, body=None, content_type="application/json"):
         req.add_header("content-type", content_type)
     with urllib.request.urlopen(req) as r:
         return json.loads(r.read() or b"null")
+
+
+def cancel(server, jid):
+    """Cancel a job unless it has already ended."""
+    try:
+        http("POST", f"{server}/jobs/{jid}/cancel", {})
+    except urllib.error.HTTPError as e:
+        if e.code != 409:
+            raise
 
 
 class Tab:
@@ -98,6 +109,52 @@ def check_chat(tab, args):
     model = tab.eval("document.getElementById('chat-model').textContent")
     print(f"chat with {model}: {args.chat_question!r} -> {answer!r} (screenshot {path})")
     return bool(answer)
+
+
+def check_best(tab, args):
+    """A finished job with evaluations and load_best: its page marks the winning checkpoint, and
+    that checkpoint's "Continue from" opens the new-job form on it with the adapter's shape."""
+    body = "".join(json.dumps(r) + "\n" for r in DATA).encode()
+    f = http("POST", f"{args.server}/files?filename=best.jsonl", body, "application/octet-stream")
+    job = http("POST", f"{args.server}/jobs", {
+        "model": args.model, "training_file": f["id"], "validation_file": f["id"],
+        "checkpoint_every": 1, "eval_every": 1, "load_best": True,
+        "hyperparameters": {"max_steps": 4, "batch_size": 3, "learning_rate": 0.05},
+    })
+    jid = job["id"]
+    for _ in range(600):
+        job = http("GET", f"{args.server}/jobs/{jid}")
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    if job["status"] != "succeeded":
+        print(f"FAIL: the load_best job ended {job['status']}: {job.get('error')}")
+        return False
+    events = http("GET", f"{args.server}/jobs/{jid}/events?limit=1000")["data"]
+    best = [e["data"]["best_step"] for e in events if "best_step" in (e.get("data") or {})]
+    tab.call("Page.navigate", url=f"{args.server}/#/jobs/{jid}")
+    marked = None
+    for _ in range(100):
+        marked = tab.eval("(() => { const r = document.querySelector('#ckpts tr.best'); return r ? Number(r.dataset.step) : null; })()")
+        if marked is not None:
+            break
+        time.sleep(0.1)
+    print(f"best step from the events: {best}; marked on the page: {marked}")
+    shot = tab.call("Page.captureScreenshot", format="png")
+    path = args.screenshot.replace(".png", "-best.png")
+    with open(path, "wb") as out:
+        out.write(base64.b64decode(shot["data"]))
+    tab.eval("document.querySelector('#ckpts tr.best button.continue').click()")
+    form = None
+    for _ in range(50):
+        form = tab.eval("(() => { const s = document.querySelector('#new select[name=model]');"
+                        " return s && s.value.startsWith('ft:') ? [location.hash, s.value, document.querySelector('#new input[name=r]').disabled] : null; })()")
+        if form:
+            break
+        time.sleep(0.1)
+    print(f"continue from the best checkpoint opens: {form} (screenshot {path})")
+    want = f":ckpt-step-{best[-1]}" if best else None
+    return bool(best) and marked == best[-1] and bool(form) and form[1].endswith(want) and form[2]
 
 
 def main():
@@ -171,13 +228,16 @@ def main():
             time.sleep(0.1)
         print(f"jobs list shows the job running: {jobs_page}")
         ok = first >= 2 and second > first and drawn == second and status == "running" and rows > 0 and jobs_page
+        # One worker: the long job makes way for the short one.
+        cancel(args.server, jid)
+        ok = check_best(tab, args) and ok
         if args.chat_job:
             ok = check_chat(tab, args) and ok
     finally:
         browser.terminate()
         browser.wait()
         shutil.rmtree(profile, ignore_errors=True)
-        http("POST", f"{args.server}/jobs/{jid}/cancel", {})
+        cancel(args.server, jid)
     if not ok:
         print("FAIL: the chart did not follow the job")
         sys.exit(1)

@@ -180,6 +180,12 @@ impl From<IntakeError> for ApiError {
             },
             IntakeError::Hub(_) => ApiError::bad("unknown_model", message, Some("model")),
             IntakeError::Continue(_) => ApiError::bad("invalid_model", message, Some("model")),
+            IntakeError::TooLarge(_) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "exceeds_device_memory",
+                message,
+                param: Some("device".into()),
+            },
             IntakeError::Jobs(e) => e.into(),
         }
     }

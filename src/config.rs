@@ -157,6 +157,9 @@ pub struct WorkersConfig {
     /// Runs a job gets when it fails for a reason another attempt could change (a full disk,
     /// memory or the device lost); then it fails for good.
     pub max_attempts: u32,
+    /// GiB a job may use on a worker's device (default: the device's whole memory). A job whose
+    /// estimated peak is over it on every worker is refused at create.
+    pub memory_gib: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -6,8 +6,10 @@
 //! attempt (a full disk, a lost device, memory exhausted) from one that would fail again (bad
 //! data, a bad spec, a diverged loss).
 
+pub mod preflight;
 pub mod run;
 pub mod spec;
+pub mod tensorboard;
 
 use std::path::PathBuf;
 

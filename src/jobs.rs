@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 
 pub use events::{Event, EventHub, EventKind, Level};
-pub use intake::IntakeError;
+pub use intake::{DeviceFit, IntakeError, Preflight, TimeEstimate};
 pub use layout::Layout;
 pub use stats::WorkerStats;
 pub use store::{Scope, Store};

@@ -61,18 +61,33 @@ pub(crate) fn json_body(
     Ok(body)
 }
 
-/// `POST /jobs`: the spec with defaults filled is stored and echoed back.
-#[utoipa::path(post, path = "/jobs", tag = "jobs",
+#[derive(Deserialize, IntoParams, Default)]
+#[into_params(parameter_in = Query)]
+pub struct DryRunQuery {
+    /// Check the spec and its files as a create does and answer the estimate (examples, tokens,
+    /// steps, peak memory on each worker device, time), creating nothing.
+    pub(crate) dry_run: Option<bool>,
+}
+
+/// `POST /jobs`: the spec with defaults filled is stored and echoed back; with `dry_run=true`,
+/// the preflight instead.
+#[utoipa::path(post, path = "/jobs", tag = "jobs", params(DryRunQuery),
     request_body(content = crate::api::openapi::JobSpecSchema, description = "the job spec; every field but `model` and `training_file` has a default"),
-    responses((status = 201, body = JobRow), (status = 400, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 201, body = JobRow), (status = 200, body = crate::jobs::Preflight, description = "with dry_run=true"),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn jobs_create(
     State(state): State<AppState>,
     who: Principal,
+    q: Result<Query<DryRunQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Json<serde_json::Value>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<JobRow>)> {
-    let job = create_job(&state, &who, json_body(body)?, JobLabels::default()).await?;
-    Ok((StatusCode::CREATED, Json(job)))
+) -> ApiResult<Response> {
+    let body = json_body(body)?;
+    if query(q)?.dry_run == Some(true) {
+        let p = state.jobs.preflight_job(body, who.scope()).await?;
+        return Ok(Json(p).into_response());
+    }
+    let job = create_job(&state, &who, body, JobLabels::default()).await?;
+    Ok((StatusCode::CREATED, Json(job)).into_response())
 }
 
 /// Validate a spec (as JSON), check its model and files, queue it.

@@ -365,6 +365,15 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         "examples": examples.len(),
         "peak_gpu_memory_gib": peak,
         "peak_rss_gib": peak_rss_gib(),
+        // What a preflight estimates for this step (uniform lengths only), beside the peaks.
+        "estimated_peak_gib": args.lengths.is_none().then(|| {
+            use crate::finetune::preflight::{estimate_memory, DeviceKind, StepShape};
+            let (b, s) = (args.batch_size as u64, args.seq_len as u64);
+            let step = StepShape { tokens: b * s, square_tokens: b * s * s, longest: s };
+            let lora = args.spec.lora.config();
+            let m = estimate_memory(c, &args.spec, &lora, DeviceKind::of(&args.spec.device), &step);
+            m.total as f64 / (1u64 << 30) as f64
+        }),
         "mfu": tps * flops_per_token / 989e12,
         "load_quantize_seconds": load_s,
         "losses": losses,

@@ -199,8 +199,26 @@ fn run_inner(
         TrainEvent::Finished { step, .. } if data.eval.is_none() => Some(*step),
         _ => None,
     };
+    // The scalars as TensorBoard event files beside the checkpoints, a file per start.
+    let board_dir = plan.run_dir.join(TENSORBOARD_DIR);
+    let mut board = Some(
+        super::tensorboard::EventWriter::create(&board_dir, wall_time())
+            .map_err(io_err(&board_dir))?,
+    );
     let outcome = trainer.run(cancel, &mut |e| {
         on_event(&RunEvent::Train(e.clone()));
+        let scalars = super::tensorboard::scalars_of(e);
+        if let (Some(w), false) = (board.as_mut(), scalars.is_empty()) {
+            let t = wall_time();
+            let written = scalars
+                .iter()
+                .try_for_each(|(tag, step, v)| w.scalar(tag, *step, *v, t))
+                .and_then(|()| w.flush());
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "writing the TensorBoard events failed; no more are written");
+                board = None;
+            }
+        }
         if let Some(step) = sample_at(e).filter(|_| !spec.eval_prompts.is_empty()) {
             match crate::infer::answer_chats(&model, &tok, &spec.eval_prompts, SAMPLE_TOKENS) {
                 Ok(answers) => {
@@ -225,6 +243,15 @@ fn run_inner(
     };
     export(plan, on_event)?;
     Ok(Outcome::Finished { step })
+}
+
+/// The run's TensorBoard log directory, under `run_dir` and then under `artifacts_dir`.
+pub const TENSORBOARD_DIR: &str = "tensorboard";
+
+fn wall_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// A run's examples: supervised ones, or with DPO each pair's chosen side in `train` and
@@ -342,6 +369,14 @@ fn export(plan: &Plan, on_event: &mut dyn FnMut(&RunEvent)) -> Result<()> {
         copy_dir(&trained, &adapter).map_err(io_err(&adapter))?;
     }
     let mut written = vec![adapter];
+    let board = plan.run_dir.join(TENSORBOARD_DIR);
+    if board.is_dir() {
+        let to = plan.artifacts_dir.join(TENSORBOARD_DIR);
+        if to != board {
+            copy_dir(&board, &to).map_err(io_err(&to))?;
+        }
+        written.push(to);
+    }
     let gguf = spec
         .export
         .gguf

@@ -32,8 +32,64 @@ pub enum IntakeError {
     /// A hub id whose repository cannot be used (missing, gated, unreachable).
     #[error("model: {0}")]
     Hub(crate::model::hub::HubError),
+    /// The job's estimated peak memory is more than any worker's device has.
+    #[error("{0}")]
+    TooLarge(String),
     #[error(transparent)]
     Jobs(#[from] JobsError),
+}
+
+/// A job spec checked as a create checks it, with what its estimate reads.
+struct Checked {
+    spec: JobSpec,
+    /// The base model's path, when it is here (a hub model not yet downloaded is not).
+    model_dir: Option<PathBuf>,
+    lora: crate::lora::LoraConfig,
+}
+
+/// What a job would take, answered by `POST /jobs?dry_run=true` without creating anything.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Preflight {
+    /// `preflight`.
+    pub object: &'static str,
+    /// The spec as it would be stored, defaults filled.
+    #[schema(value_type = crate::api::openapi::JobSpecSchema)]
+    pub spec: serde_json::Value,
+    /// Examples, tokens, rows, steps and epochs, as the run counts them; null when the base
+    /// model is not here yet (a hub model downloads when the job runs).
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<crate::finetune::preflight::DataPlan>,
+    /// The estimated peak memory on each worker device, and whether it fits.
+    pub memory: Vec<DeviceFit>,
+    pub time: Option<TimeEstimate>,
+    /// Why parts of the estimate are missing.
+    pub notes: Vec<String>,
+}
+
+/// The estimated peak memory of a job on one device, by part.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct DeviceFit {
+    pub device: String,
+    pub estimated_peak_bytes: u64,
+    pub weights_bytes: u64,
+    pub adapter_bytes: u64,
+    pub activation_bytes: u64,
+    pub workspace_bytes: u64,
+    /// What a job may use there (`workers.memory_gib`, or the device's total); null when
+    /// unknown.
+    pub available_bytes: Option<u64>,
+    pub fits: Option<bool>,
+}
+
+/// How long the job's training should take.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct TimeEstimate {
+    pub estimated_seconds: f64,
+    pub tokens_per_second: f64,
+    /// `measured`: the throughput of an earlier job on the same model (`from_job`); `shapes`:
+    /// the model's FLOPs per token over a nominal device speed (a rough figure).
+    pub basis: &'static str,
+    pub from_job: Option<String>,
 }
 
 /// An upload being received: its id, and where its bytes go until it is checked.
@@ -52,18 +108,205 @@ impl Service {
         owner: &str,
         scope: Scope<'_>,
     ) -> Result<JobRow, IntakeError> {
+        let checked = self.check_job(body, scope).await?;
+        // A job no worker's device can hold is refused now, not an hour into its queue.
+        if let Some(plan) = self.plan_data(&checked).await? {
+            let fits = self.memory_fits(&checked, &plan);
+            if !fits.is_empty() && fits.iter().all(|f| f.fits == Some(false)) {
+                return Err(IntakeError::TooLarge(too_large(&fits)));
+            }
+        }
+        let spec = checked.spec;
+        let id = format!("job-{}", uuid::Uuid::new_v4().simple());
+        let spec_json = serde_json::to_value(&spec).expect("spec serializes");
+        let job = self
+            .store
+            .insert_job(
+                &id,
+                &spec_json,
+                spec.priority,
+                &labels,
+                owner,
+                self.config.limits.max_queued_jobs_per_key as i64,
+            )
+            .await?;
+        self.workers.wake.notify_waiters();
+        Ok(job)
+    }
+
+    /// Check a spec exactly as a create does and estimate what it takes, creating nothing.
+    pub async fn preflight_job(
+        &self,
+        body: serde_json::Value,
+        scope: Scope<'_>,
+    ) -> Result<Preflight, IntakeError> {
+        let checked = self.check_job(body, scope).await?;
+        let mut notes = Vec::new();
+        let plan = self.plan_data(&checked).await?;
+        let (memory, time) = match &plan {
+            Some(plan) => (
+                self.memory_fits(&checked, plan),
+                Some(self.time_estimate(&checked, plan).await?),
+            ),
+            None => {
+                notes.push("the base model downloads from the hub when the job runs: its tokens, steps, memory and time are known then".into());
+                (Vec::new(), None)
+            }
+        };
+        if plan.is_some() && memory.is_empty() {
+            notes.push("this server runs no workers: no device to fit".into());
+        }
+        Ok(Preflight {
+            object: "preflight",
+            spec: serde_json::to_value(&checked.spec).expect("spec serializes"),
+            data: plan,
+            memory,
+            time,
+            notes,
+        })
+    }
+
+    /// The job's datasets read as its run reads them; None when the base model is not here.
+    async fn plan_data(
+        &self,
+        checked: &Checked,
+    ) -> Result<Option<crate::finetune::preflight::DataPlan>, IntakeError> {
+        let Some(model_dir) = checked.model_dir.clone() else {
+            return Ok(None);
+        };
+        let spec = checked.spec.clone();
+        let train = self
+            .layout
+            .file(spec.training_file.as_deref().unwrap_or_default());
+        let valid = spec.validation_file.as_deref().map(|f| self.layout.file(f));
+        let plan = blocking(move || {
+            crate::finetune::preflight::plan_data(&model_dir, &spec, &train, valid.as_deref())
+        })
+        .await?;
+        // Files were checked at upload; what fails here is the model's tokenizer or template.
+        plan.map(Some).map_err(|e| {
+            IntakeError::InvalidFile(format!(
+                "reading the job's files with the model's tokenizer: {e}"
+            ))
+        })
+    }
+
+    /// The estimated peak on each worker device, against what a job may use there.
+    fn memory_fits(
+        &self,
+        checked: &Checked,
+        plan: &crate::finetune::preflight::DataPlan,
+    ) -> Vec<DeviceFit> {
+        use crate::finetune::preflight::{device_memory, estimate_memory, DeviceKind};
+        let Some(model_dir) = &checked.model_dir else {
+            return Vec::new();
+        };
+        let Ok(config) = crate::model::config::ModelConfig::load(model_dir) else {
+            return Vec::new();
+        };
+        let mut devices = self.config.workers.devices.clone();
+        devices.dedup();
+        devices
+            .into_iter()
+            .map(|device| {
+                let m = estimate_memory(
+                    &config,
+                    &checked.spec,
+                    &checked.lora,
+                    DeviceKind::of(&device),
+                    &plan.largest_step,
+                );
+                let available = match self.config.workers.memory_gib {
+                    Some(gib) => Some((gib * (1u64 << 30) as f64) as u64),
+                    None => device_memory(&device),
+                };
+                DeviceFit {
+                    fits: available.map(|a| m.total <= a),
+                    device,
+                    estimated_peak_bytes: m.total,
+                    weights_bytes: m.weights,
+                    adapter_bytes: m.adapter,
+                    activation_bytes: m.activations,
+                    workspace_bytes: m.workspace,
+                    available_bytes: available,
+                }
+            })
+            .collect()
+    }
+
+    /// Seconds of training: at the throughput an earlier job on the same model measured, or
+    /// from the model's FLOPs per token.
+    async fn time_estimate(
+        &self,
+        checked: &Checked,
+        plan: &crate::finetune::preflight::DataPlan,
+    ) -> Result<TimeEstimate, IntakeError> {
+        let work = plan.tokens as f64 * plan.epochs;
+        let model = checked.spec.model.clone().unwrap_or_default();
+        if let Some((job, tps)) = self.store.measured_throughput(&model).await? {
+            return Ok(TimeEstimate {
+                estimated_seconds: work / tps,
+                tokens_per_second: tps,
+                basis: "measured",
+                from_job: Some(job),
+            });
+        }
+        let config = checked
+            .model_dir
+            .as_deref()
+            .and_then(|d| crate::model::config::ModelConfig::load(d).ok());
+        let seq = plan.largest_step.longest;
+        let flops = config.map_or(0.0, |c| {
+            crate::finetune::preflight::flops_per_token(&c, &checked.spec, seq)
+        });
+        // Nominal speeds: an H200-class GPU in bf16 (qlorad's measured 8B rate), and
+        // 30 GFLOP/s per core in f32 on the CPU.
+        let gpu = self
+            .config
+            .workers
+            .devices
+            .iter()
+            .any(|d| d.starts_with("cuda"));
+        let speed = if gpu {
+            400e12
+        } else {
+            30e9 * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+        };
+        let tps = if flops > 0.0 { speed / flops } else { 0.0 };
+        Ok(TimeEstimate {
+            estimated_seconds: if tps > 0.0 { work / tps } else { 0.0 },
+            tokens_per_second: tps,
+            basis: "shapes",
+            from_job: None,
+        })
+    }
+
+    /// Validate a spec (as JSON) and check its model and files, as a create does.
+    async fn check_job(
+        &self,
+        body: serde_json::Value,
+        scope: Scope<'_>,
+    ) -> Result<Checked, IntakeError> {
         let Some(body) = body.as_object() else {
             return Err(IntakeError::NotAnObject);
         };
         // Every spec field has a default, so an explicit null means the default.
-        let spec = JobSpec::from_value(without_nulls(body)).map_err(IntakeError::Spec)?;
+        let mut spec = JobSpec::from_value(without_nulls(body)).map_err(IntakeError::Spec)?;
         let named = spec.model.as_deref().ok_or(IntakeError::Missing("model"))?;
         let source = self.model_source(named, scope).await?;
         if let Some(adapter) = &source.adapter {
             same_lora_shape(body, adapter, named)?;
+            // The stored spec says the shape the job trains: its adapter's.
+            if let Ok(cfg) = crate::lora::peft::read_config(adapter) {
+                spec.lora.r = cfg.r;
+                spec.lora.alpha = cfg.alpha;
+                spec.lora.target_modules = cfg.target_modules;
+                spec.lora.use_rslora = cfg.use_rslora;
+            }
         }
         let model = source.base.as_str();
-        if self.layout.model(model).is_none() {
+        let mut model_dir = self.layout.model(model);
+        if model_dir.is_none() {
             let Some((hub, r)) = self.layout.hub_model(model) else {
                 return Err(IntakeError::UnknownModel {
                     field: "model",
@@ -72,7 +315,8 @@ impl Service {
             };
             // Asked now, so a missing or gated repository is this request's error and not a
             // failed job; the download is the worker's.
-            let hub = hub.clone();
+            model_dir = hub.cached(&r);
+            let (hub, r) = (hub.clone(), r.clone());
             blocking(move || hub.check(&r))
                 .await?
                 .map_err(IntakeError::Hub)?;
@@ -108,21 +352,12 @@ impl Service {
                 }
             }
         }
-        let id = format!("job-{}", uuid::Uuid::new_v4().simple());
-        let spec_json = serde_json::to_value(&spec).expect("spec serializes");
-        let job = self
-            .store
-            .insert_job(
-                &id,
-                &spec_json,
-                spec.priority,
-                &labels,
-                owner,
-                self.config.limits.max_queued_jobs_per_key as i64,
-            )
-            .await?;
-        self.workers.wake.notify_waiters();
-        Ok(job)
+        let lora = spec.lora.config();
+        Ok(Checked {
+            spec,
+            model_dir,
+            lora,
+        })
     }
 
     /// A fresh upload id and its staging path (the files directory created).
@@ -361,6 +596,26 @@ fn same_lora_shape(
         }
     }
     Ok(())
+}
+
+/// Why no worker's device holds a job, with what would change that.
+fn too_large(fits: &[DeviceFit]) -> String {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let each: Vec<String> = fits
+        .iter()
+        .map(|f| {
+            format!(
+                "{:.2} GiB on {} ({:.2} GiB available)",
+                gib(f.estimated_peak_bytes),
+                f.device,
+                gib(f.available_bytes.unwrap_or(0))
+            )
+        })
+        .collect();
+    format!(
+        "the job needs an estimated {}: fewer tokens a step (hyperparameters.batch_size, max_seq_len), gradient_checkpointing or a smaller model would fit (POST /jobs?dry_run=true shows the estimate)",
+        each.join(", ")
+    )
 }
 
 /// Run file work off the async workers.

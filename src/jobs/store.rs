@@ -408,6 +408,22 @@ impl Store {
         rows.iter().map(file_from_row).collect()
     }
 
+    /// The newest throughput a job on `model` reported (tokens a second), with that job's id:
+    /// what a preflight's time estimate starts from.
+    pub async fn measured_throughput(&self, model: &str) -> Result<Option<(String, f64)>> {
+        let row = sqlx::query(
+            "SELECT id, tokens_per_second FROM jobs WHERE json_extract(spec, '$.model') = ? \
+             AND tokens_per_second > 0 ORDER BY COALESCE(finished_at, started_at, created_at) DESC, rowid DESC LIMIT 1",
+        )
+        .bind(model)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some((r.try_get("id")?, r.try_get("tokens_per_second")?)),
+            None => None,
+        })
+    }
+
     /// A file `scope` may see; another owner's is not found.
     pub async fn file(&self, id: &str, scope: Scope<'_>) -> Result<FileRow> {
         self.select_files(Some(id), scope)

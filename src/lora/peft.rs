@@ -132,6 +132,12 @@ fn field<'a>(v: &'a Value, path: &Path, name: &str) -> Result<&'a Value> {
 
 /// Read a PEFT LoRA adapter directory.
 pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
+    let config = read_config(dir)?;
+    load_weights(dir, config, device)
+}
+
+/// An adapter directory's `adapter_config.json`, checked as [`load`] checks it.
+pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read(&path).map_err(io(&path))?;
     let v: Value = serde_json::from_slice(&text).map_err(|source| LoraError::Json {
@@ -209,7 +215,11 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     config
         .validate()
         .map_err(|e| invalid(&path, e.to_string()))?;
+    Ok(config)
+}
 
+fn load_weights(dir: &Path, config: LoraConfig, device: &Device) -> Result<PeftAdapter> {
+    let r = config.r;
     let wpath = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&wpath).map_err(io(&wpath))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)

@@ -819,3 +819,142 @@ async fn a_paused_job_resumes_to_the_losses_of_an_uninterrupted_run() {
         .unwrap();
     assert_eq!(finished.status(), 409);
 }
+
+/// `POST /jobs?dry_run=true` checks a spec as a create does and answers examples, tokens,
+/// steps, the peak memory on each worker device and the time, creating nothing; once a job on
+/// the model has run, the time comes from its throughput. A job over every worker's memory is
+/// refused at create, naming the estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preflight_estimates_without_creating_and_create_refuses_what_cannot_fit() {
+    let mut s = start(&["cpu"]).await;
+    let c = reqwest::Client::new();
+    let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
+    let spec = json!({"model": "tiny", "training_file": file["id"],
+        "hyperparameters": {"n_epochs": 2, "batch_size": 2}, "lora": {"r": 4}});
+    let dry = |body: Value| {
+        let (c, url) = (c.clone(), format!("{}/jobs?dry_run=true", s.base));
+        async move {
+            let r = c.post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, p) = dry(spec.clone()).await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["object"], "preflight");
+    assert_eq!(p["spec"]["hyperparameters"]["batch_size"], 2);
+    let data = &p["data"];
+    assert_eq!(data["examples"], 3, "{p}");
+    // Three examples in batches of two, twice: four steps.
+    assert_eq!((&data["steps"], &data["epochs"]), (&json!(4), &json!(2.0)));
+    let tokens = data["tokens"].as_u64().unwrap();
+    let trained = data["trained_tokens_per_epoch"].as_u64().unwrap();
+    assert!(trained > 0 && trained < tokens, "{p}");
+    assert_eq!(data["trained_tokens"].as_u64().unwrap(), 2 * trained);
+    let largest = data["largest_step"]["tokens"].as_u64().unwrap();
+    assert!(largest > tokens / 3 && largest < tokens, "{p}");
+    let m = &p["memory"][0];
+    assert_eq!(m["device"], "cpu");
+    let peak = m["estimated_peak_bytes"].as_u64().unwrap();
+    let parts: u64 = [
+        "weights_bytes",
+        "adapter_bytes",
+        "activation_bytes",
+        "workspace_bytes",
+    ]
+    .iter()
+    .map(|k| m[k].as_u64().unwrap())
+    .sum();
+    assert_eq!(peak, parts);
+    assert!(m["adapter_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(m["fits"], true, "{p}");
+    assert_eq!(p["time"]["basis"], "shapes");
+    assert!(p["time"]["estimated_seconds"].as_f64().unwrap() > 0.0);
+    // Nothing was created.
+    let list: Value = c
+        .get(format!("{}/jobs", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list["data"].as_array().unwrap().is_empty(), "{list}");
+    // A dry run refuses what a create refuses, naming the field.
+    let (status, e) = dry(json!({"model": "tiny", "training_file": "file-nope"})).await;
+    assert_eq!(
+        (status, &e["error"]["param"]),
+        (400, &json!("training_file"))
+    );
+    // The same answer on /v1, from OpenAI's shape.
+    let r = c
+        .post(format!("{}/v1/fine_tuning/jobs?dry_run=true", s.base))
+        .json(&json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"batch_size": 2, "n_epochs": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v1: Value = r.json().await.unwrap();
+    assert_eq!(v1["data"]["steps"], 4, "{v1}");
+
+    // After a run on the model, the time is that run's throughput.
+    let job: Value = c
+        .post(format!("{}/jobs", s.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_for(&c, &s, &id, &["succeeded"]).await;
+    let (_, p) = dry(spec.clone()).await;
+    assert_eq!(
+        (&p["time"]["basis"], &p["time"]["from_job"]),
+        (&json!("measured"), &json!(id))
+    );
+    s.shutdown().await;
+
+    // A worker that may use almost nothing refuses the job at create.
+    let mut s = crate::harness::start_with(crate::harness::Options {
+        workers: &["cpu"],
+        env: &[("QLORAD_WORKERS__MEMORY_GIB", "0.001")],
+        ..Default::default()
+    })
+    .await;
+    let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
+    let spec = json!({"model": "tiny", "training_file": file["id"]});
+    let r = c
+        .post(format!("{}/jobs", s.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "exceeds_device_memory", "{e}");
+    assert_eq!(e["error"]["param"], "device");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("GiB on cpu") && msg.contains("dry_run"),
+        "{msg}"
+    );
+    let r = c
+        .post(format!("{}/jobs?dry_run=true", s.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["memory"][0]["fits"], false, "{p}");
+    let list: Value = c
+        .get(format!("{}/jobs", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list["data"].as_array().unwrap().is_empty(), "{list}");
+    s.shutdown().await;
+}

@@ -175,6 +175,43 @@ async fn files_and_fine_tuning_jobs_have_openai_shapes() {
     let first: Vec<&str> = lines[1].split(',').collect();
     assert_eq!(first[0], "1");
     assert!(first[1].parse::<f64>().unwrap() > 0.0, "{csv}");
+    // The same losses as TensorBoard events among the job's artifacts.
+    let (_, arts) = get(&c, format!("{}/jobs/{id}/artifacts", s.base)).await;
+    let board: Vec<&str> = arts["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .filter(|n| n.starts_with("tensorboard/events.out.tfevents."))
+        .collect();
+    assert_eq!(board.len(), 1, "{arts}");
+    let bytes = c
+        .get(format!("{}/jobs/{id}/artifacts/{}", s.base, board[0]))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), &bytes).unwrap();
+    let scalars = qlorad::finetune::tensorboard::read_scalars(tmp.path()).unwrap();
+    let losses: Vec<(i64, String)> = scalars
+        .iter()
+        .filter(|x| x.tag == "train/loss")
+        .map(|x| (x.step, format!("{:.5}", x.value)))
+        .collect();
+    let csv_losses: Vec<(i64, String)> = lines[1..]
+        .iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].parse().unwrap(), f[1].to_string())
+        })
+        .collect();
+    assert_eq!(losses, csv_losses);
+    for tag in ["train/learning_rate", "train/grad_norm", "train/epoch"] {
+        assert_eq!(scalars.iter().filter(|x| x.tag == tag).count(), 4, "{tag}");
+    }
     let (_, listed) = get(&c, format!("{}/v1/files?purpose=fine-tune-results", s.base)).await;
     assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
 
@@ -586,6 +623,9 @@ async fn metrics_openapi_and_dashboard() {
     // The event stream is read with fetch, so the API key can go in a header.
     let js = js.text().await.unwrap();
     assert!(js.contains("text/event-stream") && js.contains("Bearer"));
+    // The winning checkpoint is marked and each checkpoint can start a new job
+    // (scripts/check_dashboard.py clicks through it in Chromium).
+    assert!(js.contains("best_step") && js.contains("#/new?from="));
     let (status, _) = get(&c, format!("{}/dashboard/nope.js", s.base)).await;
     assert_eq!(status, 404);
 }

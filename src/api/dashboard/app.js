@@ -155,8 +155,10 @@ async function showJobs() {
 
 // ---- new job ---------------------------------------------------------------------------------
 
-async function showNew() {
+// `from` is a fine-tuned model or checkpoint (`ft:…`) to continue: its base and adapter shape.
+async function showNew(from) {
   app.innerHTML = `<h1>New job</h1><form class="card" id="new">
+    <p class="muted" id="from" hidden>Continues from <span class="mono"></span>: training starts from its adapter, with its LoRA shape.</p>
     <label><span>Dataset (JSONL or a JSON array: chat, alpaca, sharegpt, completion or text; preference pairs with {"method": {"type": "dpo"}} below)</span>
       <input type="file" name="file" required></label>
     <div class="grid2">
@@ -180,6 +182,14 @@ async function showNew() {
   } catch (e) {
     form.querySelector("#err").textContent = e.message;
   }
+  if (from) {
+    select.insertAdjacentHTML("afterbegin", `<option value="${esc(from)}">${esc(from)}</option>`);
+    select.value = from;
+    const note = form.querySelector("#from");
+    note.hidden = false;
+    note.querySelector("span").textContent = from;
+    form.querySelector("input[name=r]").disabled = true;
+  }
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const f = new FormData(form);
@@ -199,7 +209,7 @@ async function showNew() {
         model: f.get("model"),
         training_file: up.id,
         hyperparameters: { max_steps: num("max_steps"), n_epochs: num("n_epochs"), batch_size: num("batch_size"), learning_rate: num("learning_rate") },
-        lora: { r: num("r") },
+        lora: from ? undefined : { r: num("r") },
         checkpoint_every: num("checkpoint_every"),
       };
       for (const [k, v] of Object.entries(extra)) {
@@ -268,7 +278,8 @@ async function showJob(id) {
   app.innerHTML = `<h1>Job <span class="mono">${esc(id)}</span></h1>
     <div class="card"><dl class="kv" id="summary"></dl>
       <p><button class="secondary" id="pause">Pause</button> <button class="secondary" id="resume">Resume</button>
-        <button class="secondary" id="cancel">Cancel</button> <span class="error" id="err"></span></p></div>
+        <button class="secondary" id="cancel">Cancel</button>
+        <button class="secondary" id="continue" hidden>Continue from this model</button> <span class="error" id="err"></span></p></div>
     <div class="card"><h2>Loss and learning rate</h2>
       <div class="legend"><span><i style="background:var(--loss)"></i>training loss</span>
         <span><i style="background:var(--eval)"></i>validation loss</span>
@@ -287,14 +298,15 @@ async function showJob(id) {
       <form id="chat-form"><textarea name="q" rows="2" placeholder="Ask something…" required></textarea>
         <button type="submit">Send</button> <span class="error" id="chat-err"></span></form></div>
     <div class="row">
-      <div class="card"><h2>Checkpoints</h2><table id="ckpts"><thead><tr><th>Step</th><th>Name</th><th>Loss</th><th>Saved</th></tr></thead><tbody></tbody></table></div>
+      <div class="card"><h2>Checkpoints</h2><table id="ckpts"><thead><tr><th>Step</th><th>Name</th><th>Loss</th><th>Validation loss</th><th>Saved</th><th></th></tr></thead><tbody></tbody></table></div>
       <div class="card"><h2>Artifacts</h2><table id="arts"><thead><tr><th>File</th><th>Size</th></tr></thead><tbody></tbody></table></div>
     </div>
     <div class="card"><h2>Events</h2><div class="log"><table id="events"><thead><tr><th>#</th><th>Time</th><th>Type</th><th>Message</th></tr></thead><tbody></tbody></table></div></div>`;
   const svg = app.querySelector("#chart");
   const dpoSvg = app.querySelector("#dpochart");
   const points = [], evals = [], margins = [], evalMargins = [];
-  let job = null, pending = false;
+  // The step whose adapter won (early stopping or load_best says which), when the job says.
+  let job = null, pending = false, bestStep = null, fineTuned = null;
 
   const redraw = () => {
     if (pending) return;
@@ -327,9 +339,13 @@ async function showJob(id) {
   const loadJob = async () => {
     job = await api(`/jobs/${encodeURIComponent(id)}`);
     summary();
-    if (job.status === "succeeded" && app.querySelector("#chat").hidden) {
+    if (job.status === "succeeded" && !fineTuned) {
       const v1 = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}`);
-      if (v1.fine_tuned_model) startChat(v1.fine_tuned_model);
+      fineTuned = v1.fine_tuned_model;
+      if (fineTuned) {
+        startChat(fineTuned);
+        app.querySelector("#continue").hidden = false;
+      }
     }
   };
   // A chat with the fine-tuned model, streamed as it is generated.
@@ -387,12 +403,29 @@ async function showJob(id) {
       }
     });
   };
+  // Each checkpoint with its validation loss where one was measured at its step; the winner is
+  // the step the job named, or else the lowest validation loss. Each can start a new job.
   const loadCheckpoints = async () => {
-    const c = await api(`/jobs/${encodeURIComponent(id)}/checkpoints`);
-    app.querySelector("#ckpts tbody").innerHTML = c.data.map((k) => `<tr><td class="num">${k.step}</td>
-      <td class="mono">${esc(k.name)}</td><td class="num">${fmtNum(k.loss)}</td><td>${esc(fmtTime(k.created_at))}</td></tr>`).join("")
-      || `<tr><td colspan="4" class="muted">none yet</td></tr>`;
+    const [c, v1] = await Promise.all([
+      api(`/jobs/${encodeURIComponent(id)}/checkpoints`),
+      api(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}/checkpoints?limit=100`),
+    ]);
+    const names = new Map(v1.data.map((k) => [k.step_number, k.fine_tuned_model_checkpoint]));
+    const evalAt = new Map(evals.map((e) => [e.step, e.eval]));
+    let best = c.data.some((k) => k.step === bestStep) ? bestStep : null;
+    if (best === null) {
+      const scored = c.data.filter((k) => evalAt.has(k.step));
+      if (scored.length) best = scored.reduce((a, b) => (evalAt.get(b.step) < evalAt.get(a.step) ? b : a)).step;
+    }
+    app.querySelector("#ckpts tbody").innerHTML = c.data.map((k) => `<tr data-step="${k.step}"${k.step === best ? ` class="best"` : ""}>
+      <td class="num">${k.step}</td>
+      <td class="mono">${esc(k.name)}${k.step === best ? ` <span class="badge best">best</span>` : ""}</td>
+      <td class="num">${fmtNum(k.loss)}</td><td class="num">${evalAt.has(k.step) ? fmtNum(evalAt.get(k.step)) : ""}</td>
+      <td>${esc(fmtTime(k.created_at))}</td>
+      <td>${names.has(k.step) ? `<button class="secondary small continue" data-from="${esc(names.get(k.step))}">Continue from</button>` : ""}</td></tr>`).join("")
+      || `<tr><td colspan="6" class="muted">none yet</td></tr>`;
   };
+  const continueFrom = (name) => { location.hash = `#/new?from=${encodeURIComponent(name)}`; };
   const loadArtifacts = async () => {
     const a = await api(`/jobs/${encodeURIComponent(id)}/artifacts`);
     app.querySelector("#arts tbody").innerHTML = a.data.map((f) => `<tr>
@@ -415,6 +448,12 @@ async function showJob(id) {
       } catch (e) { app.querySelector("#err").textContent = e.message; }
     });
   }
+
+  app.querySelector("#continue").addEventListener("click", () => fineTuned && continueFrom(fineTuned));
+  app.querySelector("#ckpts").addEventListener("click", (ev) => {
+    const b = ev.target.closest("button.continue");
+    if (b) continueFrom(b.dataset.from);
+  });
 
   app.querySelector("#arts").addEventListener("click", (ev) => {
     const a = ev.target.closest("a.artifact");
@@ -453,6 +492,10 @@ async function showJob(id) {
     } else if (e.type === "metrics" && Number.isFinite(d.eval_loss)) {
       evals.push({ step: d.step, eval: d.eval_loss });
       redraw();
+      loadCheckpoints().catch(() => {});
+    } else if (e.type === "log" && Number.isFinite(d.best_step)) {
+      bestStep = d.best_step;
+      loadCheckpoints().catch(() => {});
     } else if (e.type === "log" && Array.isArray(d.samples)) {
       const card = app.querySelector("#samples");
       card.hidden = false;
@@ -484,7 +527,8 @@ function route() {
   const h = location.hash.replace(/^#/, "") || "/";
   const m = h.match(/^\/jobs\/(.+)$/);
   if (m) return showJob(decodeURIComponent(m[1]));
-  if (h === "/new") return showNew();
+  const n = h.match(/^\/new(?:\?from=(.+))?$/);
+  if (n) return showNew(n[1] ? decodeURIComponent(n[1]) : null);
   return showJobs();
 }
 

@@ -470,19 +470,26 @@ fn translate(body: Value) -> ApiResult<(Value, JobLabels)> {
     Ok((Value::Object(body), JobLabels { suffix, metadata }))
 }
 
-/// Create a fine-tuning job.
+/// Create a fine-tuning job; with `dry_run=true` (qlorad's), answer its preflight instead.
 #[utoipa::path(post, path = "/v1/fine_tuning/jobs", tag = "openai",
+    params(crate::api::jobs::DryRunQuery),
     request_body = V1JobCreate,
     responses((status = 200, body = V1Job), (status = 400, body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn fine_tuning_jobs_create(
     State(state): State<AppState>,
     who: Principal,
+    q: Result<Query<crate::api::jobs::DryRunQuery>, QueryRejection>,
     body: Result<Json<Value>, JsonRejection>,
-) -> ApiResult<Json<V1Job>> {
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
     let (spec, labels) = translate(json_body(body)?)?;
+    if query(q)?.dry_run == Some(true) {
+        let p = state.jobs.preflight_job(spec, who.scope()).await?;
+        return Ok(Json(p).into_response());
+    }
     let job = create_job(&state, &who, spec, labels).await?;
-    Ok(Json(job_view(job)))
+    Ok(Json(job_view(job)).into_response())
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -47,6 +47,10 @@ pub enum JobsCommand {
         /// Follow the job until it ends.
         #[arg(long)]
         watch: bool,
+        /// Check the job as a create does and print its estimate (examples, tokens, steps, peak
+        /// memory on each worker device, time) without creating it.
+        #[arg(long, conflicts_with = "watch")]
+        dry_run: bool,
     },
     /// List jobs, newest first.
     List {
@@ -145,6 +149,7 @@ pub async fn jobs(server: &str, api_key: Option<String>, cmd: JobsCommand) -> Re
             checkpoint_every,
             gguf,
             watch,
+            dry_run,
         } => {
             let mut body: Value = match &spec {
                 Some(p) => {
@@ -188,6 +193,13 @@ pub async fn jobs(server: &str, api_key: Option<String>, cmd: JobsCommand) -> Re
             );
             if let Some(n) = checkpoint_every {
                 body["checkpoint_every"] = json!(n);
+            }
+            if dry_run {
+                let p: Value = client
+                    .json(client.post("/jobs?dry_run=true").json(&body))
+                    .await?;
+                println!("{}", pretty(&p));
+                return Ok(());
             }
             let job: Value = client.json(client.post("/jobs").json(&body)).await?;
             let id = job["id"].as_str().unwrap_or_default().to_string();
