@@ -1,6 +1,7 @@
 //! The QLoRA training loop: AdamW, schedules, accumulation, clipping, evaluation, checkpoints
 //! that resume exactly, and events for whoever watches.
 
+pub mod adamw8bit;
 pub mod checkpoint;
 pub mod dpo;
 pub mod hyperparameters;
@@ -11,7 +12,7 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use hyperparameters::Hyperparameters;
-pub use optim::AdamW;
+pub use optim::{AdamW, Optimizer, OptimizerKind};
 pub use schedule::Schedule;
 pub use trainer::{evaluate, EvalResult, TrainEvent, TrainOutcome, Trainer, TrainerOptions};
 

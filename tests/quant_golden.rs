@@ -1,5 +1,6 @@
-//! NF4/FP4 against bitsandbytes, bit for bit. Fixtures: `scripts/gen_quant_fixtures.py`
-//! (bitsandbytes 0.50.2, torch 2.15.0, CPU); see the file's `__metadata__`.
+//! NF4/FP4 against bitsandbytes, bit for bit, and its 8-bit AdamW. Fixtures:
+//! `scripts/gen_quant_fixtures.py` and `scripts/gen_optim_fixture.py` (bitsandbytes 0.50.2,
+//! torch 2.15.0, CPU); see each file's `__metadata__`.
 
 use half::{bf16, f16};
 use qlorad::quant::codebook::{dynamic_signed, FP4, NF4};
@@ -236,5 +237,97 @@ fn nested_quantization_matches_given_the_same_offset() {
             offset.to_bits(),
             "{p}: torch mean"
         );
+    }
+}
+
+/// `adamw_bnb_8bit` against `bnb.optim.AdamW8bit` on the CPU, four steps of seeded gradients
+/// (`scripts/gen_optim_fixture.py`): every step's parameters, then the 8-bit codes and absmax of
+/// both moments (two parameters over `min_8bit_size`, one with a partial block) and the f32
+/// moments of the small one. torch's vector sqrt is not correctly rounded on every CPU (on the
+/// machine that made the fixture, 0.6% of results are an ulp off), so a few parameters differ
+/// by an ulp and a code on a bin's edge could land one away; here every code and absmax agree.
+#[test]
+fn adamw_8bit_steps_as_bitsandbytes() {
+    use candle_core::{Device, Tensor, Var};
+    use qlorad::quant::codebook::dynamic_unsigned;
+    use qlorad::train::adamw8bit::{AdamW8bit, State8};
+    use qlorad::train::optim::AdamWConfig;
+
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/optim/adamw_8bit.safetensors"
+    ))
+    .unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    // The map bitsandbytes made is the one qlorad carries.
+    assert_eq!(bits(&f32s(&st, "udynamic")), bits(&dynamic_unsigned()));
+    let names = ["wide", "ragged", "small"];
+    let vars: Vec<Var> = names
+        .iter()
+        .map(|n| {
+            let p = f32s(&st, &format!("p0.{n}"));
+            Var::from_tensor(&Tensor::new(p.as_slice(), &Device::Cpu).unwrap()).unwrap()
+        })
+        .collect();
+    let sizes: Vec<usize> = vars.iter().map(|v| v.elem_count()).collect();
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mut opt = AdamW8bit::new(cfg, &sizes);
+    let rel = |a: &[f32], b: &[f32]| {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den.max(1e-30)).sqrt()
+    };
+    for step in 1..=4 {
+        let grads: Vec<Vec<f32>> = names
+            .iter()
+            .map(|n| f32s(&st, &format!("grad{step}.{n}")))
+            .collect();
+        opt.step(&vars, &grads, 1e-3).unwrap();
+        for (n, v) in names.iter().zip(&vars) {
+            let got = v.as_tensor().to_vec1::<f32>().unwrap();
+            let want = f32s(&st, &format!("p{step}.{n}"));
+            let r = rel(&got, &want);
+            assert!(r < 1e-8, "step {step} {n}: parameters differ by {r:e}");
+        }
+    }
+    for (n, state) in names.iter().zip(opt.states()) {
+        match state {
+            State8::Blockwise {
+                m,
+                v,
+                absmax_m,
+                absmax_v,
+            } => {
+                for (kind, codes, absmax, want_absmax) in [
+                    ("state1", m, absmax_m, "absmax1"),
+                    ("state2", v, absmax_v, "absmax2"),
+                ] {
+                    let want = raw(&st, &format!("{kind}.{n}"));
+                    let same = codes.iter().zip(&want).filter(|(a, b)| a == b).count();
+                    let far = codes
+                        .iter()
+                        .zip(&want)
+                        .filter(|(a, b)| (**a as i32 - **b as i32).abs() > 1)
+                        .count();
+                    assert!(
+                        same as f64 >= 0.999 * want.len() as f64 && far == 0,
+                        "{kind}.{n}: {same} of {} codes equal, {far} more than one apart",
+                        want.len()
+                    );
+                    let r = rel(absmax, &f32s(&st, &format!("{want_absmax}.{n}")));
+                    assert!(r < 1e-7, "{want_absmax}.{n}: {r:e}");
+                }
+            }
+            State8::Full(mo) => {
+                assert_eq!(*n, "small");
+                assert!(rel(&mo.exp_avg, &f32s(&st, "state1.small")) < 1e-6);
+                assert!(rel(&mo.exp_avg_sq, &f32s(&st, "state2.small")) < 1e-6);
+            }
+        }
     }
 }

@@ -226,16 +226,52 @@ pub struct BenchArgs {
 /// The process's peak resident memory in GiB, loading included: Linux's VmHWM, None elsewhere.
 /// On the CPU it is what training takes; `bench train` reports it beside the GPU's peak.
 fn peak_rss_gib() -> Option<f64> {
+    status_kb("VmHWM:").map(|kb| kb as f64 / (1024.0 * 1024.0))
+}
+
+/// A `/proc/self/status` figure in kB (Linux).
+fn status_kb(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(key))?
         .trim()
         .strip_suffix("kB")?
         .trim()
         .parse()
-        .ok()?;
-    Some(kb / (1024.0 * 1024.0))
+        .ok()
+}
+
+/// The peak of the process's anonymous resident memory (`RssAnon`), polled every millisecond
+/// from a thread: what the CPU run itself holds, without the memory-mapped model files whose
+/// pages VmHWM also counts.
+struct AnonPeak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl AnonPeak {
+    fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(status_kb("RssAnon:").unwrap_or(0));
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            peak.max(status_kb("RssAnon:").unwrap_or(0))
+        });
+        AnonPeak { stop, thread }
+    }
+
+    /// GiB; None where the kernel does not say.
+    fn finish(self) -> Option<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let kb = self.thread.join().unwrap_or(0);
+        (kb > 0).then(|| kb as f64 / (1024.0 * 1024.0))
+    }
 }
 
 /// Time forward + backward + optimizer steps on random tokens and report throughput.
@@ -244,6 +280,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
     let dev = crate::model::parse_device(&args.spec.device)
         .map_err(|message| SpecError::new("device", message))?;
     let meter = crate::bench::PeakMemory::start(&dev);
+    let anon = AnonPeak::start();
     let loaded = Instant::now();
     let mut model = load_model(&model_dir, &args.spec)?;
     model.add_lora(&args.spec.lora.config(), 0)?;
@@ -327,6 +364,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         }
     })?;
     let peak = meter.finish();
+    let anon = anon.finish();
     let spans = crate::ops::profile::stop();
     let first = warmup.min(times.len() - 1);
     let mut steady = times[first..].to_vec();
@@ -365,6 +403,7 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
         "examples": examples.len(),
         "peak_gpu_memory_gib": peak,
         "peak_rss_gib": peak_rss_gib(),
+        "peak_anon_rss_gib": anon,
         // What a preflight estimates for this step (uniform lengths only), beside the peaks.
         "estimated_peak_gib": args.lengths.is_none().then(|| {
             use crate::finetune::preflight::{estimate_memory, DeviceKind, StepShape};

@@ -20,8 +20,9 @@ const REPLAY_KEEP: u64 = 1 << 32;
 const HEAD_BLOCK: u64 = 1 << 25;
 /// What a device holds beyond the tensors: on a GPU the cuBLAS and cuDNN workspaces, the memory
 /// pool's slack and loaded kernels (fitted to the H200 figures in docs/perf.md); on the CPU the
-/// process itself (tokenizer, threads, allocator).
-const GPU_OVERHEAD: u64 = 768 << 20;
+/// process itself (binary, tokenizer, threads, allocator: a 64-token step of the small random
+/// model peaks at 65 MB in all).
+const GPU_OVERHEAD: u64 = 1 << 30;
 const CPU_OVERHEAD: u64 = 32 << 20;
 
 /// Where a job runs, as the memory model needs it.
@@ -63,7 +64,7 @@ pub struct StepShape {
 pub struct MemoryEstimate {
     /// The frozen base: packed 4-bit linears with their absmax, embeddings, LM head, norms.
     pub weights: u64,
-    /// The adapter's f32 weights, gradients and AdamW's two moments.
+    /// The adapter's f32 weights and gradients, and the optimizer's two moments.
     pub adapter: u64,
     /// What the step holds for its backward, at its largest micro-batch.
     pub activations: u64,
@@ -94,20 +95,27 @@ pub fn linear_params(c: &ModelConfig) -> u64 {
     per_layer * c.num_hidden_layers as u64
 }
 
-/// Trainable adapter parameters: r·(in + out) for every targeted linear.
-pub fn adapter_params(c: &ModelConfig, lora: &LoraConfig) -> u64 {
-    let mut n = 0;
+/// The adapter's tensors by element count: A `[r, in]` and B `[out, r]` of every targeted
+/// linear.
+fn adapter_tensors(c: &ModelConfig, lora: &LoraConfig) -> Vec<u64> {
+    let mut out = Vec::new();
     for layer in 0..c.num_hidden_layers {
         for (name, i, o) in layer_linears(c) {
             if lora
                 .target_modules
                 .matches(&format!("model.layers.{layer}.{name}"))
             {
-                n += lora.r as u64 * (i + o);
+                out.push(lora.r as u64 * i);
+                out.push(lora.r as u64 * o);
             }
         }
     }
-    n
+    out
+}
+
+/// Trainable adapter parameters: r·(in + out) for every targeted linear.
+pub fn adapter_params(c: &ModelConfig, lora: &LoraConfig) -> u64 {
+    adapter_tensors(c, lora).iter().sum()
 }
 
 /// The peak memory of training `c` with `spec` (and `lora`, the adapter's shape) on `device`,
@@ -155,7 +163,12 @@ pub fn estimate_memory(
     let norms = (2 * layers + 1) * h * d;
     let weights = quantized + embed + head + norms;
 
-    let adapter = adapter_params(c, lora) * 16;
+    // f32 weights and gradients, and the optimizer's moments (f32, or bitsandbytes' bytes).
+    let optimizer = spec.hyperparameters.optimizer;
+    let adapter = adapter_tensors(c, lora)
+        .iter()
+        .map(|&n| 8 * n + optimizer.state_bytes(n as usize) as u64)
+        .sum::<u64>();
 
     let t = step.tokens;
     let r = lora.r as u64;
@@ -189,14 +202,23 @@ pub fn estimate_memory(
     } else {
         0
     };
-    let activations = if checkpointing {
-        t * layers * h * d + t * (saved_elems + grad_elems) * d + kept_probs
+    // What the whole step holds: with checkpointing every layer's input, without it every
+    // layer's saved activations (and the probabilities each kept).
+    let held = if checkpointing {
+        t * layers * h * d
     } else {
-        t * layers * (h + saved_elems) * d + t * grad_elems * d + kept_probs
+        t * layers * (h + saved_elems) * d + kept_probs
     };
-
-    // A replay holds its layer's weights dense for the backward; without checkpointing the
-    // backward dequantizes one weight at a time.
+    // Then two moments make the peak, never at once. A layer's backward: a replay's saved
+    // activations and probabilities (or without checkpointing the gradients alone), the
+    // attention backward's score blocks and the layer's dense weights; a replay holds its
+    // layer's weights dense, while without checkpointing the backward dequantizes one at a
+    // time.
+    let layer_act = if checkpointing {
+        t * (saved_elems + grad_elems) * d + kept_probs
+    } else {
+        t * grad_elems * d
+    };
     let dense = if spec.quantization.config().is_none() {
         0
     } else if checkpointing {
@@ -204,17 +226,25 @@ pub fn estimate_memory(
     } else {
         h * i * d
     };
-    let head_block = (t * v).min(HEAD_BLOCK) * (2 * d + 4);
     let scores = if fused {
         0
     } else {
         (heads * step.longest * step.longest).min(ATTN_BLOCK) * (4 + d)
     };
+    // And the LM head's loss at the end of the forward: one block of logits, their f32
+    // softmax and gradient.
+    let head_block = (t * v).min(HEAD_BLOCK) * (2 * d + 4);
+    let (phase_act, phase_rest) = if layer_act + dense + scores >= head_block {
+        (layer_act, dense + scores)
+    } else {
+        (0, head_block)
+    };
     let overhead = match device {
         DeviceKind::Cpu => CPU_OVERHEAD,
         DeviceKind::Cuda { .. } => GPU_OVERHEAD,
     };
-    let workspace = dense + head_block + scores + overhead;
+    let activations = held + phase_act;
+    let workspace = phase_rest + overhead;
     MemoryEstimate {
         weights,
         adapter,
@@ -443,6 +473,11 @@ mod tests {
         assert!(large.activations > 7 * small.activations);
         spec.hyperparameters.gradient_checkpointing = false;
         assert!(at(&spec, 4096).activations > 5 * large.activations);
+        // 8-bit moments: the adapter's 16 bytes a parameter become about 10.
+        let mut eight = spec.clone();
+        eight.hyperparameters.optimizer = crate::train::OptimizerKind::AdamwBnb8bit;
+        let a8 = at(&eight, 512).adapter as f64 / small.adapter as f64;
+        assert!((a8 - 10.0 / 16.0).abs() < 0.01, "{a8}");
         // Unquantized weights take their dtype's bytes: 2 for every 0.5 of NF4.
         spec.quantization.kind = super::super::QuantSpecType::None;
         assert!(at(&spec, 512).weights > 2 * small.weights);

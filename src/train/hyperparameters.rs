@@ -29,6 +29,9 @@ pub struct Hyperparameters {
     pub seed: u64,
     /// Recompute each decoder layer in backward: less memory, about a third more compute.
     pub gradient_checkpointing: bool,
+    /// `adamw_torch` (f32 moments) or `adamw_bnb_8bit` (bitsandbytes' 8-bit blockwise
+    /// moments, `adamw_8bit` too), as transformers names them.
+    pub optimizer: super::OptimizerKind,
 }
 
 impl Default for Hyperparameters {
@@ -49,6 +52,7 @@ impl Default for Hyperparameters {
             max_seq_len: 2048,
             seed: 42,
             gradient_checkpointing: false,
+            optimizer: super::OptimizerKind::AdamwTorch,
         }
     }
 }

@@ -1,10 +1,108 @@
 //! AdamW with torch's semantics (`torch.optim.AdamW`, single-tensor path): decoupled weight
 //! decay, bias correction, f32 state. On the CPU the state is host vectors; on a GPU it lives on
 //! the device beside the parameters and one fused kernel per parameter updates all three.
+//! [`Optimizer`] is what a run steps: this AdamW, or bitsandbytes' 8-bit one
+//! (`train/adamw8bit.rs`), as `hyperparameters.optimizer` names it.
 
 use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
 
+use super::adamw8bit::AdamW8bit;
 use super::Result;
+
+/// The optimizer of a run, by transformers' `optim` names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OptimizerKind {
+    /// `torch.optim.AdamW` with f32 moments.
+    #[default]
+    #[serde(rename = "adamw_torch")]
+    AdamwTorch,
+    /// `bnb.optim.AdamW8bit`: 8-bit blockwise moments, a quarter of the memory.
+    #[serde(rename = "adamw_bnb_8bit", alias = "adamw_8bit")]
+    AdamwBnb8bit,
+}
+
+impl OptimizerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OptimizerKind::AdamwTorch => "adamw_torch",
+            OptimizerKind::AdamwBnb8bit => "adamw_bnb_8bit",
+        }
+    }
+
+    /// Bytes of optimizer state for a parameter of `n` elements.
+    pub fn state_bytes(self, n: usize) -> usize {
+        match self {
+            OptimizerKind::AdamwTorch => 8 * n,
+            OptimizerKind::AdamwBnb8bit => super::adamw8bit::state_bytes(n),
+        }
+    }
+}
+
+/// A run's optimizer.
+#[derive(Debug)]
+pub enum Optimizer {
+    Torch(AdamW),
+    Bnb8bit(AdamW8bit),
+}
+
+impl Optimizer {
+    pub fn new(kind: OptimizerKind, config: AdamWConfig, sizes: &[usize]) -> Self {
+        match kind {
+            OptimizerKind::AdamwTorch => Optimizer::Torch(AdamW::new(config, sizes)),
+            OptimizerKind::AdamwBnb8bit => Optimizer::Bnb8bit(AdamW8bit::new(config, sizes)),
+        }
+    }
+
+    pub fn kind(&self) -> OptimizerKind {
+        match self {
+            Optimizer::Torch(_) => OptimizerKind::AdamwTorch,
+            Optimizer::Bnb8bit(_) => OptimizerKind::AdamwBnb8bit,
+        }
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps(&self) -> u64 {
+        match self {
+            Optimizer::Torch(o) => o.step,
+            Optimizer::Bnb8bit(o) => o.step,
+        }
+    }
+
+    /// One update on the CPU, gradients as host vectors (accumulated and clipped).
+    pub fn step(&mut self, params: &[Var], grads: &[Vec<f32>], lr: f64) -> Result<()> {
+        match self {
+            Optimizer::Torch(o) => o.step(params, grads, lr),
+            Optimizer::Bnb8bit(o) => o.step(params, grads, lr),
+        }
+    }
+
+    /// One update of parameters on a GPU, gradients scaled by `grad_scale` (clipping). The
+    /// 8-bit moments live on the host: the gradients come over, the parameters go back.
+    #[cfg(feature = "cuda")]
+    pub fn step_device(
+        &mut self,
+        params: &[Var],
+        grads: &[Tensor],
+        grad_scale: f32,
+        lr: f64,
+    ) -> Result<()> {
+        match self {
+            Optimizer::Torch(o) => o.step_device(params, grads, grad_scale, lr),
+            Optimizer::Bnb8bit(o) => {
+                let host = grads
+                    .iter()
+                    .map(|g| {
+                        let mut v = g.flatten_all()?.to_vec1::<f32>()?;
+                        v.iter_mut().for_each(|x| *x *= grad_scale);
+                        Ok(v)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                o.step(params, &host, lr)
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::checkpoint::{self, TrainState};
 use super::dpo::{self, DpoConfig, PairSet, PreferenceMetrics, References};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optim::{clip_grad_norm, AdamWConfig, Optimizer};
 use super::Hyperparameters;
 use super::{io_err, Result, TrainError};
 use crate::data::batch::{collate, collate_packed, target_tokens};
@@ -134,7 +134,7 @@ pub struct Trainer<'a> {
     batcher: Batcher,
     names: Vec<String>,
     params: Vec<Var>,
-    optimizer: AdamW,
+    optimizer: Optimizer,
     pub state: TrainState,
     /// DPO: `train` (and `eval`) hold each pair's chosen side.
     preferences: Option<Preferences<'a>>,
@@ -213,7 +213,7 @@ impl<'a> Trainer<'a> {
             pad_id,
             batcher,
             names,
-            optimizer: AdamW::new(adam, &sizes),
+            optimizer: Optimizer::new(h.optimizer, adam, &sizes),
             params,
             opts,
             state,

@@ -281,6 +281,21 @@ async fn bad_input_gets_a_4xx_naming_the_problem() {
         .unwrap();
     assert_eq!(r.status(), 422);
 
+    // An optimizer qlorad does not have is named with the ones it has.
+    let r = c
+        .post(format!("{}/jobs", s.base))
+        .json(&json!({"model": "tiny", "hyperparameters": {"optimizer": "sgd"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let e = err(&r.json().await.unwrap());
+    assert_eq!(e["param"], "hyperparameters.optimizer", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("adamw_bnb_8bit"),
+        "{e}"
+    );
+
     let r = c
         .post(format!("{}/jobs", s.base))
         .json(&json!({"model": "nope", "training_file": "file-x"}))
