@@ -193,6 +193,19 @@ pub struct HyperparametersSchema {
     max_seq_len: Option<u64>,
     seed: Option<u64>,
     gradient_checkpointing: Option<bool>,
+    /// `adamw_torch` (default) or `adamw_bnb_8bit` (bitsandbytes' 8-bit AdamW; `adamw_8bit`
+    /// too).
+    optimizer: Option<OptimizerSchema>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[schema(as = Optimizer)]
+#[allow(dead_code)]
+pub enum OptimizerSchema {
+    #[serde(rename = "adamw_torch")]
+    AdamwTorch,
+    #[serde(rename = "adamw_bnb_8bit", alias = "adamw_8bit")]
+    AdamwBnb8bit,
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -5,6 +5,7 @@
 //! them again. Smaller parameters keep f32 moments and take bitsandbytes' 32-bit update.
 
 use candle_core::{Tensor, Var};
+use rayon::prelude::*;
 
 use super::optim::{AdamWConfig, Moments};
 use super::Result;
@@ -135,18 +136,26 @@ impl AdamW8bit {
             if let Some(d) = decay {
                 p.iter_mut().for_each(|x| *x *= d);
             }
+            let codes = &*self.codes;
+            let luts = &self.luts;
             match state {
                 State8::Full(mo) => {
                     // bitsandbytes' 32-bit update: m / (√v + eps·c2), times -lr·c2/c1.
                     let step_size = (-lr * correction2 / correction1) as f32;
                     let eps = (c.eps * correction2) as f32;
-                    for i in 0..p.len() {
-                        let (m, v) = moments(mo.exp_avg[i], mo.exp_avg_sq[i], g[i]);
-                        mo.exp_avg[i] = m;
-                        mo.exp_avg_sq[i] = v;
-                        let update = m / (v.sqrt() + eps);
-                        p[i] = update.mul_add(step_size, p[i]);
-                    }
+                    p.par_chunks_mut(BLOCK)
+                        .zip(mo.exp_avg.par_chunks_mut(BLOCK))
+                        .zip(mo.exp_avg_sq.par_chunks_mut(BLOCK))
+                        .zip(g.par_chunks(BLOCK))
+                        .for_each(|(((p, ms), vs), g)| {
+                            for i in 0..p.len() {
+                                let (m, v) = moments(ms[i], vs[i], g[i]);
+                                ms[i] = m;
+                                vs[i] = v;
+                                let update = m / (v.sqrt() + eps);
+                                p[i] = update.mul_add(step_size, p[i]);
+                            }
+                        });
                 }
                 State8::Blockwise {
                     m: qm,
@@ -154,24 +163,32 @@ impl AdamW8bit {
                     absmax_m,
                     absmax_v,
                 } => {
-                    // The 8-bit update: p + (-lr/c1 · m) / (√v / c2 + eps).
+                    // The 8-bit update: p + (-lr/c1 · m) / (√v / c2 + eps), block by block
+                    // (a block's moments come back, update and go out by their own absmax).
                     let value = (-lr / correction1) as f32;
                     let (c2, eps) = (correction2 as f32, c.eps as f32);
-                    let n = p.len();
-                    let mut ms = vec![0f32; n];
-                    let mut vs = vec![0f32; n];
-                    for i in 0..n {
-                        let b = i / BLOCK;
-                        let m0 = self.codes.0[qm[i] as usize] * absmax_m[b];
-                        let v0 = self.codes.1[qv[i] as usize] * absmax_v[b];
-                        let (m, v) = moments(m0, v0, g[i]);
-                        ms[i] = m;
-                        vs[i] = v;
-                        let denom = v.sqrt() / c2 + eps;
-                        p[i] += (value * m) / denom;
-                    }
-                    quantize(&ms, &self.luts.0, qm, absmax_m);
-                    quantize(&vs, &self.luts.1, qv, absmax_v);
+                    p.par_chunks_mut(BLOCK)
+                        .zip(g.par_chunks(BLOCK))
+                        .zip(qm.par_chunks_mut(BLOCK))
+                        .zip(qv.par_chunks_mut(BLOCK))
+                        .zip(absmax_m.par_iter_mut())
+                        .zip(absmax_v.par_iter_mut())
+                        .for_each(|(((((p, g), qm), qv), am), av)| {
+                            let mut ms = [0f32; BLOCK];
+                            let mut vs = [0f32; BLOCK];
+                            let n = p.len();
+                            for i in 0..n {
+                                let m0 = codes.0[qm[i] as usize] * *am;
+                                let v0 = codes.1[qv[i] as usize] * *av;
+                                let (m, v) = moments(m0, v0, g[i]);
+                                ms[i] = m;
+                                vs[i] = v;
+                                let denom = v.sqrt() / c2 + eps;
+                                p[i] += (value * m) / denom;
+                            }
+                            *am = quantize_block(&ms[..n], &luts.0, qm);
+                            *av = quantize_block(&vs[..n], &luts.1, qv);
+                        });
                 }
             }
             var.set(&Tensor::from_vec(p, shape, var.device())?)?;
@@ -180,24 +197,19 @@ impl AdamW8bit {
     }
 }
 
-/// Blockwise 8-bit codes of `x` as bitsandbytes' CPU `quantize_blockwise` writes them.
-fn quantize(x: &[f32], lut: &ByteLut, out: &mut [u8], absmax: &mut [f32]) {
-    for ((x, out), am) in x
-        .chunks(BLOCK)
-        .zip(out.chunks_mut(BLOCK))
-        .zip(absmax.iter_mut())
-    {
-        let m = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        *am = m;
-        if m == 0.0 {
-            out.fill(0);
-            continue;
-        }
-        let inv = 1.0 / m;
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = lut.code_index(v * inv);
-        }
+/// One block's 8-bit codes as bitsandbytes' CPU `quantize_blockwise` writes them; returns its
+/// absmax.
+fn quantize_block(x: &[f32], lut: &ByteLut, out: &mut [u8]) -> f32 {
+    let m = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if m == 0.0 {
+        out.fill(0);
+        return m;
     }
+    let inv = 1.0 / m;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = lut.code_index(v * inv);
+    }
+    m
 }
 
 #[cfg(test)]
