@@ -45,7 +45,12 @@ struct Checked {
     /// The base model's path, when it is here (a hub model not yet downloaded is not).
     model_dir: Option<PathBuf>,
     lora: crate::lora::LoraConfig,
+    /// Bytes of the training file.
+    train_bytes: i64,
 }
+
+/// Training files up to this size are tokenized at create to check the job fits a device.
+const PLAN_BYTES: i64 = 16 << 20;
 
 /// What a job would take, answered by `POST /jobs?dry_run=true` without creating anything.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
@@ -109,9 +114,17 @@ impl Service {
         scope: Scope<'_>,
     ) -> Result<JobRow, IntakeError> {
         let checked = self.check_job(body, scope).await?;
-        // A job no worker's device can hold is refused now, not an hour into its queue.
-        if let Some(plan) = self.plan_data(&checked).await? {
-            let fits = self.memory_fits(&checked, &plan);
+        // A job no worker's device can hold is refused now, not an hour into its queue. Files
+        // up to `PLAN_BYTES` are tokenized for the estimate (well under a second); past that the
+        // check counts what any step holds (weights, adapter, optimizer) and leaves the
+        // activations to the dry run, so a create stays quick.
+        let step = if checked.train_bytes <= PLAN_BYTES {
+            self.plan_data(&checked).await?.map(|p| p.largest_step)
+        } else {
+            Some(Default::default())
+        };
+        if let Some(step) = step {
+            let fits = self.memory_fits(&checked, &step);
             if !fits.is_empty() && fits.iter().all(|f| f.fits == Some(false)) {
                 return Err(IntakeError::TooLarge(too_large(&fits)));
             }
@@ -145,7 +158,7 @@ impl Service {
         let plan = self.plan_data(&checked).await?;
         let (memory, time) = match &plan {
             Some(plan) => (
-                self.memory_fits(&checked, plan),
+                self.memory_fits(&checked, &plan.largest_step),
                 Some(self.time_estimate(&checked, plan).await?),
             ),
             None => {
@@ -195,7 +208,7 @@ impl Service {
     fn memory_fits(
         &self,
         checked: &Checked,
-        plan: &crate::finetune::preflight::DataPlan,
+        step: &crate::finetune::preflight::StepShape,
     ) -> Vec<DeviceFit> {
         use crate::finetune::preflight::{device_memory, estimate_memory, DeviceKind};
         let Some(model_dir) = &checked.model_dir else {
@@ -214,7 +227,7 @@ impl Service {
                     &checked.spec,
                     &checked.lora,
                     DeviceKind::of(&device),
-                    &plan.largest_step,
+                    step,
                 );
                 let available = match self.config.workers.memory_gib {
                     Some(gib) => Some((gib * (1u64 << 30) as f64) as u64),
@@ -325,6 +338,7 @@ impl Service {
             .training_file
             .as_deref()
             .ok_or(IntakeError::Missing("training_file"))?;
+        let mut train_bytes = 0;
         for (field, id) in [
             ("training_file", Some(train)),
             ("validation_file", spec.validation_file.as_deref()),
@@ -337,6 +351,9 @@ impl Service {
                         id: id.into(),
                     });
                 };
+                if field == "training_file" {
+                    train_bytes = file.bytes;
+                }
                 let pairs = file.format == crate::data::DataFormat::Preference.as_str();
                 let dpo = spec.method.dpo().is_some();
                 if pairs != dpo {
@@ -357,6 +374,7 @@ impl Service {
             spec,
             model_dir,
             lora,
+            train_bytes,
         })
     }
 
