@@ -90,6 +90,14 @@ impl Optimizer {
         match self {
             Optimizer::Torch(o) => o.step_device(params, grads, grad_scale, lr),
             Optimizer::Bnb8bit(o) => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    tracing::warn!(
+                        "adamw_bnb_8bit keeps its moments in host memory on a GPU: each step \
+                         copies the adapter's gradients over and its weights back (slower steps, \
+                         no moments on the device)"
+                    )
+                });
                 let host = grads
                     .iter()
                     .map(|g| {
