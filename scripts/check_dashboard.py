@@ -157,6 +157,38 @@ def check_best(tab, args):
     return bool(best) and marked == best[-1] and bool(form) and form[1].endswith(want) and form[2]
 
 
+def check_estimate(tab, args):
+    """The new-job form's "Estimate": the dataset uploaded once, the dry run's steps and peak
+    memory shown, no job created."""
+    path = os.path.join(tempfile.mkdtemp(prefix="qlorad-estimate-"), "estimate.jsonl")
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in DATA))
+    before = len(http("GET", f"{args.server}/jobs?limit=100")["data"])
+    tab.call("Page.navigate", url=f"{args.server}/#/new")
+    for _ in range(100):
+        if tab.eval("!!document.querySelector('#new input[name=file]') && document.querySelectorAll('#new select option').length > 0"):
+            break
+        time.sleep(0.1)
+    doc = tab.call("DOM.getDocument")
+    node = tab.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#new input[name=file]")
+    tab.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[path])
+    tab.eval("document.querySelector('#new input[name=max_steps]').value = '5'; document.getElementById('estimate').click(); 1")
+    text = ""
+    for _ in range(200):
+        text = tab.eval("(() => { const p = document.getElementById('preflight'); return p && !p.hidden ? p.innerText : ''; })()") or ""
+        err = tab.eval("document.getElementById('err').textContent")
+        if text or err:
+            break
+        time.sleep(0.1)
+    after = len(http("GET", f"{args.server}/jobs?limit=100")["data"])
+    shot = tab.call("Page.captureScreenshot", format="png")
+    shot_path = args.screenshot.replace(".png", "-estimate.png")
+    with open(shot_path, "wb") as out:
+        out.write(base64.b64decode(shot["data"]))
+    print(f"estimate: {text!r} error: {err!r}; jobs before {before}, after {after} (screenshot {shot_path})")
+    return "Steps" in text and "Peak memory on" in text and before == after
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", default="http://127.0.0.1:8080")
@@ -231,6 +263,7 @@ def main():
         # One worker: the long job makes way for the short one.
         cancel(args.server, jid)
         ok = check_best(tab, args) and ok
+        ok = check_estimate(tab, args) and ok
         if args.chat_job:
             ok = check_chat(tab, args) and ok
     finally:

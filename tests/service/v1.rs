@@ -626,6 +626,8 @@ async fn metrics_openapi_and_dashboard() {
     // The winning checkpoint is marked and each checkpoint can start a new job
     // (scripts/check_dashboard.py clicks through it in Chromium).
     assert!(js.contains("best_step") && js.contains("#/new?from="));
+    // The new-job form estimates through the dry run.
+    assert!(js.contains("/jobs?dry_run=true"));
     let (status, _) = get(&c, format!("{}/dashboard/nope.js", s.base)).await;
     assert_eq!(status, 404);
 }

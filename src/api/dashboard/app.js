@@ -172,8 +172,9 @@ async function showNew(from) {
     </div>
     <label><span>More of the job spec, as JSON (merged over the fields above), e.g. {"export": {"gguf": ["q8_0"]}}</span>
       <textarea name="extra">{}</textarea></label>
+    <button type="button" class="secondary continue" id="estimate">Estimate</button>
     <button type="submit">Upload and start</button> <span class="muted" id="state"></span>
-    <p class="error" id="err"></p></form>`;
+    <p class="error" id="err"></p><div id="preflight" hidden></div></form>`;
   const form = app.querySelector("#new");
   const select = form.querySelector("select[name=model]");
   try {
@@ -190,31 +191,71 @@ async function showNew(from) {
     note.querySelector("span").textContent = from;
     form.querySelector("input[name=r]").disabled = true;
   }
+  // The chosen file is uploaded once, for an estimate or the start, whichever comes first.
+  let uploaded = null;
+  const upload = async (file) => {
+    if (!uploaded || uploaded.file !== file) {
+      const up = await api(`/files?filename=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
+      uploaded = { file, id: up.id };
+    }
+    return uploaded.id;
+  };
+  const specOf = async (f, state) => {
+    const file = f.get("file");
+    if (!file || !file.name) throw new Error("choose a dataset first");
+    const num = (k) => (f.get(k) === "" ? undefined : Number(f.get(k)));
+    let extra = {};
+    try { extra = JSON.parse(f.get("extra") || "{}"); } catch (e) { throw new Error(`extra spec: ${e.message}`); }
+    state.textContent = "uploading…";
+    const id = await upload(file);
+    const spec = {
+      model: f.get("model"),
+      training_file: id,
+      hyperparameters: { max_steps: num("max_steps"), n_epochs: num("n_epochs"), batch_size: num("batch_size"), learning_rate: num("learning_rate") },
+      lora: from ? undefined : { r: num("r") },
+      checkpoint_every: num("checkpoint_every"),
+    };
+    for (const [k, v] of Object.entries(extra)) {
+      spec[k] = v && typeof v === "object" && !Array.isArray(v) && spec[k] ? { ...spec[k], ...v } : v;
+    }
+    return spec;
+  };
+  // The dry run: what the job would take, nothing created.
+  form.querySelector("#estimate").addEventListener("click", async () => {
+    const err = form.querySelector("#err"), state = form.querySelector("#state"), out = form.querySelector("#preflight");
+    err.textContent = "";
+    try {
+      const spec = await specOf(new FormData(form), state);
+      state.textContent = "estimating…";
+      const p = await api("/jobs?dry_run=true", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(spec) });
+      const d = p.data;
+      const rows = d ? [
+        ["Examples", d.examples], ["Tokens", d.tokens], ["Packed rows", d.rows], ["Steps", d.steps],
+        ["Epochs", fmtNum(d.epochs, 3)], ["Trained tokens", d.trained_tokens], ["Largest micro-batch", `${d.largest_step.tokens} tokens`],
+      ].filter(([, v]) => v !== null && v !== undefined) : [];
+      for (const m of p.memory) {
+        rows.push([`Peak memory on ${m.device}`, `${fmtBytes(m.estimated_peak_bytes)}${m.available_bytes ? ` of ${fmtBytes(m.available_bytes)}` : ""} ${m.fits === false ? "(does not fit)" : ""}`]);
+      }
+      if (p.time) rows.push(["Time", `about ${Math.round(p.time.estimated_seconds)} s (${p.time.basis === "measured" ? `at ${Math.round(p.time.tokens_per_second)} tokens/s, as ${p.time.from_job} ran` : "from the model's size"})`]);
+      out.innerHTML = `<dl class="kv">${rows.map(([k, v]) => `<dt>${esc(k)}</dt><dd class="num">${esc(String(v))}</dd>`).join("")}</dl>`
+        + p.notes.map((n) => `<p class="muted">${esc(n)}</p>`).join("");
+      out.hidden = false;
+      state.textContent = "";
+    } catch (e) {
+      err.textContent = e.message;
+      state.textContent = "";
+    }
+  });
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const f = new FormData(form);
     const err = form.querySelector("#err");
     const state = form.querySelector("#state");
-    const button = form.querySelector("button");
+    const button = form.querySelector("button[type=submit]");
     err.textContent = "";
     button.disabled = true;
     try {
-      const file = f.get("file");
-      const num = (k) => (f.get(k) === "" ? undefined : Number(f.get(k)));
-      let extra = {};
-      try { extra = JSON.parse(f.get("extra") || "{}"); } catch (e) { throw new Error(`extra spec: ${e.message}`); }
-      state.textContent = "uploading…";
-      const up = await api(`/files?filename=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
-      const spec = {
-        model: f.get("model"),
-        training_file: up.id,
-        hyperparameters: { max_steps: num("max_steps"), n_epochs: num("n_epochs"), batch_size: num("batch_size"), learning_rate: num("learning_rate") },
-        lora: from ? undefined : { r: num("r") },
-        checkpoint_every: num("checkpoint_every"),
-      };
-      for (const [k, v] of Object.entries(extra)) {
-        spec[k] = v && typeof v === "object" && !Array.isArray(v) && spec[k] ? { ...spec[k], ...v } : v;
-      }
+      const spec = await specOf(f, state);
       state.textContent = "starting…";
       const job = await api("/jobs", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(spec) });
       location.hash = `#/jobs/${job.id}`;
