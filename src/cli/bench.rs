@@ -381,11 +381,8 @@ pub fn bench_train(args: &BenchArgs) -> Result<serde_json::Value> {
     // Per token: 4·N_linear (forward and input gradient of the frozen linears, LM head
     // included) plus attention, 6·layers·seq·hidden (QKᵀ and PV forward, twice that backward,
     // halved by causality). Checkpointing's recomputation is not counted.
-    let linear = c.num_hidden_layers
-        * (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-            + c.num_attention_heads * c.head_dim * c.hidden_size
-            + 3 * c.hidden_size * c.intermediate_size)
-        + c.vocab_size * c.hidden_size;
+    let linear =
+        crate::finetune::preflight::linear_params(c) as usize + c.vocab_size * c.hidden_size;
     let flops_per_token =
         4.0 * linear as f64 + 6.0 * (c.num_hidden_layers * args.seq_len * c.hidden_size) as f64;
     Ok(json!({

@@ -72,26 +72,10 @@ pub struct MemoryEstimate {
     pub total: u64,
 }
 
-/// The linears of one decoder layer: (name, in, out).
-fn layer_linears(c: &ModelConfig) -> [(&'static str, u64, u64); 7] {
-    let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
-    let q = (c.num_attention_heads * c.head_dim) as u64;
-    let kv = (c.num_key_value_heads * c.head_dim) as u64;
-    [
-        ("self_attn.q_proj", h, q),
-        ("self_attn.k_proj", h, kv),
-        ("self_attn.v_proj", h, kv),
-        ("self_attn.o_proj", q, h),
-        ("mlp.gate_proj", h, i),
-        ("mlp.up_proj", h, i),
-        ("mlp.down_proj", i, h),
-    ]
-}
-
 /// Parameters of the frozen linears of every layer.
 pub fn linear_params(c: &ModelConfig) -> u64 {
-    let per_layer: u64 = layer_linears(c).iter().map(|(_, i, o)| i * o).sum();
-    per_layer * c.num_hidden_layers as u64
+    let per_layer: usize = c.layer_linears().iter().map(|(_, i, o)| i * o).sum();
+    (per_layer * c.num_hidden_layers) as u64
 }
 
 /// The adapter's tensors by element count: A `[r, in]` and B `[out, r]` of every targeted
@@ -99,13 +83,13 @@ pub fn linear_params(c: &ModelConfig) -> u64 {
 fn adapter_tensors(c: &ModelConfig, lora: &LoraConfig) -> Vec<u64> {
     let mut out = Vec::new();
     for layer in 0..c.num_hidden_layers {
-        for (name, i, o) in layer_linears(c) {
+        for (name, i, o) in c.layer_linears() {
             if lora
                 .target_modules
                 .matches(&format!("model.layers.{layer}.{name}"))
             {
-                out.push(lora.r as u64 * i);
-                out.push(lora.r as u64 * o);
+                out.push((lora.r * i) as u64);
+                out.push((lora.r * o) as u64);
             }
         }
     }
@@ -266,9 +250,9 @@ pub fn estimate_memory(
     }
 }
 
-/// Training FLOPs per token, as `qlorad bench train` counts them: the frozen linears' forward
-/// and input gradient (4 per weight, LM head included), a checkpoint's replay (2 more), and
-/// causal attention at `seq` tokens.
+/// Training FLOPs per token: the frozen linears' forward and input gradient (4 per weight, LM
+/// head included) and causal attention at `seq` tokens, as `qlorad bench train` counts them
+/// for its MFU, plus a checkpoint's replay (2 per weight), which takes time too.
 pub fn flops_per_token(c: &ModelConfig, spec: &JobSpec, seq: u64) -> f64 {
     let linear = (linear_params(c) + (c.vocab_size * c.hidden_size) as u64) as f64;
     let replay = if spec.hyperparameters.gradient_checkpointing {
@@ -419,26 +403,20 @@ fn cuda_memory(_device: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn llama_3_8b() -> ModelConfig {
+    /// A Llama-3 shape: 128,256 tokens, 32 heads of 8 key/value heads.
+    fn llama3(hidden: usize, intermediate: usize, layers: usize, tied: bool) -> ModelConfig {
         let raw = serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 8,
             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
-            "tie_word_embeddings": false
+            "tie_word_embeddings": tied
         });
         ModelConfig::from_json(raw, Path::new("config.json")).unwrap()
     }
 
-    fn llama_3_2_1b() -> ModelConfig {
-        let raw = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
-            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
-            "tie_word_embeddings": true
-        });
-        ModelConfig::from_json(raw, Path::new("config.json")).unwrap()
+    fn llama_3_8b() -> ModelConfig {
+        llama3(4096, 14336, 32, false)
     }
 
     /// The recipe of the H200 figures in docs/perf.md (`side_by_side.sh`): NF4 + DQ, bf16,
@@ -459,7 +437,7 @@ mod tests {
         // 6.98 B frozen linear weights; 42 M adapter parameters at r16.
         assert_eq!(linear_params(&c8), 6_979_321_856);
         assert_eq!(adapter_params(&c8, &lora), 41_943_040);
-        let c1 = llama_3_2_1b();
+        let c1 = llama3(2048, 8192, 16, true);
         let dev = DeviceKind::Cuda {
             fused_attention: true,
         };

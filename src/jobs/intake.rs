@@ -44,6 +44,8 @@ struct Checked {
     spec: JobSpec,
     /// The base model's path, when it is here (a hub model not yet downloaded is not).
     model_dir: Option<PathBuf>,
+    /// Its configuration, read once for every estimate.
+    config: Option<crate::model::config::ModelConfig>,
     lora: crate::lora::LoraConfig,
     /// Bytes of the training file.
     train_bytes: i64,
@@ -211,10 +213,7 @@ impl Service {
         step: &crate::finetune::preflight::StepShape,
     ) -> Vec<DeviceFit> {
         use crate::finetune::preflight::{device_memory, estimate_memory, DeviceKind};
-        let Some(model_dir) = &checked.model_dir else {
-            return Vec::new();
-        };
-        let Ok(config) = crate::model::config::ModelConfig::load(model_dir) else {
+        let Some(config) = &checked.config else {
             return Vec::new();
         };
         let mut devices = self.config.workers.devices.clone();
@@ -223,7 +222,7 @@ impl Service {
             .into_iter()
             .map(|device| {
                 let m = estimate_memory(
-                    &config,
+                    config,
                     &checked.spec,
                     &checked.lora,
                     DeviceKind::of(&device),
@@ -264,13 +263,9 @@ impl Service {
                 from_job: Some(job),
             });
         }
-        let config = checked
-            .model_dir
-            .as_deref()
-            .and_then(|d| crate::model::config::ModelConfig::load(d).ok());
         let seq = plan.largest_step.longest;
-        let flops = config.map_or(0.0, |c| {
-            crate::finetune::preflight::flops_per_token(&c, &checked.spec, seq)
+        let flops = checked.config.as_ref().map_or(0.0, |c| {
+            crate::finetune::preflight::flops_per_token(c, &checked.spec, seq)
         });
         // Nominal speeds: an H200-class GPU in bf16 (qlorad's measured 8B rate), and
         // 30 GFLOP/s per core in f32 on the CPU.
@@ -370,9 +365,17 @@ impl Service {
             }
         }
         let lora = spec.lora.config();
+        // A config that cannot be read leaves the estimate out; the run reports why.
+        let config = match model_dir.clone() {
+            Some(dir) => {
+                blocking(move || crate::model::config::ModelConfig::load(&dir).ok()).await?
+            }
+            None => None,
+        };
         Ok(Checked {
             spec,
             model_dir,
+            config,
             lora,
             train_bytes,
         })

@@ -149,6 +149,22 @@ fn sliding_window_unused(f: &Fields<'_>, arch: Arch) -> Result<()> {
 }
 
 impl ModelConfig {
+    /// The frozen linears of one decoder layer, by their module names: (name, in, out).
+    pub fn layer_linears(&self) -> [(&'static str, usize, usize); 7] {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        [
+            ("self_attn.q_proj", h, q),
+            ("self_attn.k_proj", h, kv),
+            ("self_attn.v_proj", h, kv),
+            ("self_attn.o_proj", q, h),
+            ("mlp.gate_proj", h, i),
+            ("mlp.up_proj", h, i),
+            ("mlp.down_proj", i, h),
+        ]
+    }
+
     /// The `config.json` of a Hugging Face model directory (`ModelConfig::load` reads a GGUF
     /// file's too).
     pub(super) fn from_dir(dir: &Path) -> Result<Self> {

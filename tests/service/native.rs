@@ -835,6 +835,30 @@ async fn a_paused_job_resumes_to_the_losses_of_an_uninterrupted_run() {
     assert_eq!(finished.status(), 409);
 }
 
+/// POST a JSON body; the status and the JSON answer.
+async fn post_json(c: &reqwest::Client, url: String, body: &Value) -> (u16, Value) {
+    let r = c.post(url).json(body).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// The ids `GET /jobs` lists.
+async fn job_ids(c: &reqwest::Client, s: &Server) -> Vec<String> {
+    let list: Value = c
+        .get(format!("{}/jobs", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// `POST /jobs?dry_run=true` checks a spec as a create does and answers examples, tokens,
 /// steps, the peak memory on each worker device and the time, creating nothing; once a job on
 /// the model has run, the time comes from its throughput. A job over every worker's memory is
@@ -846,14 +870,8 @@ async fn a_preflight_estimates_without_creating_and_create_refuses_what_cannot_f
     let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
     let spec = json!({"model": "tiny", "training_file": file["id"],
         "hyperparameters": {"n_epochs": 2, "batch_size": 2}, "lora": {"r": 4}});
-    let dry = |body: Value| {
-        let (c, url) = (c.clone(), format!("{}/jobs?dry_run=true", s.base));
-        async move {
-            let r = c.post(url).json(&body).send().await.unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        }
-    };
-    let (status, p) = dry(spec.clone()).await;
+    let dry = format!("{}/jobs?dry_run=true", s.base);
+    let (status, p) = post_json(&c, dry.clone(), &spec).await;
     assert_eq!(status, 200, "{p}");
     assert_eq!(p["object"], "preflight");
     assert_eq!(p["spec"]["hyperparameters"]["batch_size"], 2);
@@ -884,46 +902,27 @@ async fn a_preflight_estimates_without_creating_and_create_refuses_what_cannot_f
     assert_eq!(m["fits"], true, "{p}");
     assert_eq!(p["time"]["basis"], "shapes");
     assert!(p["time"]["estimated_seconds"].as_f64().unwrap() > 0.0);
-    // Nothing was created.
-    let list: Value = c
-        .get(format!("{}/jobs", s.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(list["data"].as_array().unwrap().is_empty(), "{list}");
+    assert!(job_ids(&c, &s).await.is_empty(), "nothing was created");
     // A dry run refuses what a create refuses, naming the field.
-    let (status, e) = dry(json!({"model": "tiny", "training_file": "file-nope"})).await;
+    let bad = json!({"model": "tiny", "training_file": "file-nope"});
+    let (status, e) = post_json(&c, dry.clone(), &bad).await;
     assert_eq!(
         (status, &e["error"]["param"]),
         (400, &json!("training_file"))
     );
     // The same answer on /v1, from OpenAI's shape.
-    let r = c
-        .post(format!("{}/v1/fine_tuning/jobs?dry_run=true", s.base))
-        .json(&json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"batch_size": 2, "n_epochs": 2}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v1: Value = r.json().await.unwrap();
+    let v1_spec = json!({"model": "tiny", "training_file": file["id"],
+        "hyperparameters": {"batch_size": 2, "n_epochs": 2}});
+    let url = format!("{}/v1/fine_tuning/jobs?dry_run=true", s.base);
+    let (status, v1) = post_json(&c, url, &v1_spec).await;
+    assert_eq!(status, 200);
     assert_eq!(v1["data"]["steps"], 4, "{v1}");
 
     // After a run on the model, the time is that run's throughput.
-    let job: Value = c
-        .post(format!("{}/jobs", s.base))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, job) = post_json(&c, format!("{}/jobs", s.base), &spec).await;
     let id = job["id"].as_str().unwrap().to_string();
     wait_for(&c, &s, &id, &["succeeded"]).await;
-    let (_, p) = dry(spec.clone()).await;
+    let (_, p) = post_json(&c, dry, &spec).await;
     assert_eq!(
         (&p["time"]["basis"], &p["time"]["from_job"]),
         (&json!("measured"), &json!(id))
@@ -939,14 +938,8 @@ async fn a_preflight_estimates_without_creating_and_create_refuses_what_cannot_f
     .await;
     let file: Value = upload(&c, &s, DATA).await.json().await.unwrap();
     let spec = json!({"model": "tiny", "training_file": file["id"]});
-    let r = c
-        .post(format!("{}/jobs", s.base))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 422);
-    let e: Value = r.json().await.unwrap();
+    let (status, e) = post_json(&c, format!("{}/jobs", s.base), &spec).await;
+    assert_eq!(status, 422);
     assert_eq!(e["error"]["code"], "exceeds_device_memory", "{e}");
     assert_eq!(e["error"]["param"], "device");
     let msg = e["error"]["message"].as_str().unwrap();
@@ -954,22 +947,8 @@ async fn a_preflight_estimates_without_creating_and_create_refuses_what_cannot_f
         msg.contains("GiB on cpu") && msg.contains("dry_run"),
         "{msg}"
     );
-    let r = c
-        .post(format!("{}/jobs?dry_run=true", s.base))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap();
-    let p: Value = r.json().await.unwrap();
+    let (_, p) = post_json(&c, format!("{}/jobs?dry_run=true", s.base), &spec).await;
     assert_eq!(p["memory"][0]["fits"], false, "{p}");
-    let list: Value = c
-        .get(format!("{}/jobs", s.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(list["data"].as_array().unwrap().is_empty(), "{list}");
+    assert!(job_ids(&c, &s).await.is_empty(), "nothing was created");
     s.shutdown().await;
 }
