@@ -198,7 +198,21 @@ const SQLITE_FULL: i32 = 13;
 
 impl ApiError {
     /// A database error: busy or locked is a 503 to retry, a full disk a 507, the rest a 500.
+    /// PostgreSQL says so with SQLSTATE classes: 53 (out of disk or memory), 40 (a conflict to
+    /// retry), 57P (shutting down), 08 (the connection).
     pub fn database(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(d) = &e {
+            if d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                let code = d.code().unwrap_or_default();
+                return match &code[..code.len().min(2)] {
+                    "53" => ApiError::storage_full(&e),
+                    "40" | "57" | "08" => ApiError::unavailable(&e),
+                    _ => ApiError::internal(e),
+                };
+            }
+        }
         let code = match &e {
             sqlx::Error::Database(d) => d.code().and_then(|c| c.parse::<i32>().ok()),
             _ => None,
@@ -206,7 +220,13 @@ impl ApiError {
         match code.map(|c| c & 0xff) {
             Some(SQLITE_BUSY | SQLITE_LOCKED) => ApiError::unavailable(&e),
             Some(SQLITE_FULL) => ApiError::storage_full(&e),
-            _ if matches!(e, sqlx::Error::PoolTimedOut) => ApiError::unavailable(&e),
+            _ if matches!(
+                e,
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+            ) =>
+            {
+                ApiError::unavailable(&e)
+            }
             _ => ApiError::internal(e),
         }
     }

@@ -1,5 +1,5 @@
 //! The command line: engine commands (`quantize`, `train`, `eval`, `generate`, `merge`,
-//! `bench`), the service (`serve`) and the HTTP client of a running one (`jobs`, `files`). Each
+//! `bench`), the service (`serve`, `worker`) and the HTTP client of a running one (`jobs`, `files`). Each
 //! command's clap arguments sit beside its code; [`run`] dispatches.
 
 pub mod bench;
@@ -48,8 +48,10 @@ pub enum Command {
     },
     /// Merge an adapter into its base: a safetensors directory, GGUF files, a GGUF LoRA.
     Merge(merge::MergeCommand),
-    /// Run the fine-tuning service: HTTP API, SQLite queue, workers.
+    /// Run the fine-tuning service: HTTP API, queue (SQLite, or PostgreSQL), workers.
     Serve(serve::ServeCommand),
+    /// Run workers alone, claiming from the queue of --database-url (no HTTP).
+    Worker(serve::WorkerCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -206,6 +208,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Serve(c) => serve::run(c)?,
+        Command::Worker(c) => serve::run_worker(c)?,
         Command::Bench(c) => bench::run(c)?,
         Command::Jobs { remote, command } => {
             runtime()?.block_on(client::jobs(&remote.server, remote.key(), command))?

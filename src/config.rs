@@ -21,6 +21,9 @@ pub struct Config {
     /// Endpoints told when a job ends (`[[webhooks]]`, any number).
     #[serde(default)]
     pub webhooks: Vec<WebhookConfig>,
+    /// `QLORAD_*` variables that name no section of the config, ignored (`serve` warns of them).
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 /// One webhook endpoint: OpenAI's payload and Standard Webhooks signature headers.
@@ -128,8 +131,12 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Database, files, checkpoints and artifacts.
+    /// Files, checkpoints and artifacts; the SQLite database too unless `database_url` names
+    /// another.
     pub data_dir: PathBuf,
+    /// `postgres://user:pass@host/db` for a queue that several hosts share; unset, SQLite in
+    /// `data_dir`.
+    pub database_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,7 +232,9 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub model_roots: Vec<PathBuf>,
+    /// `none` (an empty list) runs no workers: an API process.
     pub workers: Option<Vec<String>>,
+    pub database_url: Option<String>,
     pub api_keys_file: Option<PathBuf>,
     /// Serve without keys on a non-loopback address.
     pub allow_anonymous_remote: bool,
@@ -271,11 +280,23 @@ impl Config {
                 .map_err(|e| ConfigError::Io(path.to_path_buf(), e))?;
             merge(&mut value, parse(&text, &path.display().to_string())?);
         }
+        let sections: Vec<String> = match &value {
+            toml::Value::Table(t) => t.keys().cloned().collect(),
+            _ => vec![],
+        };
+        let mut ignored_env = vec![];
         for (k, v) in env {
             let Some(rest) = k.strip_prefix("QLORAD_") else {
                 continue;
             };
             let keys: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            // Kubernetes gives every pod `QLORAD_PORT=tcp://…`, `QLORAD_SERVICE_HOST=…` for a
+            // Service named qlorad, and scripts set `QLORAD_BIN`: names outside the config's
+            // sections are someone else's. An unknown key inside a section stays an error.
+            if !sections.contains(&keys[0]) && keys[0] != "webhooks" {
+                ignored_env.push(k.clone());
+                continue;
+            }
             // The value as a TOML literal if it is one (numbers, arrays, booleans), else a string.
             let literal = format!("x = {v}")
                 .parse::<toml::Table>()
@@ -312,6 +333,28 @@ impl Config {
         if let Some(w) = &overrides.workers {
             cfg.workers.devices = w.clone();
         }
+        if let Some(u) = &overrides.database_url {
+            cfg.storage.database_url = Some(u.clone());
+        }
+        if cfg.workers.devices.iter().any(|d| d == "none") {
+            if cfg.workers.devices.len() > 1 {
+                return Err(ConfigError::Parse {
+                    source_name: "workers.devices".into(),
+                    message: "`none` runs no workers and goes alone".into(),
+                });
+            }
+            cfg.workers.devices.clear();
+        }
+        if let Some(u) = &cfg.storage.database_url {
+            let scheme = u.split_once("://").map(|(s, _)| s);
+            if !matches!(scheme, Some("postgres" | "postgresql" | "sqlite")) {
+                return Err(ConfigError::Parse {
+                    source_name: "storage.database_url".into(),
+                    message: "must be postgres://… (or sqlite://…)".into(),
+                });
+            }
+        }
+        cfg.ignored_env = ignored_env;
         if let Some(k) = &overrides.api_keys_file {
             cfg.auth.api_keys_file = Some(k.clone());
         }
@@ -365,5 +408,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn variables_outside_the_sections_are_ignored_and_named() {
+        // What Kubernetes injects for a Service named qlorad, and a script's own variable.
+        let env = [
+            ("QLORAD_PORT", "tcp://10.0.0.1:8080"),
+            ("QLORAD_PORT_8080_TCP_ADDR", "10.0.0.1"),
+            ("QLORAD_SERVICE_HOST", "10.0.0.1"),
+            ("QLORAD_BIN", "target/release/qlorad"),
+            ("QLORAD_WORKERS__LEASE_SECONDS", "12"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::load(None, env, &Overrides::default()).unwrap();
+        assert_eq!(c.workers.lease_seconds, 12);
+        assert_eq!(
+            c.ignored_env,
+            [
+                "QLORAD_PORT",
+                "QLORAD_PORT_8080_TCP_ADDR",
+                "QLORAD_SERVICE_HOST",
+                "QLORAD_BIN"
+            ]
+        );
+        // A section given a plain value is still wrong.
+        let env = [("QLORAD_SERVER".to_string(), "x".to_string())];
+        assert!(Config::load(None, env, &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn no_workers_and_a_database_url() {
+        let o = Overrides {
+            workers: Some(vec!["none".into()]),
+            database_url: Some("postgres://q@db/qlorad".into()),
+            ..Default::default()
+        };
+        let c = Config::load(None, [], &o).unwrap();
+        assert!(c.workers.devices.is_empty());
+        assert_eq!(
+            c.storage.database_url.as_deref(),
+            Some("postgres://q@db/qlorad")
+        );
+        let o = Overrides {
+            workers: Some(vec!["none".into(), "cpu".into()]),
+            ..Default::default()
+        };
+        assert!(Config::load(None, [], &o).is_err());
+        let o = Overrides {
+            database_url: Some("mysql://db".into()),
+            ..Default::default()
+        };
+        let e = Config::load(None, [], &o).unwrap_err().to_string();
+        assert!(e.contains("storage.database_url"), "{e}");
     }
 }

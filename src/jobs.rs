@@ -59,12 +59,16 @@ pub struct Service {
 
 impl Service {
     /// A job's events after `after` as one stream: stored, then live (see [`events::follow`]).
+    /// It ends when this process shuts down: its followers reconnect (to another API process,
+    /// or to this one restarted) and resume after the last event they saw.
     pub async fn follow_events(
         &self,
         id: &str,
         after: i64,
     ) -> Result<impl futures::Stream<Item = Event> + Send + 'static> {
-        events::follow(&self.store, &self.hub, id, after).await
+        use futures::StreamExt;
+        let events = events::follow(&self.store, &self.hub, id, after).await?;
+        Ok(events.take_until(self.workers.shutdown.clone().cancelled_owned()))
     }
 }
 

@@ -153,6 +153,21 @@ impl EventHub {
         }
     }
 
+    /// Whether anyone follows `job`.
+    pub fn is_followed(&self, job: &str) -> bool {
+        self.channels.lock().expect("hub lock").contains_key(job)
+    }
+
+    /// The jobs someone follows.
+    pub fn followed(&self) -> Vec<String> {
+        self.channels
+            .lock()
+            .expect("hub lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// Jobs with a live channel.
     pub fn channels(&self) -> usize {
         self.channels.lock().expect("hub lock").len()

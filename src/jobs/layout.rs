@@ -110,14 +110,24 @@ impl Layout {
         None
     }
 
-    /// Remove uploads a previous process was receiving when it stopped.
-    pub fn remove_staged_files(&self) {
+    /// Remove uploads a previous process was receiving when it stopped: every one, or where
+    /// other processes share the directory, those untouched for `older_than` (no upload of a
+    /// live process is that old).
+    pub fn remove_staged_files(&self, older_than: Option<std::time::Duration>) {
         for e in std::fs::read_dir(self.files_dir())
             .into_iter()
             .flatten()
             .flatten()
         {
-            if e.file_name().to_string_lossy().ends_with(".partial") {
+            if !e.file_name().to_string_lossy().ends_with(".partial") {
+                continue;
+            }
+            let age = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if older_than.is_none_or(|min| age.is_some_and(|a| a >= min)) {
                 let _ = std::fs::remove_file(e.path());
             }
         }

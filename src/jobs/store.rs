@@ -1,11 +1,15 @@
-//! SQLite through sqlx. Every state change is one statement naming the state it expects.
+//! The queue's database through sqlx's `Any` driver: SQLite (the embedded default, a file in
+//! the data directory) or PostgreSQL (`storage.database_url = "postgres://…"`, for several
+//! hosts). The same statements where the two agree (`$N` parameters, `RETURNING`,
+//! `ON CONFLICT`); [`Backend`] writes the few that differ: JSON paths, the database's clock,
+//! `FOR UPDATE SKIP LOCKED` claims. Every state change is one statement naming the state it
+//! expects.
 
 use std::path::Path;
-use std::str::FromStr;
 
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, Executor, Row};
 use utoipa::ToSchema;
 
 use super::events::{Event, EventKind, Level};
@@ -32,9 +36,54 @@ pub enum StopRequest {
     Pause,
 }
 
+/// Which database a store runs on: the few statements that differ are written per backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of a `database_url`: `sqlite:` or `postgres:`/`postgresql:`.
+    pub fn of_url(url: &str) -> Option<Self> {
+        let scheme = url.split_once(':')?.0;
+        match scheme {
+            "sqlite" => Some(Backend::Sqlite),
+            "postgres" | "postgresql" => Some(Backend::Postgres),
+            _ => None,
+        }
+    }
+
+    /// The database's clock in unix seconds: leases are compared with it, so hosts whose
+    /// clocks disagree still agree on which lease has run out.
+    fn epoch(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "unixepoch()",
+            Backend::Postgres => "CAST(FLOOR(EXTRACT(EPOCH FROM clock_timestamp())) AS BIGINT)",
+        }
+    }
+
+    /// A top-level string of a JSON text column (`NULL` if absent).
+    fn json_text(self, column: &str, key: &str) -> String {
+        match self {
+            Backend::Sqlite => format!("json_extract({column}, '$.{key}')"),
+            Backend::Postgres => format!("({column}::jsonb ->> '{key}')"),
+        }
+    }
+
+    /// What locks the queued row a claim takes, so concurrent claimers skip it.
+    fn skip_locked(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
-    pub pool: SqlitePool,
+    pub pool: AnyPool,
+    pub backend: Backend,
     /// Where status changes are announced: each final (or paused) status writes one outbox
     /// row per endpoint that wants it, in the transaction of the change.
     webhooks: std::sync::Arc<Vec<WebhookTarget>>,
@@ -152,7 +201,7 @@ pub struct ArtifactRow {
 
 const JOB_COLUMNS: &str = "id, spec, status, priority, created_at, started_at, finished_at, error, attempts, step, total_steps, last_loss, tokens_per_second, eta_seconds, trained_tokens, suffix, metadata, result_files";
 
-fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
+fn job_from_row(r: &sqlx::any::AnyRow) -> Result<JobRow> {
     let status: String = r.try_get("status")?;
     let spec: String = r.try_get("spec")?;
     Ok(JobRow {
@@ -186,7 +235,7 @@ fn job_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
     })
 }
 
-fn file_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<FileRow> {
+fn file_from_row(r: &sqlx::any::AnyRow) -> Result<FileRow> {
     Ok(FileRow {
         id: r.try_get("id")?,
         filename: r.try_get("filename")?,
@@ -198,7 +247,7 @@ fn file_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<FileRow> {
     })
 }
 
-fn event_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Event> {
+fn event_from_row(r: &sqlx::any::AnyRow) -> Result<Event> {
     let data: String = r.try_get("data")?;
     let kind: String = r.try_get("type")?;
     let level: String = r.try_get("level")?;
@@ -218,36 +267,64 @@ fn event_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Event> {
 impl Store {
     /// Open (creating) `data_dir/qlorad.db` in WAL mode and run the migrations.
     pub async fn open(data_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(data_dir)?;
-        let url = format!("sqlite://{}", data_dir.join("qlorad.db").display());
-        let opts = SqliteConnectOptions::from_str(&url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(std::time::Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .after_release(|conn, _| {
-                Box::pin(async move {
-                    // A statement that failed on a full disk can leave its connection inside a
-                    // transaction SQLite did not end: reused, it would hold the write lock and a
-                    // stale snapshot. Close such a connection instead.
-                    let mut handle = conn.lock_handle().await?;
-                    // SAFETY: the handle is locked for the call and stays valid throughout.
-                    let autocommit = unsafe {
-                        libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr())
-                    } != 0;
-                    if !autocommit {
-                        tracing::warn!("closing a database connection left inside a transaction");
-                    }
-                    Ok(autocommit)
-                })
-            })
-            .connect_with(opts)
-            .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        Self::connect(None, data_dir).await
+    }
+
+    /// Connect to `database_url` (PostgreSQL), or without one open the SQLite file in
+    /// `data_dir`, and bring its schema up to date.
+    pub async fn connect(database_url: Option<&str>, data_dir: &Path) -> Result<Self> {
+        static DRIVERS: std::sync::Once = std::sync::Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let url = match database_url {
+            Some(u) => u.to_string(),
+            None => {
+                std::fs::create_dir_all(data_dir)?;
+                format!("sqlite://{}?mode=rwc", data_dir.join("qlorad.db").display())
+            }
+        };
+        let backend = Backend::of_url(&url).ok_or_else(|| {
+            sqlx::Error::Configuration(
+                format!("database_url must start with sqlite:// or postgres://, not {url:?}")
+                    .into(),
+            )
+        })?;
+        let opts: AnyConnectOptions = url.parse()?;
+        let pool = match backend {
+            Backend::Sqlite => {
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            for pragma in [
+                                "PRAGMA journal_mode = WAL",
+                                "PRAGMA foreign_keys = ON",
+                                "PRAGMA busy_timeout = 10000",
+                            ] {
+                                conn.execute(pragma).await?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .after_release(|conn, _| {
+                        Box::pin(async move { outside_transaction(conn).await })
+                    })
+                    .connect_with(opts)
+                    .await?
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(16)
+                    .connect_with(opts)
+                    .await?
+            }
+        };
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
         Ok(Store {
             pool,
+            backend,
             webhooks: Default::default(),
         })
     }
@@ -261,7 +338,7 @@ impl Store {
     /// Outbox rows for a job's new status, inside the transaction that sets it.
     async fn queue_webhooks(
         &self,
-        conn: &mut sqlx::SqliteConnection,
+        conn: &mut AnyConnection,
         job_id: &str,
         status: Status,
     ) -> Result<()> {
@@ -275,7 +352,7 @@ impl Store {
             .filter(|w| w.events.iter().any(|e| e == kind))
         {
             sqlx::query(
-                "INSERT INTO webhook_outbox (id, endpoint, type, job_id, created_at, next_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO webhook_outbox (id, endpoint, type, job_id, created_at, next_at) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(format!("evt_{}", uuid::Uuid::new_v4().simple()))
             .bind(&w.url)
@@ -294,9 +371,9 @@ impl Store {
     pub async fn due_deliveries(&self, limit: i64) -> Result<Vec<Delivery>> {
         let rows = sqlx::query(
             "SELECT id, endpoint, type, job_id, created_at, attempts FROM webhook_outbox o \
-             WHERE delivered_at IS NULL AND next_at <= ?1 AND NOT EXISTS (SELECT 1 FROM webhook_outbox p \
+             WHERE delivered_at IS NULL AND next_at <= $1 AND NOT EXISTS (SELECT 1 FROM webhook_outbox p \
                WHERE p.job_id = o.job_id AND p.endpoint = o.endpoint AND p.delivered_at IS NULL AND p.rowid < o.rowid) \
-             ORDER BY created_at, rowid LIMIT ?2",
+             ORDER BY created_at, rowid LIMIT $2",
         )
         .bind(now())
         .bind(limit)
@@ -318,7 +395,7 @@ impl Store {
 
     /// The endpoint acknowledged a delivery.
     pub async fn delivered(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE webhook_outbox SET delivered_at = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?")
+        sqlx::query("UPDATE webhook_outbox SET delivered_at = $1, attempts = attempts + 1, last_error = NULL WHERE id = $2")
             .bind(now())
             .bind(id)
             .execute(&self.pool)
@@ -329,7 +406,7 @@ impl Store {
     /// An attempt failed: try again at `next_at`.
     pub async fn delivery_failed(&self, id: &str, next_at: i64, error: &str) -> Result<()> {
         sqlx::query(
-            "UPDATE webhook_outbox SET attempts = attempts + 1, next_at = ?, last_error = ? WHERE id = ?",
+            "UPDATE webhook_outbox SET attempts = attempts + 1, next_at = $1, last_error = $2 WHERE id = $3",
         )
         .bind(next_at)
         .bind(error)
@@ -344,7 +421,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO files (id, filename, bytes, format, examples, tokens, created_at, owner) \
-                     SELECT ?, ?, ?, ?, ?, ?, ?, owner FROM jobs WHERE id = ?",
+                     SELECT $1, $2, $3, $4, $5, $6, $7, owner FROM jobs WHERE id = $8",
         )
         .bind(&f.id)
         .bind(&f.filename)
@@ -356,9 +433,15 @@ impl Store {
         .bind(job_id)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE jobs SET result_files = json_insert(COALESCE(result_files, '[]'), '$[#]', ?) WHERE id = ?",
-        )
+        let append = match self.backend {
+            Backend::Sqlite => "json_insert(COALESCE(result_files, '[]'), '$[#]', $1)",
+            Backend::Postgres => {
+                "(COALESCE(result_files, '[]')::jsonb || jsonb_build_array($1::text))::text"
+            }
+        };
+        sqlx::query(&format!(
+            "UPDATE jobs SET result_files = {append} WHERE id = $2"
+        ))
         .bind(&f.id)
         .bind(job_id)
         .execute(&mut *tx)
@@ -369,7 +452,7 @@ impl Store {
 
     /// Record an upload as `owner`'s.
     pub async fn insert_file(&self, f: &FileRow, owner: &str) -> Result<()> {
-        sqlx::query("INSERT INTO files (id, filename, bytes, format, examples, tokens, created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO files (id, filename, bytes, format, examples, tokens, created_at, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
             .bind(&f.id)
             .bind(&f.filename)
             .bind(f.bytes)
@@ -397,8 +480,8 @@ impl Store {
     ) -> Result<Vec<FileRow>> {
         let rows = sqlx::query(
             "SELECT id, filename, bytes, format, examples, tokens, created_at FROM files \
-             WHERE (?1 IS NULL OR rowid < (SELECT rowid FROM files WHERE id = ?1)) AND (?3 IS NULL OR owner = ?3) \
-             ORDER BY rowid DESC LIMIT ?2",
+             WHERE ($1 IS NULL OR rowid < (SELECT rowid FROM files WHERE id = $1)) AND ($3 IS NULL OR owner = $3) \
+             ORDER BY rowid DESC LIMIT $2",
         )
         .bind(after)
         .bind(limit)
@@ -411,10 +494,11 @@ impl Store {
     /// The newest throughput a job on `model` reported (tokens a second), with that job's id:
     /// what a preflight's time estimate starts from.
     pub async fn measured_throughput(&self, model: &str) -> Result<Option<(String, f64)>> {
-        let row = sqlx::query(
-            "SELECT id, tokens_per_second FROM jobs WHERE json_extract(spec, '$.model') = ? \
+        let row = sqlx::query(&format!(
+            "SELECT id, tokens_per_second FROM jobs WHERE {} = $1 \
              AND tokens_per_second > 0 ORDER BY COALESCE(finished_at, started_at, created_at) DESC, rowid DESC LIMIT 1",
-        )
+            self.backend.json_text("spec", "model")
+        ))
         .bind(model)
         .fetch_optional(&self.pool)
         .await?;
@@ -435,7 +519,7 @@ impl Store {
     async fn select_files(&self, id: Option<&str>, scope: Scope<'_>) -> Result<Vec<FileRow>> {
         let rows = sqlx::query(
             "SELECT id, filename, bytes, format, examples, tokens, created_at FROM files \
-             WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR owner = ?2) ORDER BY created_at DESC, id",
+             WHERE ($1 IS NULL OR id = $1) AND ($2 IS NULL OR owner = $2) ORDER BY created_at DESC, id",
         )
         .bind(id)
         .bind(scope.owner())
@@ -446,10 +530,12 @@ impl Store {
 
     /// Delete a file unless a queued or running job uses it (checked in the same statement).
     pub async fn delete_file(&self, id: &str, scope: Scope<'_>) -> Result<()> {
-        let r = sqlx::query(
-            "DELETE FROM files WHERE id = ?1 AND (?2 IS NULL OR owner = ?2) AND NOT EXISTS (SELECT 1 FROM jobs WHERE status IN ('queued', 'running') \
-             AND (json_extract(spec, '$.training_file') = ?1 OR json_extract(spec, '$.validation_file') = ?1))",
-        )
+        let r = sqlx::query(&format!(
+            "DELETE FROM files WHERE id = $1 AND ($2 IS NULL OR owner = $2) AND NOT EXISTS (SELECT 1 FROM jobs WHERE status IN ('queued', 'running') \
+             AND ({} = $1 OR {} = $1))",
+            self.backend.json_text("spec", "training_file"),
+            self.backend.json_text("spec", "validation_file"),
+        ))
         .bind(id)
         .bind(scope.owner())
         .execute(&self.pool)
@@ -478,8 +564,8 @@ impl Store {
         let t = now();
         let r = sqlx::query(
             "INSERT INTO jobs (id, spec, status, priority, created_at, suffix, metadata, owner) \
-             SELECT ?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7 \
-             WHERE (SELECT COUNT(*) FROM jobs WHERE owner = ?7 AND status = 'queued') < ?8",
+             SELECT $1, $2, 'queued', $3, $4, $5, $6, $7 \
+             WHERE (SELECT COUNT(*) FROM jobs WHERE owner = $7 AND status = 'queued') < $8",
         )
         .bind(id)
         .bind(spec.to_string())
@@ -496,20 +582,26 @@ impl Store {
                 "{max_queued} jobs are already queued for this key; wait for some to start or cancel them"
             )));
         }
-        sqlx::query("INSERT INTO job_events (job_id, seq, created_at, type, level, message, data) VALUES (?, 1, ?, 'status', 'info', 'queued', ?)")
+        sqlx::query("INSERT INTO job_events (job_id, seq, created_at, type, level, message, data) VALUES ($1, 1, $2, 'status', 'info', 'queued', $3)")
             .bind(id)
             .bind(t)
             .bind(serde_json::json!({"status": "queued"}).to_string())
             .execute(&mut *tx)
             .await?;
+        // Read inside the transaction: once committed a worker may claim it at once.
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let job = job_from_row(&row)?;
         tx.commit().await?;
-        self.job(id, Scope::All).await
+        Ok(job)
     }
 
     /// A job `scope` may see; another owner's is not found.
     pub async fn job(&self, id: &str, scope: Scope<'_>) -> Result<JobRow> {
         let r = sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND ($2 IS NULL OR owner = $2)"
         ))
         .bind(id)
         .bind(scope.owner())
@@ -541,8 +633,8 @@ impl Store {
         scope: Scope<'_>,
     ) -> Result<Vec<JobRow>> {
         let mut sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR rowid < (SELECT rowid FROM jobs WHERE id = ?2)) \
-             AND (?4 IS NULL OR owner = ?4)"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR rowid < (SELECT rowid FROM jobs WHERE id = $2)) \
+             AND ($4 IS NULL OR owner = $4)"
         );
         let pairs: &[(String, String)] = match metadata {
             MetadataFilter::Any => &[],
@@ -554,22 +646,24 @@ impl Store {
         };
         for i in 0..pairs.len() {
             let (k, v) = (5 + 2 * i, 6 + 2 * i);
-            sql.push_str(&format!(" AND json_extract(metadata, ?{k}) IS ?{v}"));
+            sql.push_str(&match self.backend {
+                // By key, whatever it holds: a JSON path cannot name every key.
+                Backend::Sqlite => format!(
+                    " AND EXISTS (SELECT 1 FROM json_each(metadata) WHERE key = ${k} AND value = ${v})"
+                ),
+                Backend::Postgres => {
+                    format!(" AND (metadata::jsonb ->> ${k}) IS NOT DISTINCT FROM ${v}")
+                }
+            });
         }
-        sql.push_str(" ORDER BY rowid DESC LIMIT ?3");
+        sql.push_str(" ORDER BY rowid DESC LIMIT $3");
         let mut q = sqlx::query(&sql)
             .bind(status.map(|s| s.as_str()))
             .bind(after)
             .bind(limit)
             .bind(scope.owner());
         for (k, v) in pairs {
-            // A JSON path naming the key whatever it holds: `$."a key"`.
-            q = q
-                .bind(format!(
-                    "$.\"{}\"",
-                    k.replace('\\', "\\\\").replace('"', "\\\"")
-                ))
-                .bind(v.clone());
+            q = q.bind(k.clone()).bind(v.clone());
         }
         let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(job_from_row).collect()
@@ -582,17 +676,18 @@ impl Store {
         worker: &str,
         lease_seconds: i64,
     ) -> Result<Option<(String, String, Event)>> {
-        let t = now();
         let mut tx = self.pool.begin().await?;
-        let r = sqlx::query(
-            "UPDATE jobs SET status = 'running', worker = ?1, lease_until = ?2, started_at = COALESCE(started_at, ?3), \
+        let r = sqlx::query(&format!(
+            "UPDATE jobs SET status = 'running', worker = $1, lease_until = {epoch} + $2, started_at = COALESCE(started_at, $3), \
              attempts = attempts + 1 \
-             WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at, rowid LIMIT 1) \
+             WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at, rowid LIMIT 1{skip}) \
              AND status = 'queued' RETURNING id, spec",
-        )
+            epoch = self.backend.epoch(),
+            skip = self.backend.skip_locked(),
+        ))
         .bind(worker)
-        .bind(t + lease_seconds)
-        .bind(t)
+        .bind(lease_seconds)
+        .bind(now())
         .fetch_optional(&mut *tx)
         .await?;
         let Some(r) = r else {
@@ -620,8 +715,11 @@ impl Store {
         worker: &str,
         lease_seconds: i64,
     ) -> Result<StopRequest> {
-        let r = sqlx::query("UPDATE jobs SET lease_until = ? WHERE id = ? AND worker = ? AND status = 'running' RETURNING cancel_requested")
-            .bind(now() + lease_seconds)
+        let r = sqlx::query(&format!(
+            "UPDATE jobs SET lease_until = {} + $1 WHERE id = $2 AND worker = $3 AND status = 'running' RETURNING cancel_requested",
+            self.backend.epoch()
+        ))
+            .bind(lease_seconds)
             .bind(id)
             .bind(worker)
             .fetch_optional(&self.pool)
@@ -649,8 +747,8 @@ impl Store {
         let from: Vec<String> = from.iter().map(|s| format!("'{}'", s.as_str())).collect();
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(&format!(
-            "UPDATE jobs SET status = ?1, finished_at = COALESCE(?2, finished_at) WHERE id = ?3 \
-             AND status IN ({}) AND (?4 IS NULL OR owner = ?4)",
+            "UPDATE jobs SET status = $1, finished_at = COALESCE($2, finished_at) WHERE id = $3 \
+             AND status IN ({}) AND ($4 IS NULL OR owner = $4)",
             from.join(", ")
         ))
         .bind(to.as_str())
@@ -681,8 +779,8 @@ impl Store {
         }
         // A cancel already asked for wins over a pause.
         sqlx::query(
-            "UPDATE jobs SET cancel_requested = ?1 WHERE id = ?2 AND status = 'running' \
-             AND cancel_requested = 0 AND (?3 IS NULL OR owner = ?3)",
+            "UPDATE jobs SET cancel_requested = $1 WHERE id = $2 AND status = 'running' \
+             AND cancel_requested = 0 AND ($3 IS NULL OR owner = $3)",
         )
         .bind(PAUSE_REQUESTED)
         .bind(id)
@@ -718,8 +816,8 @@ impl Store {
 
     /// Record a step; `step_tokens` adds to `trained_tokens`.
     pub async fn update_progress(&self, id: &str, p: &Progress, step_tokens: i64) -> Result<()> {
-        sqlx::query("UPDATE jobs SET step = ?, total_steps = ?, last_loss = ?, tokens_per_second = ?, eta_seconds = ?, \
-                     trained_tokens = trained_tokens + ? WHERE id = ? AND status = 'running'")
+        sqlx::query("UPDATE jobs SET step = $1, total_steps = $2, last_loss = $3, tokens_per_second = $4, eta_seconds = $5, \
+                     trained_tokens = trained_tokens + $6 WHERE id = $7 AND status = 'running'")
             .bind(p.step)
             .bind(p.total_steps)
             .bind(p.last_loss)
@@ -735,12 +833,22 @@ impl Store {
     /// A run (re)starting at `start_step`: `trained_tokens` becomes the tokens of the steps up to
     /// it, each counted once, so steps replayed after a resume are not counted twice.
     pub async fn reset_trained_tokens(&self, id: &str, start_step: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE jobs SET trained_tokens = (SELECT COALESCE(SUM(t), 0) FROM \
-             (SELECT MAX(json_extract(data, '$.tokens')) AS t FROM job_events WHERE job_id = ?1 AND type = 'metrics' \
-              AND json_extract(data, '$.tokens') IS NOT NULL AND json_extract(data, '$.step') <= ?2 \
-              GROUP BY json_extract(data, '$.step'))) WHERE id = ?1",
-        )
+        let (tokens, step) = match self.backend {
+            Backend::Sqlite => (
+                "json_extract(data, '$.tokens')".to_string(),
+                "json_extract(data, '$.step')".to_string(),
+            ),
+            Backend::Postgres => (
+                "CAST(data::jsonb ->> 'tokens' AS BIGINT)".to_string(),
+                "CAST(data::jsonb ->> 'step' AS BIGINT)".to_string(),
+            ),
+        };
+        sqlx::query(&format!(
+            "UPDATE jobs SET trained_tokens = (SELECT CAST(COALESCE(SUM(t), 0) AS BIGINT) FROM \
+             (SELECT MAX({tokens}) AS t FROM job_events WHERE job_id = $1 AND type = 'metrics' \
+              AND {tokens} IS NOT NULL AND {step} <= $2 \
+              GROUP BY {step}) AS per_step) WHERE id = $1"
+        ))
         .bind(id)
         .bind(start_step)
         .execute(&self.pool)
@@ -776,8 +884,8 @@ impl Store {
         let finished = if to.is_final() { Some(now()) } else { None };
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
-            "UPDATE jobs SET status = ?, finished_at = ?, error = ?, worker = NULL, lease_until = NULL, cancel_requested = 0 \
-             WHERE id = ? AND status = 'running' AND worker = ?",
+            "UPDATE jobs SET status = $1, finished_at = $2, error = $3, worker = NULL, lease_until = NULL, cancel_requested = 0 \
+             WHERE id = $4 AND status = 'running' AND worker = $5",
         )
         .bind(to.as_str())
         .bind(finished)
@@ -815,7 +923,7 @@ impl Store {
             return Ok(cancelled);
         }
         sqlx::query(
-            "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND status = 'running' AND (?2 IS NULL OR owner = ?2)",
+            "UPDATE jobs SET cancel_requested = 1 WHERE id = $1 AND status = 'running' AND ($2 IS NULL OR owner = $2)",
         )
         .bind(id)
         .bind(scope.owner())
@@ -829,11 +937,11 @@ impl Store {
     /// its `queued` event, in one transaction.
     pub async fn requeue_stale(&self, all_running: bool) -> Result<Vec<(String, Event)>> {
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "UPDATE jobs SET status = 'queued', worker = NULL, lease_until = NULL WHERE status = 'running' AND (?1 OR lease_until < ?2) RETURNING id",
-        )
+        let rows = sqlx::query(&format!(
+            "UPDATE jobs SET status = 'queued', worker = NULL, lease_until = NULL WHERE status = 'running' AND ($1 OR lease_until < {}) RETURNING id",
+            self.backend.epoch()
+        ))
         .bind(all_running)
-        .bind(now())
         .fetch_all(&mut *tx)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -859,7 +967,7 @@ impl Store {
     /// Delete a finished job of `scope`.
     pub async fn delete_job(&self, id: &str, scope: Scope<'_>) -> Result<()> {
         let r = sqlx::query(
-            "DELETE FROM jobs WHERE id = ?1 AND status IN ('succeeded', 'failed', 'cancelled') AND (?2 IS NULL OR owner = ?2)",
+            "DELETE FROM jobs WHERE id = $1 AND status IN ('succeeded', 'failed', 'cancelled') AND ($2 IS NULL OR owner = $2)",
         )
         .bind(id)
         .bind(scope.owner())
@@ -876,7 +984,7 @@ impl Store {
 
     /// Forget a job's artifacts (a run about to produce them again).
     pub async fn clear_artifacts(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM artifacts WHERE job_id = ?")
+        sqlx::query("DELETE FROM artifacts WHERE job_id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -892,12 +1000,28 @@ impl Store {
         message: &str,
         data: serde_json::Value,
     ) -> Result<Event> {
-        let mut conn = self.pool.acquire().await?;
-        insert_event(&mut conn, id, kind, level, message, data).await
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = self.pool.acquire().await?;
+                insert_event(&mut conn, id, kind, level, message, data).await
+            }
+            // Lock the job's row first: its next `seq`, read by the insert's own statement
+            // (a fresh snapshot), then sees every other writer's events.
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                let e = insert_event(&mut tx, id, kind, level, message, data).await?;
+                tx.commit().await?;
+                Ok(e)
+            }
+        }
     }
 
     pub async fn events(&self, id: &str, after: i64, limit: i64) -> Result<Vec<Event>> {
-        let rows = sqlx::query("SELECT seq, created_at, type, level, message, data FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?")
+        let rows = sqlx::query("SELECT seq, created_at, type, level, message, data FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
             .bind(id)
             .bind(after)
             .bind(limit)
@@ -914,7 +1038,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Event>> {
         let rows = sqlx::query("SELECT seq, created_at, type, level, message, data FROM job_events \
-                                WHERE job_id = ? AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT ?3")
+                                WHERE job_id = $1 AND ($2 IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3")
             .bind(id)
             .bind(before)
             .bind(limit)
@@ -930,7 +1054,8 @@ impl Store {
         name: &str,
         loss: Option<f64>,
     ) -> Result<()> {
-        sqlx::query("INSERT OR REPLACE INTO checkpoints (job_id, step, name, created_at, loss) VALUES (?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO checkpoints (job_id, step, name, created_at, loss) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (job_id, step) DO UPDATE SET name = excluded.name, created_at = excluded.created_at, loss = excluded.loss")
             .bind(id)
             .bind(step)
             .bind(name)
@@ -943,7 +1068,7 @@ impl Store {
 
     pub async fn checkpoints(&self, id: &str) -> Result<Vec<CheckpointRow>> {
         let rows = sqlx::query(
-            "SELECT step, name, created_at, loss FROM checkpoints WHERE job_id = ? ORDER BY step",
+            "SELECT step, name, created_at, loss FROM checkpoints WHERE job_id = $1 ORDER BY step",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -961,7 +1086,8 @@ impl Store {
     }
 
     pub async fn add_artifact(&self, id: &str, a: &ArtifactRow) -> Result<()> {
-        sqlx::query("INSERT OR REPLACE INTO artifacts (job_id, name, bytes, sha256, created_at) VALUES (?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO artifacts (job_id, name, bytes, sha256, created_at) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (job_id, name) DO UPDATE SET bytes = excluded.bytes, sha256 = excluded.sha256, created_at = excluded.created_at")
             .bind(id)
             .bind(&a.name)
             .bind(a.bytes)
@@ -974,7 +1100,7 @@ impl Store {
 
     pub async fn artifacts(&self, id: &str) -> Result<Vec<ArtifactRow>> {
         let rows = sqlx::query(
-            "SELECT name, bytes, sha256, created_at FROM artifacts WHERE job_id = ? ORDER BY name",
+            "SELECT name, bytes, sha256, created_at FROM artifacts WHERE job_id = $1 ORDER BY name",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -992,10 +1118,27 @@ impl Store {
     }
 }
 
+/// Whether a released SQLite connection may go back to the pool. A statement that failed on a
+/// full disk can leave its connection inside a transaction SQLite did not end: reused, it would
+/// hold the write lock and a stale snapshot. A `ROLLBACK` that succeeds found such a
+/// transaction; the connection is closed instead.
+async fn outside_transaction(conn: &mut AnyConnection) -> std::result::Result<bool, sqlx::Error> {
+    if conn.backend_name() != "SQLite" {
+        return Ok(true);
+    }
+    match conn.execute("ROLLBACK").await {
+        Ok(_) => {
+            tracing::warn!("closing a database connection left inside a transaction");
+            Ok(false)
+        }
+        Err(_) => Ok(true),
+    }
+}
+
 /// Insert an event with the next sequence number of its job: one statement, so numbers have no
 /// gaps and (the primary key) no duplicates.
 async fn insert_event(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut AnyConnection,
     id: &str,
     kind: EventKind,
     level: Level,
@@ -1005,7 +1148,7 @@ async fn insert_event(
     let t = now();
     let r = sqlx::query(
         "INSERT INTO job_events (job_id, seq, created_at, type, level, message, data) \
-         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?1), ?2, ?3, ?4, ?5, ?6) RETURNING seq",
+         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1), $2, $3, $4, $5, $6) RETURNING seq",
     )
     .bind(id)
     .bind(t)
@@ -1043,14 +1186,66 @@ impl Scope<'_> {
     }
 }
 
+/// Test databases: a fresh PostgreSQL database per test on the server of `TEST_DATABASE_URL`
+/// (`scripts/test_services.sh` starts one on loopback).
+#[doc(hidden)]
+pub mod testing {
+    use sqlx::Connection;
+
+    /// A new empty database's URL, or None where `TEST_DATABASE_URL` is unset (a test then
+    /// says it skipped). Under CI (`CI` set) an unset URL fails instead: CI starts the server.
+    pub async fn postgres() -> Option<String> {
+        let Ok(server) = std::env::var("TEST_DATABASE_URL") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "TEST_DATABASE_URL is unset: source scripts/test_services.sh"
+            );
+            eprintln!("skipped: TEST_DATABASE_URL is unset (scripts/test_services.sh sets it)");
+            return None;
+        };
+        let mut conn = sqlx::PgConnection::connect(&server)
+            .await
+            .unwrap_or_else(|e| panic!("TEST_DATABASE_URL {server}: {e}"));
+        let name = format!("qlorad_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let (base, _) = server
+            .rsplit_once('/')
+            .expect("a database URL ends in /NAME");
+        Some(format!("{base}/{name}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    async fn store() -> (tempfile::TempDir, Store) {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(tmp.path()).await.unwrap();
-        (tmp, store)
+    /// Each case runs on SQLite and on PostgreSQL: `name` on both, as `name::sqlite` and
+    /// `name::postgres`.
+    macro_rules! on_both {
+        ($($name:ident),* $(,)?) => {$(
+            mod $name {
+                #[tokio::test]
+                async fn sqlite() {
+                    let tmp = tempfile::tempdir().unwrap();
+                    let s = super::Store::open(tmp.path()).await.unwrap();
+                    super::$name(s).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    let Some(url) = super::testing::postgres().await else {
+                        return;
+                    };
+                    let tmp = tempfile::tempdir().unwrap();
+                    let s = super::Store::connect(Some(&url), tmp.path()).await.unwrap();
+                    assert_eq!(s.backend, super::Backend::Postgres);
+                    super::$name(s).await;
+                }
+            }
+        )*};
     }
 
     fn file(id: &str) -> FileRow {
@@ -1072,6 +1267,19 @@ mod tests {
             .unwrap()
     }
 
+    on_both!(
+        a_job_goes_queued_running_succeeded_with_one_event_per_change,
+        claims_take_priority_then_age_and_failures_record_their_error,
+        cancel_stops_a_queued_job_at_once_and_flags_a_running_one,
+        stale_leases_requeue_and_only_ended_jobs_delete,
+        queue_limits_file_ownership_and_files_in_use,
+        checkpoints_artifacts_and_events_keep_their_order,
+        a_corrupt_row_is_an_internal_error_not_a_conflict,
+        eight_concurrent_claimers_take_each_job_once,
+        concurrent_writers_keep_event_numbers_gapless,
+        metadata_result_files_tokens_and_throughput_read_the_json,
+    );
+
     fn statuses(events: &[Event]) -> Vec<String> {
         events
             .iter()
@@ -1080,9 +1288,7 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn a_job_goes_queued_running_succeeded_with_one_event_per_change() {
-        let (_tmp, s) = store().await;
+    async fn a_job_goes_queued_running_succeeded_with_one_event_per_change(s: Store) {
         let job = queue(&s, "job-a", 0).await;
         assert_eq!((job.status, job.attempts), (Status::Queued, 0));
 
@@ -1141,9 +1347,7 @@ mod tests {
         assert_eq!(seqs, [1, 2, 3]);
     }
 
-    #[tokio::test]
-    async fn claims_take_priority_then_age_and_failures_record_their_error() {
-        let (_tmp, s) = store().await;
+    async fn claims_take_priority_then_age_and_failures_record_their_error(s: Store) {
         queue(&s, "job-old", 0).await;
         queue(&s, "job-urgent", 5).await;
         let (first, _, _) = s.claim("w", 30).await.unwrap().unwrap();
@@ -1181,9 +1385,7 @@ mod tests {
         assert_eq!(s.job("job-old", Scope::All).await.unwrap().attempts, 2);
     }
 
-    #[tokio::test]
-    async fn cancel_stops_a_queued_job_at_once_and_flags_a_running_one() {
-        let (_tmp, s) = store().await;
+    async fn cancel_stops_a_queued_job_at_once_and_flags_a_running_one(s: Store) {
         queue(&s, "job-q", 0).await;
         let e = s
             .request_cancel("job-q", Scope::All)
@@ -1218,9 +1420,7 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn stale_leases_requeue_and_only_ended_jobs_delete() {
-        let (_tmp, s) = store().await;
+    async fn stale_leases_requeue_and_only_ended_jobs_delete(s: Store) {
         queue(&s, "job-a", 0).await;
         s.claim("w", -1).await.unwrap().unwrap(); // a lease already expired
         assert!(matches!(
@@ -1254,9 +1454,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn queue_limits_file_ownership_and_files_in_use() {
-        let (_tmp, s) = store().await;
+    async fn queue_limits_file_ownership_and_files_in_use(s: Store) {
         s.insert_file(&file("file-1"), "alice").await.unwrap();
         assert!(s.file("file-1", Scope::Owner("alice")).await.is_ok());
         assert!(matches!(
@@ -1295,9 +1493,7 @@ mod tests {
         assert!(s.files(Scope::All).await.unwrap().is_empty());
     }
 
-    #[tokio::test]
-    async fn checkpoints_artifacts_and_events_keep_their_order() {
-        let (_tmp, s) = store().await;
+    async fn checkpoints_artifacts_and_events_keep_their_order(s: Store) {
         queue(&s, "job-a", 0).await;
         for seq in 2..=4 {
             let e = s
@@ -1346,9 +1542,7 @@ mod tests {
         assert!(s.artifacts("job-a").await.unwrap().is_empty());
     }
 
-    #[tokio::test]
-    async fn a_corrupt_row_is_an_internal_error_not_a_conflict() {
-        let (_tmp, s) = store().await;
+    async fn a_corrupt_row_is_an_internal_error_not_a_conflict(s: Store) {
         queue(&s, "job-a", 0).await;
         sqlx::query("UPDATE jobs SET status = 'paused?' WHERE id = 'job-a'")
             .execute(&s.pool)
@@ -1366,5 +1560,145 @@ mod tests {
             s.events("job-a", 0, 10).await,
             Err(JobsError::Corrupt(_))
         ));
+    }
+
+    async fn eight_concurrent_claimers_take_each_job_once(s: Store) {
+        for i in 0..40 {
+            let spec = serde_json::json!({"training_file": "file-1"});
+            let id = format!("job-{i:02}");
+            s.insert_job(&id, &spec, i % 3, &JobLabels::default(), "alice", 100)
+                .await
+                .unwrap();
+        }
+        let claimers = (0..8).map(|w| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut mine = vec![];
+                loop {
+                    match s.claim(&format!("w{w}"), 30).await {
+                        Ok(Some((id, _, e))) => {
+                            assert_eq!(e.seq, 2, "{id}: one running event");
+                            mine.push(id);
+                        }
+                        Ok(None) => return mine,
+                        // SQLite's writers wait on one lock; a busy answer is a retry.
+                        Err(e) => assert!(e.to_string().contains("locked"), "{e}"),
+                    }
+                }
+            })
+        });
+        let mut all: Vec<String> = vec![];
+        for c in claimers.collect::<Vec<_>>() {
+            all.extend(c.await.unwrap());
+        }
+        all.sort();
+        let want: Vec<String> = (0..40).map(|i| format!("job-{i:02}")).collect();
+        assert_eq!(all, want, "every job claimed, none twice");
+        let counts = s.count_by_status().await.unwrap();
+        assert!(counts.contains(&(Status::Running, 40)), "{counts:?}");
+    }
+
+    async fn concurrent_writers_keep_event_numbers_gapless(s: Store) {
+        queue(&s, "job-a", 0).await;
+        s.claim("w1", 30).await.unwrap().unwrap();
+        let writers = (0..8).map(|w| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    let data = serde_json::json!({"writer": w, "i": i});
+                    s.append_event("job-a", EventKind::Log, Level::Info, "x", data)
+                        .await
+                        .unwrap();
+                }
+            })
+        });
+        for w in writers.collect::<Vec<_>>() {
+            w.await.unwrap();
+        }
+        let seqs: Vec<i64> = s
+            .events("job-a", 0, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, (1..=82).collect::<Vec<i64>>());
+    }
+
+    async fn metadata_result_files_tokens_and_throughput_read_the_json(s: Store) {
+        let spec = serde_json::json!({"model": "tiny", "training_file": "file-1"});
+        let labels = |m: serde_json::Value| JobLabels {
+            suffix: None,
+            metadata: Some(m),
+        };
+        let meta = labels(serde_json::json!({"team": "a", "odd \"key\"": "x"}));
+        s.insert_job("job-a", &spec, 0, &meta, "alice", 10)
+            .await
+            .unwrap();
+        let other = labels(serde_json::json!({"team": "b"}));
+        s.insert_job("job-b", &spec, 0, &other, "alice", 10)
+            .await
+            .unwrap();
+        s.insert_job("job-c", &spec, 0, &JobLabels::default(), "alice", 10)
+            .await
+            .unwrap();
+        let ids = |jobs: Vec<JobRow>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        let has = |pairs: &[(&str, &str)]| {
+            MetadataFilter::Has(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let page = |f: MetadataFilter| {
+            let s = s.clone();
+            async move { s.jobs_where(None, &f, None, 10, Scope::All).await.unwrap() }
+        };
+        assert_eq!(ids(page(has(&[("team", "a")])).await), ["job-a"]);
+        assert_eq!(ids(page(has(&[("odd \"key\"", "x")])).await), ["job-a"]);
+        assert!(page(has(&[("team", "c")])).await.is_empty());
+        assert_eq!(ids(page(MetadataFilter::None).await), ["job-c"]);
+        let after_c = s.jobs(None, Some("job-c"), 10, Scope::All).await.unwrap();
+        assert_eq!(
+            ids(after_c),
+            ["job-b", "job-a"],
+            "newest first, after job-c"
+        );
+
+        // A queued job's files are in use; its result files are a JSON list.
+        s.insert_file(&file("file-1"), "alice").await.unwrap();
+        let busy = s.delete_file("file-1", Scope::All).await.unwrap_err();
+        assert!(matches!(busy, JobsError::Conflict(_)), "{busy}");
+        for id in ["file-r1", "file-r2"] {
+            s.add_result_file("job-a", &file(id)).await.unwrap();
+        }
+        let job = s.job("job-a", Scope::All).await.unwrap();
+        assert_eq!(job.result_files, ["file-r1", "file-r2"]);
+
+        // Tokens: the largest count per step, each step once, up to the resumed step.
+        s.claim("w1", 30).await.unwrap().unwrap();
+        for (step, tokens) in [(1, 10), (2, 20), (2, 25), (3, 30)] {
+            let data = serde_json::json!({"step": step, "tokens": tokens});
+            s.append_event("job-a", EventKind::Metrics, Level::Info, "m", data)
+                .await
+                .unwrap();
+        }
+        s.reset_trained_tokens("job-a", 2).await.unwrap();
+        let job = s.job("job-a", Scope::All).await.unwrap();
+        assert_eq!(job.progress.trained_tokens, 35);
+
+        let p = Progress {
+            step: 3,
+            total_steps: Some(9),
+            last_loss: Some(1.5),
+            tokens_per_second: Some(1234.5),
+            eta_seconds: Some(2.0),
+            trained_tokens: 0,
+        };
+        s.update_progress("job-a", &p, 30).await.unwrap();
+        let (id, tps) = s.measured_throughput("tiny").await.unwrap().unwrap();
+        assert_eq!((id.as_str(), tps), ("job-a", 1234.5));
+        assert!(s.measured_throughput("other").await.unwrap().is_none());
     }
 }

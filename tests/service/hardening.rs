@@ -513,7 +513,7 @@ async fn hostile_artifact_names_and_model_paths_are_refused() {
     // A symlink planted among the artifacts, and a listed name pointing through it.
     let arts = s.data.join("jobs").join(&jid).join("artifacts");
     std::os::unix::fs::symlink(s.data.join("qlorad.db"), arts.join("db")).unwrap();
-    let store = qlorad::jobs::Store::open(&s.data).await.unwrap();
+    let store = s.store().await;
     let row = qlorad::jobs::store::ArtifactRow {
         name: "db".into(),
         bytes: 10,
@@ -582,19 +582,29 @@ async fn a_locked_database_delays_requests_then_a_timeout_answers_408_and_all_re
     let spec = json!({"model": "tiny", "training_file": file["id"], "hyperparameters": {"max_steps": 6, "batch_size": 2}, "lora": {"r": 2}, "checkpoint_every": 2});
     let (_, job) = create_job(&c, &s, None, spec).await;
     let jid = job["id"].as_str().unwrap().to_string();
-    // Another process holds the write lock for 4 s while the job runs.
+    // Another process holds the write lock for 4 s while the job runs (on PostgreSQL, locks
+    // on the tables that writes wait for and reads do not).
     let db = s.data.join("qlorad.db");
+    let pg = s.database_url.clone();
     let locker = std::thread::spawn(move || {
-        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
         tokio::runtime::Runtime::new()
             .unwrap()
             .block_on(async move {
-                use sqlx::ConnectOptions;
-                let mut conn = opts.connect().await.unwrap();
-                sqlx::query("BEGIN EXCLUSIVE")
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
+                use sqlx::Connection;
+                sqlx::any::install_default_drivers();
+                let lock = "LOCK TABLE jobs, files, job_events, checkpoints, artifacts \
+                            IN EXCLUSIVE MODE";
+                let (url, begin) = match pg {
+                    Some(url) => (url, vec!["BEGIN", lock]),
+                    None => (
+                        format!("sqlite://{}", db.display()),
+                        vec!["BEGIN EXCLUSIVE"],
+                    ),
+                };
+                let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+                for q in begin {
+                    sqlx::query(q).execute(&mut conn).await.unwrap();
+                }
                 tokio::time::sleep(Duration::from_secs(4)).await;
                 sqlx::query("COMMIT").execute(&mut conn).await.unwrap();
             });

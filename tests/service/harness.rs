@@ -1,5 +1,7 @@
 //! The one test server: a temp directory with a tiny model under `models/`, the data directory,
-//! optional API keys and `QLORAD_*` variables, bound to `127.0.0.1:0`.
+//! optional API keys and `QLORAD_*` variables, bound to `127.0.0.1:0`. With `TEST_STORE=postgres`
+//! every server keeps its queue in a fresh PostgreSQL database (on `TEST_DATABASE_URL`'s
+//! server) instead of SQLite: the same suite on both stores.
 
 use std::path::PathBuf;
 
@@ -23,6 +25,8 @@ pub const DATA: &str = concat!(
 pub struct Server {
     pub base: String,
     pub data: PathBuf,
+    /// The PostgreSQL database under `TEST_STORE=postgres`; None on SQLite.
+    pub database_url: Option<String>,
     pub stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     _tmp: tempfile::TempDir,
@@ -35,6 +39,13 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// The server's store, opened beside it (its SQLite file or its PostgreSQL database).
+    pub async fn store(&self) -> qlorad::jobs::Store {
+        qlorad::jobs::Store::connect(self.database_url.as_deref(), &self.data)
+            .await
+            .unwrap()
+    }
+
     /// Stop as SIGINT/SIGTERM would, and wait until the server and its workers have.
     pub async fn shutdown(&mut self) {
         self.stop.cancel();
@@ -94,6 +105,11 @@ pub async fn start_with(o: Options<'_>) -> Server {
         api_keys_file: o.keys.then_some(keys_file),
         ..Default::default()
     };
+    let database_url = database_url(&data).await;
+    let overrides = Overrides {
+        database_url: database_url.clone(),
+        ..overrides
+    };
     let env = o.env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
     let cfg = Config::load(None, env, &overrides).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -105,8 +121,29 @@ pub async fn start_with(o: Options<'_>) -> Server {
     Server {
         base,
         data,
+        database_url,
         stop,
         task: Some(task),
         _tmp: tmp,
     }
+}
+
+/// The PostgreSQL database of a server's data directory under `TEST_STORE=postgres`: a fresh
+/// one, remembered in the directory so a restarted server finds its queue again.
+async fn database_url(data: &std::path::Path) -> Option<String> {
+    match std::env::var("TEST_STORE").as_deref() {
+        Ok("postgres") => {}
+        Ok("sqlite") | Err(_) => return None,
+        Ok(other) => panic!("TEST_STORE={other}: sqlite or postgres"),
+    }
+    let remembered = data.join(".test-database-url");
+    if let Ok(url) = std::fs::read_to_string(&remembered) {
+        return Some(url);
+    }
+    let url = qlorad::jobs::store::testing::postgres()
+        .await
+        .expect("TEST_STORE=postgres needs TEST_DATABASE_URL");
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(&remembered, &url).unwrap();
+    Some(url)
 }

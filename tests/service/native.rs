@@ -656,7 +656,7 @@ async fn graceful_shutdown_checkpoints_and_requeues_running_jobs() {
     let c = reqwest::Client::new();
     let id = running_job(&c, &s).await;
     s.shutdown().await; // what SIGINT/SIGTERM do
-    let store = qlorad::jobs::Store::open(&s.data).await.unwrap();
+    let store = s.store().await;
     let j = store.job(&id, qlorad::jobs::Scope::All).await.unwrap();
     assert_eq!(j.status, qlorad::jobs::Status::Queued, "back in the queue");
     assert_eq!(
