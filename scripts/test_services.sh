@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The services the tests run against, from the registries, on loopback: a private PostgreSQL
-# cluster (Debian's `postgresql` package) on port 54329 with trust authentication.
-# Source it: it exports TEST_DATABASE_URL for `cargo test`. Safe to source again: a running
+# cluster (Debian's `postgresql` package) on port 54329 with trust authentication, and an
+# S3-compatible server (moto from PyPI) on port 54330.
+# Source it: it exports TEST_DATABASE_URL and TEST_S3_ENDPOINT for `cargo test`. Safe to source again: a running
 # cluster is reused. Under `set -e` (as .ci/run) a failed step stops the caller.
 
 PG_PORT=${PG_PORT:-54329}
@@ -35,3 +36,21 @@ if ! "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; then
 fi
 export TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
 echo "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT" >&2
+
+# An S3-compatible server: moto in server mode, from PyPI, in its own virtual environment.
+S3_PORT=${S3_PORT:-54330}
+MOTO_VENV=${MOTO_VENV:-/tmp/qlorad-test-moto}
+if ! curl -sf "http://127.0.0.1:$S3_PORT/moto-api/" >/dev/null 2>&1; then
+  if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+    echo "installing moto[server] (PyPI)" >&2
+    python3 -m venv "$MOTO_VENV"
+    "$MOTO_VENV/bin/pip" install -q "moto[server]==5.2.*" >&2
+  fi
+  nohup "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$MOTO_VENV/server.log" 2>&1 &
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$S3_PORT/moto-api/" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+fi
+export TEST_S3_ENDPOINT="http://127.0.0.1:$S3_PORT"
+echo "moto $("$MOTO_VENV/bin/pip" show moto 2>/dev/null | awk '/^Version/{print $2}') (S3) on 127.0.0.1:$S3_PORT" >&2

@@ -137,6 +137,9 @@ pub struct StorageConfig {
     /// `postgres://user:pass@host/db` for a queue that several hosts share; unset, SQLite in
     /// `data_dir`.
     pub database_url: Option<String>,
+    /// `s3://bucket/prefix` (credentials and endpoint from `AWS_*`) for files, checkpoints and
+    /// artifacts that every host reads; unset, `data_dir` alone.
+    pub object_store: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,6 +238,7 @@ pub struct Overrides {
     /// `none` (an empty list) runs no workers: an API process.
     pub workers: Option<Vec<String>>,
     pub database_url: Option<String>,
+    pub object_store: Option<String>,
     pub api_keys_file: Option<PathBuf>,
     /// Serve without keys on a non-loopback address.
     pub allow_anonymous_remote: bool,
@@ -335,6 +339,9 @@ impl Config {
         }
         if let Some(u) = &overrides.database_url {
             cfg.storage.database_url = Some(u.clone());
+        }
+        if let Some(u) = &overrides.object_store {
+            cfg.storage.object_store = Some(u.clone());
         }
         if cfg.workers.devices.iter().any(|d| d == "none") {
             if cfg.workers.devices.len() > 1 {

@@ -5,6 +5,7 @@ pub mod events;
 pub mod inference;
 pub mod intake;
 pub mod layout;
+pub mod objects;
 pub mod stats;
 pub mod store;
 pub mod webhooks;
@@ -38,6 +39,8 @@ pub enum JobsError {
     Limit(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
     /// A stored row the code cannot read back: a bug or a hand-edited database, never the
     /// caller's fault.
     #[error("corrupt row: {0}")]
@@ -54,6 +57,8 @@ pub struct Service {
     pub store: Store,
     pub hub: EventHub,
     pub layout: Layout,
+    /// Where files, checkpoints and artifacts are shared between hosts, if anywhere.
+    pub objects: Option<objects::Objects>,
     pub workers: WorkerHandle,
 }
 

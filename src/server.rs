@@ -148,11 +148,19 @@ async fn open_service(
         shutdown: shutdown.child_token(),
         stats: Default::default(),
     };
+    let objects = match &config.storage.object_store {
+        Some(url) => Some(
+            crate::jobs::objects::Objects::open(url, layout.data_dir())
+                .map_err(JobsError::Config)?,
+        ),
+        None => None,
+    };
     Ok(Service {
         config,
         store,
         hub: EventHub::default(),
         layout,
+        objects,
         workers,
     })
 }

@@ -1,8 +1,10 @@
 //! Several processes on one queue, as on several hosts: two API processes (`qlorad serve
 //! --workers none`) and two worker processes (`qlorad worker`) of the real binary on one
-//! PostgreSQL database. Twenty jobs from two keys; one worker killed with SIGKILL mid-job, one
-//! API process restarted; every job succeeds exactly once, every follower sees its events
-//! gapless through either API process, and artifacts download alike from both.
+//! PostgreSQL database and one S3 bucket (moto), each with a data directory of its own. Twenty
+//! jobs from two keys; one worker killed with SIGKILL mid-job (its job resumes on the other from
+//! a checkpoint that worker never had), one API process restarted; every job succeeds exactly
+//! once, every follower sees its events gapless through either API process, and artifacts
+//! download alike from both.
 
 mod common;
 
@@ -31,15 +33,24 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    fn start(dir: &Path, name: &str, args: &[&str]) -> Proc {
+    fn start(dir: &Path, name: &str, args: &[&str], s3: &str) -> Proc {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
+        // Appended: a process restarted (the same host) goes on in the same log.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_qlorad"))
             .args(args)
             .env("QLORAD_WORKERS__LEASE_SECONDS", "3")
             .env("QLORAD_WORKERS__HEARTBEAT_SECONDS", "1")
             .env("RUST_LOG", "info,qlorad::server=debug")
             .env("NO_COLOR", "1")
+            .env("AWS_ENDPOINT_URL", s3)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -69,17 +80,22 @@ fn free_port() -> u16 {
 struct Setup {
     dir: PathBuf,
     database_url: String,
+    s3: String,
+    bucket: String,
 }
 
 impl Setup {
-    fn process(&self, role: &str) -> Vec<String> {
+    /// A process's arguments: its own data directory, like a host of its own.
+    fn process(&self, role: &str, name: &str) -> Vec<String> {
         let d = |n: &str| self.dir.join(n).display().to_string();
         let mut args = vec![
             role.to_string(),
             "--database-url".into(),
             self.database_url.clone(),
+            "--object-store".into(),
+            format!("s3://{}/shared", self.bucket),
             "--data-dir".into(),
-            d("data"),
+            d(&format!("data-{name}")),
             "--model-root".into(),
             d("models"),
         ];
@@ -93,16 +109,16 @@ impl Setup {
     }
 
     fn api(&self, name: &str, port: u16) -> Proc {
-        let mut args = self.process("serve");
+        let mut args = self.process("serve", name);
         args.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::start(&self.dir, name, &args)
+        Proc::start(&self.dir, name, &args, &self.s3)
     }
 
     fn worker(&self, name: &str) -> Proc {
-        let args = self.process("worker");
+        let args = self.process("worker", name);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::start(&self.dir, name, &args)
+        Proc::start(&self.dir, name, &args, &self.s3)
     }
 }
 
@@ -180,14 +196,29 @@ async fn api_and_worker_processes_share_one_postgres_queue() {
     let Some(database_url) = qlorad::jobs::store::testing::postgres().await else {
         return;
     };
+    let s3 = std::env::var("TEST_S3_ENDPOINT")
+        .expect("TEST_S3_ENDPOINT: source scripts/test_services.sh for an S3 server");
+    let c = reqwest::Client::new();
+    // A fresh bucket (moto answers unsigned requests).
+    let bucket = format!("qlorad-test-{}", uuid::Uuid::new_v4().simple());
+    let r = c.put(format!("{s3}/{bucket}")).send().await.unwrap();
+    assert!(
+        r.status().is_success(),
+        "creating the bucket: {}",
+        r.status()
+    );
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     common::tiny_model(&dir.join("models/tiny"), "tok-chatml");
     std::fs::write(dir.join("keys"), format!("alice:{ALICE}\nbob:{BOB}\n")).unwrap();
-    let setup = Setup { dir, database_url };
+    let setup = Setup {
+        dir,
+        database_url,
+        s3,
+        bucket,
+    };
     let ports = [free_port(), free_port()];
     let bases = ports.map(|p| format!("http://127.0.0.1:{p}"));
-    let c = reqwest::Client::new();
     let api_a = setup.api("api-a", ports[0]);
     let mut api_b = setup.api("api-b", ports[1]);
     healthy(&c, &bases[0], &api_a).await;
@@ -280,7 +311,7 @@ async fn api_and_worker_processes_share_one_postgres_queue() {
     // Restart API process B while the rest runs; its followers move to A and back.
     api_b.signal("-TERM");
     assert!(api_b.child.wait().unwrap().success(), "{}", api_b.output());
-    let api_b = setup.api("api-b2", ports[1]);
+    let api_b = setup.api("api-b", ports[1]);
     healthy(&c, &bases[1], &api_b).await;
 
     let mut seen = vec![];
@@ -288,7 +319,7 @@ async fn api_and_worker_processes_share_one_postgres_queue() {
         match f.await {
             Ok(events) => seen.push(events),
             Err(e) => {
-                for name in ["api-a", "api-b", "api-b2", "worker-1", "worker-2"] {
+                for name in ["api-a", "api-b", "worker-1", "worker-2"] {
                     let log = setup.dir.join(format!("{name}.log"));
                     let text = std::fs::read_to_string(&log).unwrap_or_default();
                     eprintln!("==== {name}\n{text}");
@@ -374,6 +405,11 @@ async fn api_and_worker_processes_share_one_postgres_queue() {
                 .iter()
                 .any(|m| m.starts_with("resumed from checkpoint")),
         "{messages:?}"
+    );
+    assert!(
+        w2.output()
+            .contains("fetched the newest checkpoint from the object store"),
+        "the surviving worker never had the killed job's checkpoint on disk"
     );
     // Another key's job is not found through either process.
     let (id, _) = &jobs[0];

@@ -378,8 +378,7 @@ pub async fn artifacts_get(
         .ok_or_else(|| ApiError::not_found(format!("artifact {name} of job {id} not found")))?;
     let dir = state.jobs.layout.artifacts_dir(&id);
     // A symlink planted in the directory must not lead out of it.
-    let path = super::paths::contained(&dir, &name)
-        .ok_or_else(|| ApiError::not_found(format!("artifact {name} is gone")))?;
+    let path = super::paths::contained(&dir, &name);
     let etag = format!("\"{}\"", art.sha256);
     if headers
         .get(header::IF_NONE_MATCH)
@@ -388,9 +387,6 @@ pub async fn artifacts_get(
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|_| ApiError::not_found(format!("artifact {name} is gone")))?;
     let len = art.bytes as u64;
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, end) = match range {
@@ -407,10 +403,25 @@ pub async fn artifacts_get(
         None => (StatusCode::OK, 0, len.saturating_sub(1)),
     };
     let count = if len == 0 { 0 } else { end - start + 1 };
-    file.seek(std::io::SeekFrom::Start(start))
-        .await
-        .map_err(ApiError::internal)?;
-    let stream = tokio_util::io::ReaderStream::new(file.take(count));
+    let gone = || ApiError::not_found(format!("artifact {name} is gone"));
+    // Here, or (written on another host) from the object store.
+    let file = match &path {
+        Some(p) => tokio::fs::File::open(p).await.ok(),
+        None => None,
+    };
+    let body = match file {
+        Some(mut file) => {
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(ApiError::internal)?;
+            Body::from_stream(tokio_util::io::ReaderStream::new(file.take(count)))
+        }
+        None if count == 0 && state.jobs.objects.is_some() => Body::empty(),
+        None => {
+            let shared = state.jobs.shared_range(&dir.join(&name), start, end).await;
+            Body::from_stream(shared.ok_or_else(gone)?)
+        }
+    };
     let mut resp = Response::builder()
         .status(status)
         .header(header::CONTENT_LENGTH, count)
@@ -420,7 +431,5 @@ pub async fn artifacts_get(
     if status == StatusCode::PARTIAL_CONTENT {
         resp = resp.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
     }
-    Ok(resp
-        .body(Body::from_stream(stream))
-        .expect("valid response"))
+    Ok(resp.body(body).expect("valid response"))
 }

@@ -20,6 +20,10 @@ pub struct ProcessArgs {
     /// The queue's database: postgres://user:pass@host/db, shared by every process and host.
     #[arg(long)]
     database_url: Option<String>,
+    /// Files, checkpoints and artifacts in s3://bucket/prefix, shared by every host
+    /// (credentials and endpoint from AWS_*).
+    #[arg(long)]
+    object_store: Option<String>,
     /// A directory of base models (repeatable).
     #[arg(long)]
     model_root: Vec<PathBuf>,
@@ -33,6 +37,7 @@ impl ProcessArgs {
         let overrides = Overrides {
             data_dir: self.data_dir,
             database_url: self.database_url,
+            object_store: self.object_store,
             model_roots: self.model_root,
             workers: self.workers,
             ..Default::default()

@@ -331,7 +331,8 @@ impl Datasets {
 const SAMPLE_TOKENS: usize = 64;
 
 /// The reference log-probabilities of a DPO run, in its run directory.
-const REFERENCE_FILE: &str = "reference_logps.json";
+/// The run directory's reference log-probabilities of a DPO job.
+pub const REFERENCE_FILE: &str = "reference_logps.json";
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredReferences {

@@ -191,9 +191,13 @@ impl Service {
         };
         let spec = checked.spec.clone();
         let train = self
-            .layout
-            .file(spec.training_file.as_deref().unwrap_or_default());
-        let valid = spec.validation_file.as_deref().map(|f| self.layout.file(f));
+            .local_file(spec.training_file.as_deref().unwrap_or_default())
+            .await
+            .map_err(JobsError::from)?;
+        let valid = match spec.validation_file.as_deref() {
+            Some(f) => Some(self.local_file(f).await.map_err(JobsError::from)?),
+            None => None,
+        };
         let plan = blocking(move || {
             crate::finetune::preflight::plan_data(&model_dir, &spec, &train, valid.as_deref())
         })
@@ -479,7 +483,13 @@ impl Service {
         tokio::fs::rename(&up.path, &file)
             .await
             .map_err(JobsError::from)?;
+        // Shared before it is listed: a job on another host never names a file it cannot read.
+        if let Err(e) = self.share_file(&file).await {
+            let _ = tokio::fs::remove_file(&file).await;
+            return Err(JobsError::from(e).into());
+        }
         if let Err(e) = self.store.insert_file(&row, owner).await {
+            let _ = self.unshare_file(&row.id).await;
             let _ = tokio::fs::remove_file(&file).await;
             return Err(e.into());
         }
@@ -490,6 +500,9 @@ impl Service {
     pub async fn delete_job(&self, id: &str, scope: Scope<'_>) -> Result<(), JobsError> {
         self.store.delete_job(id, scope).await?;
         let _ = tokio::fs::remove_dir_all(self.layout.job_dir(id)).await;
+        if let Err(e) = self.unshare_job(id).await {
+            tracing::warn!(job.id = %id, error = %e, "removing the job's shared files");
+        }
         Ok(())
     }
 
@@ -497,6 +510,9 @@ impl Service {
     pub async fn delete_file(&self, id: &str, scope: Scope<'_>) -> Result<(), JobsError> {
         self.store.delete_file(id, scope).await?;
         let _ = tokio::fs::remove_file(self.layout.file(id)).await;
+        if let Err(e) = self.unshare_file(id).await {
+            tracing::warn!(file.id = %id, error = %e, "removing the file's shared copy");
+        }
         Ok(())
     }
 
@@ -546,6 +562,7 @@ impl Service {
             None => self.layout.artifacts_dir(ft.job).join("adapter"),
             Some(step) => crate::train::checkpoint::checkpoint_dir(&self.layout.run_dir(ft.job), step),
         };
+        self.local_dir(&adapter).await.map_err(JobsError::from)?;
         if !adapter.join("adapter_config.json").is_file() {
             return Err(IntakeError::Continue(format!(
                 "model {model:?}: the adapter of job {} is no longer kept{}",

@@ -178,6 +178,22 @@ async fn run_claimed(job: &Claimed<'_>, spec_text: &str) {
         }
         None => None,
     };
+    // Files and the newest checkpoint another host shared, before the run reads them.
+    let fetched = async {
+        let spec: JobSpec = serde_json::from_str(spec_text).map_err(std::io::Error::other)?;
+        for f in spec.training_file.iter().chain(&spec.validation_file) {
+            svc.local_file(f).await?;
+        }
+        svc.fetch_run(id).await
+    };
+    match fetched.await {
+        Ok(Some(step)) => info!(step, "fetched the newest checkpoint from the object store"),
+        Ok(None) => {}
+        Err(e) => {
+            let ended = Ended::retryable(format!("fetching the job's files: {e}"));
+            return conclude(job, ended, false).await;
+        }
+    }
     let plan = (|| -> std::result::Result<Plan, String> {
         let mut spec: JobSpec =
             serde_json::from_str(spec_text).map_err(|e| format!("stored spec: {e}"))?;
@@ -361,6 +377,7 @@ async fn write_result_file(svc: &Service, id: &str) -> Result<()> {
     tokio::fs::create_dir_all(svc.layout.files_dir()).await?;
     tokio::fs::write(&staged, csv.as_bytes()).await?;
     tokio::fs::rename(&staged, &path).await?;
+    svc.share_file(&path).await?;
     let row = super::store::FileRow {
         id: file_id,
         filename: "step_metrics.csv".into(),
@@ -526,6 +543,10 @@ async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEven
                     "reference log-probabilities of {pairs} pairs read from the run's first start"
                 )
             };
+            if computed {
+                let file = svc.layout.run_dir(id).join(finetune::run::REFERENCE_FILE);
+                svc.share_file(&file).await?;
+            }
             let data = serde_json::json!({"pairs": pairs, "computed": computed});
             record(svc, id, EventKind::Log, &message, data).await
         }
@@ -549,6 +570,8 @@ async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEven
                 sha256: sha256.clone(),
                 created_at: now(),
             };
+            svc.share_file(&svc.layout.artifacts_dir(id).join(&name))
+                .await?;
             svc.store.add_artifact(id, &row).await?;
             record(
                 svc,
@@ -632,6 +655,7 @@ async fn handle_msg(svc: &Service, id: &str, meter: &mut RunMeter, msg: &RunEven
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
+                svc.share_checkpoint(&path).await?;
                 let loss = svc.store.job(id, Scope::All).await?.progress.last_loss;
                 svc.store
                     .add_checkpoint(id, step as i64, &name, loss)
@@ -722,6 +746,7 @@ mod tests {
             config: Arc::new(config),
             store: super::super::Store::open(data_dir).await.unwrap(),
             hub: Default::default(),
+            objects: None,
             workers: WorkerHandle {
                 wake: Default::default(),
                 shutdown: CancellationToken::new(),

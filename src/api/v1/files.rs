@@ -211,7 +211,12 @@ pub async fn v1_files_content(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let row = file(&state, &who, &id).await?;
-    let f = tokio::fs::File::open(state.jobs.layout.file(&id))
+    let local = state
+        .jobs
+        .local_file(&id)
+        .await
+        .map_err(|e| ApiError::io("fetching the file", e))?;
+    let f = tokio::fs::File::open(local)
         .await
         .map_err(|_| ApiError::not_found(format!("the content of file {id} is gone")))?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(f));
