@@ -366,21 +366,32 @@ impl Store {
         Ok(())
     }
 
-    /// Deliveries due now, oldest first, and for each job and endpoint only the oldest one not
-    /// yet delivered: an endpoint hears of a job's events in order.
-    pub async fn due_deliveries(&self, limit: i64) -> Result<Vec<Delivery>> {
-        let rows = sqlx::query(
-            "SELECT id, endpoint, type, job_id, created_at, attempts FROM webhook_outbox o \
-             WHERE delivered_at IS NULL AND next_at <= $1 AND NOT EXISTS (SELECT 1 FROM webhook_outbox p \
+    /// Claim the deliveries due now for `lease_seconds`, oldest first, and for each job and
+    /// endpoint only the oldest one not yet delivered: an endpoint hears of a job's events in
+    /// order. A claimed row is not due again until its lease ends, so API processes sharing
+    /// the outbox do not send it twice; one that dies mid-delivery leaves it to the others.
+    pub async fn due_deliveries(&self, limit: i64, lease_seconds: i64) -> Result<Vec<Delivery>> {
+        let t = now();
+        let rows = sqlx::query(&format!(
+            "UPDATE webhook_outbox SET next_at = $2 + $3 WHERE id IN (SELECT id FROM webhook_outbox o \
+             WHERE delivered_at IS NULL AND next_at <= $2 AND NOT EXISTS (SELECT 1 FROM webhook_outbox p \
                WHERE p.job_id = o.job_id AND p.endpoint = o.endpoint AND p.delivered_at IS NULL AND p.rowid < o.rowid) \
-             ORDER BY created_at, rowid LIMIT $2",
-        )
-        .bind(now())
+             ORDER BY created_at, rowid LIMIT $1{}) \
+             RETURNING rowid, id, endpoint, type, job_id, created_at, attempts",
+            self.backend.skip_locked()
+        ))
         .bind(limit)
+        .bind(t)
+        .bind(lease_seconds)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
+        let mut rows: Vec<(i64, i64, &sqlx::any::AnyRow)> = rows
+            .iter()
+            .map(|r| Ok((r.try_get("created_at")?, r.try_get("rowid")?, r)))
+            .collect::<Result<_>>()?;
+        rows.sort_by_key(|(created, rowid, _)| (*created, *rowid));
+        rows.into_iter()
+            .map(|(_, _, r)| {
                 Ok(Delivery {
                     id: r.try_get("id")?,
                     endpoint: r.try_get("endpoint")?,
@@ -1278,6 +1289,7 @@ mod tests {
         eight_concurrent_claimers_take_each_job_once,
         concurrent_writers_keep_event_numbers_gapless,
         metadata_result_files_tokens_and_throughput_read_the_json,
+        a_claimed_delivery_waits_out_its_lease_and_keeps_the_order,
     );
 
     fn statuses(events: &[Event]) -> Vec<String> {
@@ -1700,5 +1712,39 @@ mod tests {
         let (id, tps) = s.measured_throughput("tiny").await.unwrap().unwrap();
         assert_eq!((id.as_str(), tps), ("job-a", 1234.5));
         assert!(s.measured_throughput("other").await.unwrap().is_none());
+    }
+
+    async fn a_claimed_delivery_waits_out_its_lease_and_keeps_the_order(s: Store) {
+        let s = s.with_webhooks(vec![WebhookTarget {
+            url: "http://hooks.test/a".into(),
+            events: vec![
+                "fine_tuning.job.cancelled".into(),
+                "fine_tuning.job.paused".into(),
+            ],
+        }]);
+        queue(&s, "job-a", 0).await;
+        s.request_pause("job-a", Scope::All).await.unwrap().unwrap();
+        s.request_cancel("job-a", Scope::All)
+            .await
+            .unwrap()
+            .unwrap();
+        // Two processes ask at once: the paused delivery goes to one; the cancelled one waits
+        // behind it.
+        let (a, b) = tokio::join!(s.due_deliveries(8, 60), s.due_deliveries(8, 60));
+        let mut got: Vec<Delivery> = a.unwrap().into_iter().chain(b.unwrap()).collect();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let first = got.pop().unwrap();
+        assert_eq!(first.kind, "fine_tuning.job.paused");
+        assert!(s.due_deliveries(8, 60).await.unwrap().is_empty(), "leased");
+        s.delivered(&first.id).await.unwrap();
+        let next = s.due_deliveries(8, 60).await.unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].kind, "fine_tuning.job.cancelled");
+        // A lease that ran out (a process died mid-delivery) makes it due again.
+        s.delivery_failed(&next[0].id, now() - 1, "timed out")
+            .await
+            .unwrap();
+        let again = s.due_deliveries(8, 0).await.unwrap();
+        assert_eq!((again.len(), again[0].attempts), (1, 1));
     }
 }

@@ -80,8 +80,16 @@ pub async fn run(store: Store, webhooks: Vec<WebhookConfig>, stop: CancellationT
         .build()
         .expect("an HTTP client without TLS configuration builds");
     info!(endpoints = endpoints.len(), "webhook delivery started");
+    // Claimed for as long as a batch could take, every attempt timing out.
+    const BATCH: i64 = 8;
+    let slowest = endpoints
+        .values()
+        .map(|e| e.timeout)
+        .max()
+        .unwrap_or_default();
+    let lease = BATCH * slowest.as_secs() as i64 + 10;
     loop {
-        match store.due_deliveries(32).await {
+        match store.due_deliveries(BATCH, lease).await {
             Ok(due) => {
                 for d in due {
                     let Some(ep) = endpoints.get(&d.endpoint) else {
