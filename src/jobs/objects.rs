@@ -164,18 +164,23 @@ impl Objects {
         Ok(())
     }
 
-    /// Download a file to its local path if it is not there (through a `.partial` name, so a
-    /// half-downloaded file is never read). False if the store has no such object.
+    /// Download a file to its local path if it is not there. False if the store has no such
+    /// object.
     pub async fn fetch_file(&self, local: &Path) -> std::io::Result<bool> {
         if tokio::fs::try_exists(local).await? {
             return Ok(true);
         }
-        let key = self.key(local)?;
-        let got = match self.store.get(&key).await {
-            Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return Ok(false),
-            Err(e) => return Err(io(e)),
-        };
+        match self.download(&self.key(local)?, local).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Write an object to `local` through a `.partial` name, so a half-downloaded file is
+    /// never read.
+    async fn download(&self, key: &Key, local: &Path) -> std::io::Result<()> {
+        let got = self.store.get(key).await.map_err(io)?;
         if let Some(parent) = local.parent() {
             tokio::fs::create_dir_all(parent).await?;
         }
@@ -194,11 +199,11 @@ impl Objects {
         if written.is_err() {
             let _ = tokio::fs::remove_file(&partial).await;
         }
-        written.map(|_| true)
+        written
     }
 
-    /// Download every object under a local directory's key that is not there yet.
-    pub async fn fetch_dir(&self, dir: &Path) -> std::io::Result<usize> {
+    /// Every object under a local directory's key, with its path relative to the directory.
+    async fn list_under(&self, dir: &Path) -> std::io::Result<Vec<(Key, Vec<String>)>> {
         let prefix = self.key(dir)?;
         let objects: Vec<_> = self
             .store
@@ -206,12 +211,20 @@ impl Objects {
             .try_collect()
             .await
             .map_err(io)?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|o| {
+                let rel = o.location.prefix_match(&prefix)?;
+                let rel = rel.map(|p| p.as_ref().to_string()).collect();
+                Some((o.location, rel))
+            })
+            .collect())
+    }
+
+    /// Download every object under a local directory's key that is not there yet.
+    pub async fn fetch_dir(&self, dir: &Path) -> std::io::Result<usize> {
         let mut n = 0;
-        for o in objects {
-            let Some(rel) = o.location.prefix_match(&prefix) else {
-                continue;
-            };
-            let rel: Vec<String> = rel.map(|p| p.as_ref().to_string()).collect();
+        for (_, rel) in self.list_under(dir).await? {
             if rel.last().map(String::as_str) == Some(COMPLETE) {
                 continue;
             }
@@ -225,32 +238,12 @@ impl Objects {
 
     /// Download every object under `dir`'s key into `into` (the same relative paths).
     async fn fetch_into(&self, dir: &Path, into: &Path) -> std::io::Result<()> {
-        let prefix = self.key(dir)?;
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(io)?;
-        for o in objects {
-            let Some(rel) = o.location.prefix_match(&prefix) else {
-                continue;
-            };
-            let rel: Vec<String> = rel.map(|p| p.as_ref().to_string()).collect();
+        for (key, rel) in self.list_under(dir).await? {
             if rel.last().map(String::as_str) == Some(COMPLETE) {
                 continue;
             }
             let local = rel.iter().fold(into.to_path_buf(), |p, part| p.join(part));
-            let got = self.store.get(&o.location).await.map_err(io)?;
-            if let Some(parent) = local.parent() {
-                tokio::fs::create_dir_all(parent).await?;
-            }
-            let mut out = tokio::fs::File::create(&local).await?;
-            let mut stream = got.into_stream();
-            while let Some(chunk) = stream.next().await {
-                out.write_all(&chunk.map_err(io)?).await?;
-            }
-            out.sync_all().await?;
+            self.download(&key, &local).await?;
         }
         Ok(())
     }
@@ -258,27 +251,15 @@ impl Objects {
     /// The whole checkpoints (`checkpoint-<step>` with their marker) the store holds for a
     /// run directory, by step.
     pub async fn complete_checkpoints(&self, run_dir: &Path) -> std::io::Result<Vec<usize>> {
-        let prefix = self.key(run_dir)?;
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(io)?;
-        let mut steps: Vec<usize> = objects
+        let mut steps: Vec<usize> = self
+            .list_under(run_dir)
+            .await?
             .iter()
-            .filter_map(|o| {
-                let rel: Vec<String> = o
-                    .location
-                    .prefix_match(&prefix)?
-                    .map(|p| p.as_ref().to_string())
-                    .collect();
-                match rel.as_slice() {
-                    [dir, marker] if marker == COMPLETE => {
-                        dir.strip_prefix("checkpoint-")?.parse().ok()
-                    }
-                    _ => None,
+            .filter_map(|(_, rel)| match rel.as_slice() {
+                [dir, marker] if marker == COMPLETE => {
+                    dir.strip_prefix("checkpoint-")?.parse().ok()
                 }
+                _ => None,
             })
             .collect();
         steps.sort_unstable();
