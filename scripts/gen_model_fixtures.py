@@ -18,7 +18,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 out = sys.argv[1]
 torch.manual_seed(11)
@@ -54,6 +54,29 @@ models = {
     "qwen2": (Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0), True),
     # q/k norms, no q/k/v bias, a head_dim that is not hidden/heads, tied embeddings.
     "qwen3": (Qwen3Config(**common, head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0), True),
+    # Fused qkv_proj and gate_up_proj; a sliding window wider than the sequences.
+    "phi3": (
+        Phi3Config(**common, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=32,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        True,
+    ),
+    # LongRoPE: the 8-token batch is longer than the 4-token pretraining length, so the long
+    # factors apply, and cos/sin carry the attention factor of max/original = 16.
+    "phi3-longrope": (
+        Phi3Config(
+            **{**common, "max_position_embeddings": 64},
+            original_max_position_embeddings=4,
+            tie_word_embeddings=True,
+            rope_theta=10000.0,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                "long_factor": [1.0, 1.5, 2.2, 3.4, 5.0, 7.5, 11.0, 16.0],
+            },
+        ),
+        True,
+    ),
 }
 
 input_ids = torch.randint(0, 128, (2, 8))

@@ -8,7 +8,7 @@ pub mod vocab;
 use std::path::PathBuf;
 
 pub use merge::{
-    export_gguf, export_gguf_lora, export_safetensors, GgufType, MergeBase, MergeSource,
+    arch_name, export_gguf, export_gguf_lora, export_safetensors, GgufType, MergeBase, MergeSource,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -73,7 +73,14 @@ fn dense() -> LoadOptions {
     }
 }
 
-const MODELS: [&str; 4] = ["llama-gqa", "llama3-tied", "qwen2", "qwen3"];
+const MODELS: [&str; 6] = [
+    "llama-gqa",
+    "llama3-tied",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "phi3-longrope",
+];
 
 #[test]
 fn f32_logits_and_loss_match_transformers() {
@@ -142,10 +149,12 @@ fn check_lora_grads(name: &str, checkpointing: bool, quant: Option<QuantConfig>)
         "{name}: lora loss {got} vs {want}"
     );
     let trainable = m.trainable();
+    // Phi-3 fuses q, k, v into qkv_proj and gate, up into gate_up_proj.
+    let linears = if name.starts_with("phi3") { 4 } else { 7 };
     assert_eq!(
         trainable.len(),
-        2 * 7 * 2,
-        "{name}: A and B for 7 linears in 2 layers"
+        2 * linears * 2,
+        "{name}: A and B for {linears} linears in 2 layers"
     );
     // The training path computes the head only where labels count: same loss, same gradients.
     let fused = m
@@ -199,6 +208,8 @@ fn lora_logits_and_every_adapter_gradient_match_peft() {
     check_lora_grads("llama-gqa", false, None);
     check_lora_grads("qwen2", false, None);
     check_lora_grads("qwen3", false, None);
+    check_lora_grads("phi3", false, None);
+    check_lora_grads("phi3-longrope", false, None);
 }
 
 #[test]
@@ -208,6 +219,25 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     check_lora_grads("qwen3", true, None);
     check_lora_grads("llama-gqa", true, Some(QuantConfig::default()));
     check_lora_grads("qwen3", true, Some(QuantConfig::default()));
+    check_lora_grads("phi3", true, None);
+    check_lora_grads("phi3", true, Some(QuantConfig::default()));
+}
+
+/// Phi-3's sliding window changes nothing for sequences up to its width (the fixture's 32,
+/// its batch 8 tokens long); longer ones are refused by the field rather than computed
+/// differently from transformers.
+#[test]
+fn sequences_beyond_a_sliding_window_are_refused() {
+    let m = CausalLm::load(&dir("phi3"), &dense()).unwrap();
+    assert_eq!(m.config.sliding_window, Some(32));
+    let ids = Tensor::from_vec((0..33u32).collect(), (1, 33), &Device::Cpu).unwrap();
+    let msg = m.forward(&ids, None, None).unwrap_err().to_string();
+    assert!(
+        msg.contains("sliding_window") && msg.contains("33 tokens"),
+        "{msg}"
+    );
+    let ids = ids.narrow(1, 0, 32).unwrap();
+    assert!(m.forward(&ids, None, None).is_ok());
 }
 
 #[test]

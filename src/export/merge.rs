@@ -460,17 +460,22 @@ fn llama_cpp_row_order(c: &ModelConfig, module: &str, t: Tensor) -> candle_core:
     }
 }
 
-fn arch_name(a: Arch) -> &'static str {
+/// llama.cpp's name for the architecture, for the ones GGUF export writes.
+pub fn arch_name(a: Arch) -> Result<&'static str> {
     match a {
-        Arch::Llama | Arch::Mistral => "llama",
-        Arch::Qwen2 => "qwen2",
-        Arch::Qwen3 => "qwen3",
+        Arch::Llama | Arch::Mistral => Ok("llama"),
+        Arch::Qwen2 => Ok("qwen2"),
+        Arch::Qwen3 => Ok("qwen3"),
+        Arch::Phi3 => Err(ExportError::Invalid(format!(
+            "GGUF export of {} models is not supported (safetensors and the PEFT adapter are)",
+            a.as_str()
+        ))),
     }
 }
 
 fn model_metadata(src: &MergeSource, ty: GgufType, name: &str) -> Result<Vec<(String, Value)>> {
     let c = &src.config;
-    let a = arch_name(c.arch);
+    let a = arch_name(c.arch)?;
     let mut m: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
         ("general.type".into(), Value::String("model".into())),
@@ -625,7 +630,7 @@ pub fn export_gguf_lora(src: &MergeSource, out: &Path) -> Result<()> {
         .lora
         .as_ref()
         .ok_or_else(|| ExportError::Invalid("no adapter to export".into()))?;
-    let a = arch_name(c.arch);
+    let a = arch_name(c.arch)?;
     // llama.cpp scales by alpha / r; rsLoRA's alpha / sqrt(r) becomes alpha * sqrt(r) / r.
     let alpha = if lora.use_rslora {
         lora.alpha * (lora.r as f64).sqrt()

@@ -74,7 +74,7 @@ pub struct MemoryEstimate {
 
 /// Parameters of the frozen linears of every layer.
 pub fn linear_params(c: &ModelConfig) -> u64 {
-    let per_layer: usize = c.layer_linears().iter().map(|(_, i, o)| i * o).sum();
+    let per_layer: usize = c.layer_linears().iter().map(|(_, i, o, _)| i * o).sum();
     (per_layer * c.num_hidden_layers) as u64
 }
 
@@ -83,7 +83,7 @@ pub fn linear_params(c: &ModelConfig) -> u64 {
 fn adapter_tensors(c: &ModelConfig, lora: &LoraConfig) -> Vec<u64> {
     let mut out = Vec::new();
     for layer in 0..c.num_hidden_layers {
-        for (name, i, o) in c.layer_linears() {
+        for (name, i, o, _) in c.layer_linears() {
             if lora
                 .target_modules
                 .matches(&format!("model.layers.{layer}.{name}"))

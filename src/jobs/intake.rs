@@ -39,6 +39,32 @@ pub enum IntakeError {
     Jobs(#[from] JobsError),
 }
 
+/// What the base's architecture allows of the spec: a sequence length within a sliding window,
+/// GGUF outputs only where llama.cpp's layout is written.
+fn check_architecture(
+    spec: &JobSpec,
+    c: &crate::model::config::ModelConfig,
+) -> Result<(), IntakeError> {
+    let max = spec.hyperparameters.max_seq_len;
+    if let Some(message) = c.window_exceeded(max) {
+        return Err(IntakeError::Spec(SpecError::new(
+            "hyperparameters.max_seq_len",
+            message,
+        )));
+    }
+    if !spec.export.gguf.is_empty() || spec.export.gguf_lora {
+        if let Err(e) = crate::export::arch_name(c.arch) {
+            let field = if spec.export.gguf.is_empty() {
+                "export.gguf_lora"
+            } else {
+                "export.gguf"
+            };
+            return Err(IntakeError::Spec(SpecError::new(field, e.to_string())));
+        }
+    }
+    Ok(())
+}
+
 /// A job spec checked as a create checks it, with what its estimate reads.
 struct Checked {
     spec: JobSpec,
@@ -376,6 +402,9 @@ impl Service {
             }
             None => None,
         };
+        if let Some(c) = &config {
+            check_architecture(&spec, c)?;
+        }
         Ok(Checked {
             spec,
             model_dir,

@@ -1,5 +1,5 @@
-//! `config.json` of a Llama-family causal LM (llama, mistral, qwen2, qwen3), validated field by
-//! field.
+//! `config.json` of a Llama-family causal LM (llama, mistral, qwen2, qwen3, phi3), validated
+//! field by field.
 
 use std::path::Path;
 
@@ -16,6 +16,9 @@ pub enum Arch {
     /// Qwen2's layout without q/k/v biases, with an RMSNorm over each head of q and k before
     /// RoPE (`q_norm`, `k_norm`).
     Qwen3,
+    /// Phi-3 and Phi-4: q, k and v in one linear (`qkv_proj`), gate and up in one
+    /// (`gate_up_proj`), partial rotary embeddings and LongRoPE where the config says so.
+    Phi3,
 }
 
 impl Arch {
@@ -25,8 +28,25 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         }
     }
+
+    /// q, k and v come out of one linear, gate and up out of another.
+    pub fn fused_projections(self) -> bool {
+        self == Arch::Phi3
+    }
+}
+
+/// LongRoPE (`rope_type: longrope`, Phi-3 and Phi-4): per-frequency divisors, the short set
+/// for sequences up to the pretraining length, the long set beyond it, and one factor on cos
+/// and sin either way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRope {
+    pub short_factor: Vec<f64>,
+    pub long_factor: Vec<f64>,
+    pub original_max_position_embeddings: usize,
+    pub attention_factor: f64,
 }
 
 /// Llama 3.1's frequency-dependent RoPE scaling (`rope_type: llama3`).
@@ -51,6 +71,14 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3Scaling>,
+    pub long_rope: Option<LongRope>,
+    /// Dimensions of each head that rotate (the first ones): `head_dim` unless the config's
+    /// `partial_rotary_factor` says fewer.
+    pub rotary_dim: usize,
+    /// Keys a query may look back over, itself included (Mistral's and Phi-3's
+    /// `sliding_window`). The graph
+    /// attends to the whole sequence, so longer sequences are refused (`check_seq_len`).
+    pub sliding_window: Option<usize>,
     pub tie_word_embeddings: bool,
     /// q/k/v (and for llama's `attention_bias`, o) projections have biases.
     pub qkv_bias: bool,
@@ -149,20 +177,54 @@ fn sliding_window_unused(f: &Fields<'_>, arch: Arch) -> Result<()> {
 }
 
 impl ModelConfig {
-    /// The frozen linears of one decoder layer, by their module names: (name, in, out).
-    pub fn layer_linears(&self) -> [(&'static str, usize, usize); 7] {
+    /// The frozen linears of one decoder layer, by their module names, in the graph's order:
+    /// (name, in, out, bias).
+    pub fn layer_linears(&self) -> Vec<(&'static str, usize, usize, bool)> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        [
-            ("self_attn.q_proj", h, q),
-            ("self_attn.k_proj", h, kv),
-            ("self_attn.v_proj", h, kv),
-            ("self_attn.o_proj", q, h),
-            ("mlp.gate_proj", h, i),
-            ("mlp.up_proj", h, i),
-            ("mlp.down_proj", i, h),
+        let (qkv, o, mlp) = (self.qkv_bias, self.o_bias, self.mlp_bias);
+        if self.arch.fused_projections() {
+            return vec![
+                ("self_attn.qkv_proj", h, q + 2 * kv, qkv),
+                ("self_attn.o_proj", q, h, o),
+                ("mlp.gate_up_proj", h, 2 * i, mlp),
+                ("mlp.down_proj", i, h, mlp),
+            ];
+        }
+        vec![
+            ("self_attn.q_proj", h, q, qkv),
+            ("self_attn.k_proj", h, kv, qkv),
+            ("self_attn.v_proj", h, kv, qkv),
+            ("self_attn.o_proj", q, h, o),
+            ("mlp.gate_proj", h, i, mlp),
+            ("mlp.up_proj", h, i, mlp),
+            ("mlp.down_proj", i, h, mlp),
         ]
+    }
+
+    /// The longest sequence the graph computes as transformers does: a sliding window
+    /// changes nothing up to its width, and is not implemented beyond it.
+    pub fn check_seq_len(&self, len: usize) -> Result<()> {
+        match self.window_exceeded(len) {
+            Some(message) => Err(ModelError::Config {
+                path: "config.json".into(),
+                field: "sliding_window".into(),
+                message,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Why sequences of `len` tokens are refused, if they are (`check_seq_len`).
+    pub fn window_exceeded(&self, len: usize) -> Option<String> {
+        match self.sliding_window {
+            Some(w) if len > w => Some(format!(
+                "sequences of {len} tokens exceed the model's sliding window of {w}, which is \
+                 not supported: use sequences of at most {w} tokens"
+            )),
+            _ => None,
+        }
     }
 
     /// The `config.json` of a Hugging Face model directory (`ModelConfig::load` reads a GGUF
@@ -181,10 +243,13 @@ impl ModelConfig {
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "phi3" => Arch::Phi3,
             other => {
                 return Err(f.err(
                     "model_type",
-                    format!("{other:?} is not supported (supported: llama, mistral, qwen2, qwen3)"),
+                    format!(
+                        "{other:?} is not supported (supported: llama, mistral, qwen2, qwen3, phi3)"
+                    ),
                 ))
             }
         };
@@ -229,6 +294,21 @@ impl ModelConfig {
         };
         let mut rope_theta = f.f64_or("rope_theta", default_theta)?;
         let mut rope_scaling = None;
+        let mut long_rope = None;
+        // As transformers reads it: the rope parameters' own, else the config's.
+        let partial = match rope.and_then(|r| r.get("partial_rotary_factor")) {
+            Some(p) if !p.is_null() => p.as_f64(),
+            _ => Some(f.f64_or("partial_rotary_factor", 1.0)?),
+        }
+        .filter(|p| *p > 0.0 && *p <= 1.0)
+        .ok_or_else(|| f.err("partial_rotary_factor", "must be a number in (0, 1]"))?;
+        let rotary_dim = (head_dim as f64 * partial) as usize;
+        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+            return Err(f.err(
+                "partial_rotary_factor",
+                format!("{partial} of head_dim {head_dim} leaves {rotary_dim} rotary dimensions, which must be even and positive"),
+            ));
+        }
         if let Some(r) = rope {
             let rf = Fields { v: r, path };
             if rf.get("rope_theta").is_some() {
@@ -265,10 +345,14 @@ impl ModelConfig {
                     }
                     rope_scaling = Some(s);
                 }
+                // Phi3Config reads the older names "su" and "yarn" as longrope.
+                "longrope" | "su" | "yarn" if arch == Arch::Phi3 || kind == "longrope" => {
+                    long_rope = Some(long_rope_of(&f, &rf, rope_field, rotary_dim)?);
+                }
                 other => {
                     return Err(f.err(
                         rope_field,
-                        format!("rope type {other:?} is not supported (default, llama3)"),
+                        format!("rope type {other:?} is not supported (default, llama3, longrope)"),
                     ))
                 }
             }
@@ -287,6 +371,15 @@ impl ModelConfig {
             rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
             rope_theta,
             rope_scaling,
+            long_rope,
+            rotary_dim,
+            sliding_window: match arch {
+                Arch::Phi3 | Arch::Mistral => match f.get("sliding_window") {
+                    Some(_) => Some(f.usize("sliding_window")?),
+                    None => None,
+                },
+                _ => None,
+            },
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
             o_bias: arch != Arch::Qwen2 && attention_bias,
@@ -297,16 +390,31 @@ impl ModelConfig {
         })
     }
 
-    /// RoPE inverse frequencies, as transformers computes them (f32), with llama3 scaling.
-    pub fn inv_freq(&self) -> Vec<f32> {
-        let dim = self.head_dim;
+    /// RoPE inverse frequencies for a forward whose longest sequence is `seq_len` tokens, and
+    /// the factor cos and sin are multiplied by, as transformers computes them (f32): llama3
+    /// scaling, or LongRoPE's short or long set with its attention factor.
+    pub fn rope_freqs(&self, seq_len: usize) -> (Vec<f32>, f32) {
+        let dim = self.rotary_dim;
         let base = self.rope_theta as f32;
         let inv: Vec<f32> = (0..dim)
             .step_by(2)
             .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
             .collect();
+        if let Some(l) = &self.long_rope {
+            let ext = if seq_len > l.original_max_position_embeddings {
+                &l.long_factor
+            } else {
+                &l.short_factor
+            };
+            let inv = (0..dim)
+                .step_by(2)
+                .zip(ext)
+                .map(|(i, &e)| 1.0 / (e as f32 * base.powf(i as f32 / dim as f32)))
+                .collect();
+            return (inv, l.attention_factor as f32);
+        }
         let Some(s) = self.rope_scaling else {
-            return inv;
+            return (inv, 1.0);
         };
         let (factor, lo, hi, old) = (
             s.factor as f32,
@@ -316,7 +424,8 @@ impl ModelConfig {
         );
         let low_freq_wavelen = old / lo;
         let high_freq_wavelen = old / hi;
-        inv.into_iter()
+        let inv = inv
+            .into_iter()
             .map(|f| {
                 let wavelen = 2.0 * std::f32::consts::PI / f;
                 let scaled = if wavelen > low_freq_wavelen {
@@ -331,6 +440,72 @@ impl ModelConfig {
                     (1.0 - smooth) * scaled / factor + smooth * scaled
                 }
             })
-            .collect()
+            .collect();
+        (inv, 1.0)
     }
+}
+
+/// LongRoPE's parameters as transformers reads them: both factor lists one per rotary
+/// frequency; Phi-3's top-level `original_max_position_embeddings` before the rope
+/// parameters' own; the attention factor given, or `sqrt(1 + ln(factor) / ln(original))` with
+/// `factor` given or `max_position_embeddings / original`.
+fn long_rope_of(
+    f: &Fields<'_>,
+    rf: &Fields<'_>,
+    rope_field: &str,
+    rotary_dim: usize,
+) -> Result<LongRope> {
+    let list = |k: &str| -> Result<Vec<f64>> {
+        let v = rf
+            .get(k)
+            .and_then(Value::as_array)
+            .ok_or_else(|| f.err(rope_field, format!("longrope needs a `{k}` list")))?;
+        let xs: Option<Vec<f64>> = v
+            .iter()
+            .map(|x| x.as_f64().filter(|x| x.is_finite() && *x > 0.0))
+            .collect();
+        match xs {
+            Some(xs) if xs.len() == rotary_dim / 2 => Ok(xs),
+            Some(xs) => Err(f.err(
+                rope_field,
+                format!(
+                    "`{k}` has {} values; the {rotary_dim} rotary dimensions need {}",
+                    xs.len(),
+                    rotary_dim / 2
+                ),
+            )),
+            None => Err(f.err(rope_field, format!("`{k}` must hold positive numbers"))),
+        }
+    };
+    let max = f.usize_or("max_position_embeddings", 4096)?;
+    let original = if f.get("original_max_position_embeddings").is_some() {
+        f.usize("original_max_position_embeddings")?
+    } else if f.get("model_type").and_then(Value::as_str) == Some("phi3") {
+        // Phi3Config's default, which takes precedence over the rope parameters' own.
+        4096
+    } else if rf.get("original_max_position_embeddings").is_some() {
+        rf.usize("original_max_position_embeddings")
+            .map_err(|e| f.err(rope_field, e.to_string()))?
+    } else {
+        max
+    };
+    let factor = match rf.get("factor") {
+        Some(_) => rf
+            .f64_or("factor", 1.0)
+            .map_err(|_| f.err(rope_field, "factor must be a positive number"))?,
+        None => max as f64 / original as f64,
+    };
+    let attention_factor = match rf.get("attention_factor") {
+        Some(_) => rf
+            .f64_or("attention_factor", 1.0)
+            .map_err(|_| f.err(rope_field, "attention_factor must be a positive number"))?,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(LongRope {
+        short_factor: list("short_factor")?,
+        long_factor: list("long_factor")?,
+        original_max_position_embeddings: original,
+        attention_factor,
+    })
 }

@@ -1,4 +1,4 @@
-//! The trainable Llama-family graph (llama, mistral, qwen2, qwen3) over frozen, optionally 4-bit bases:
+//! The trainable Llama-family graph (llama, mistral, qwen2, qwen3, phi3) over frozen, optionally 4-bit bases:
 //! the model, its loading, and the forward through its decoder layers.
 //!
 //! Every op on the gradient path has a backward: RMSNorm, RoPE, the attention softmax, SwiGLU
@@ -54,17 +54,6 @@ impl Default for LoadOptions {
     }
 }
 
-/// The seven linear layers of a decoder block, in PEFT's names.
-pub const LINEARS: [(&str, &str); 7] = [
-    ("self_attn", "q_proj"),
-    ("self_attn", "k_proj"),
-    ("self_attn", "v_proj"),
-    ("self_attn", "o_proj"),
-    ("mlp", "gate_proj"),
-    ("mlp", "up_proj"),
-    ("mlp", "down_proj"),
-];
-
 /// A causal language model ready to train LoRA adapters.
 pub struct CausalLm {
     pub config: ModelConfig,
@@ -73,7 +62,6 @@ pub struct CausalLm {
     norm: Tensor,
     /// None when tied to the embedding.
     lm_head: Option<Tensor>,
-    inv_freq: Vec<f32>,
     dtype: DType,
     device: Device,
     gradient_checkpointing: bool,
@@ -241,32 +229,26 @@ impl CausalLm {
                 dev,
             )?)
         };
-        let q_out = c.num_attention_heads * c.head_dim;
-        let kv_out = c.num_key_value_heads * c.head_dim;
-        let shapes = [
-            (q_out, c.hidden_size, c.qkv_bias),
-            (kv_out, c.hidden_size, c.qkv_bias),
-            (kv_out, c.hidden_size, c.qkv_bias),
-            (c.hidden_size, q_out, c.o_bias),
-            (c.intermediate_size, c.hidden_size, c.mlp_bias),
-            (c.intermediate_size, c.hidden_size, c.mlp_bias),
-            (c.hidden_size, c.intermediate_size, c.mlp_bias),
-        ];
+        if c.rotary_dim != c.head_dim {
+            return Err(ModelError::Config {
+                path: dir.join("config.json"),
+                field: "partial_rotary_factor".into(),
+                message: format!(
+                    "rotary embeddings over {} of {} head dimensions are not supported",
+                    c.rotary_dim, c.head_dim
+                ),
+            });
+        }
+        let shapes = c.layer_linears();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut linears = Vec::with_capacity(7);
-            for (&(group, name), &(out, inp, has_bias)) in LINEARS.iter().zip(&shapes) {
-                let wname = format!("{p}.{group}.{name}.weight");
+            let mut linears = Vec::with_capacity(shapes.len());
+            for &(name, inp, out, has_bias) in &shapes {
+                let wname = format!("{p}.{name}.weight");
                 let weight = weights.linear(c, &wname, [out, inp], opts)?;
                 let bias = if has_bias {
-                    Some(weights.dense(
-                        &config,
-                        &format!("{p}.{group}.{name}.bias"),
-                        &[out],
-                        dt,
-                        dev,
-                    )?)
+                    Some(weights.dense(&config, &format!("{p}.{name}.bias"), &[out], dt, dev)?)
                 } else {
                     None
                 };
@@ -306,10 +288,10 @@ impl CausalLm {
                     dev,
                 )?,
                 linears,
+                fused: c.arch.fused_projections(),
             });
         }
         Ok(CausalLm {
-            inv_freq: config.inv_freq(),
             config,
             embed,
             layers,
@@ -348,22 +330,35 @@ impl CausalLm {
         self.autograd_layers = on;
     }
 
+    /// The module names of a decoder layer's linears, in the layer's order.
+    fn linear_names(&self) -> Vec<&'static str> {
+        self.config
+            .layer_linears()
+            .into_iter()
+            .map(|(n, ..)| n)
+            .collect()
+    }
+
     /// `(module path, layer)` for every linear of the decoder blocks.
     pub fn linears(&self) -> impl Iterator<Item = (String, &LoraLinear)> {
-        self.layers.iter().enumerate().flat_map(|(i, l)| {
-            LINEARS
-                .iter()
+        let names = self.linear_names();
+        self.layers.iter().enumerate().flat_map(move |(i, l)| {
+            names
+                .clone()
+                .into_iter()
                 .zip(&l.linears)
-                .map(move |(&(g, n), lin)| (format!("model.layers.{i}.{g}.{n}"), lin))
+                .map(move |(n, lin)| (format!("model.layers.{i}.{n}"), lin))
         })
     }
 
     fn linears_mut(&mut self) -> impl Iterator<Item = (String, &mut LoraLinear)> {
-        self.layers.iter_mut().enumerate().flat_map(|(i, l)| {
-            LINEARS
-                .iter()
+        let names = self.linear_names();
+        self.layers.iter_mut().enumerate().flat_map(move |(i, l)| {
+            names
+                .clone()
+                .into_iter()
                 .zip(l.linears.iter_mut())
-                .map(move |(&(g, n), lin)| (format!("model.layers.{i}.{g}.{n}"), lin))
+                .map(move |(n, lin)| (format!("model.layers.{i}.{n}"), lin))
         })
     }
 
@@ -515,6 +510,8 @@ impl CausalLm {
             Some(l) => crate::ops::attention::segments(l),
             None => vec![(0, s)],
         };
+        let longest = segments.iter().map(|&(_, n)| n).max().unwrap_or(0);
+        c.check_seq_len(longest)?;
         let positions: Vec<usize> = segments.iter().flat_map(|&(_, n)| 0..n).collect();
         let (cos, sin) = self.rope_tables(&positions)?;
         let ctx = Arc::new(LayerCtx {
@@ -550,21 +547,28 @@ impl CausalLm {
         Ok(crate::ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?)
     }
 
-    /// cos and sin `[seq, head_dim]` at these positions, computed in f32 as transformers does.
+    /// cos and sin `[seq, rotary_dim]` at these positions, computed in f32 as transformers
+    /// does: the frequencies for the longest sequence the positions belong to (LongRoPE picks
+    /// its set by it), cos and sin times the scaling's attention factor.
     fn rope_tables(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+        let longest = positions.iter().max().map_or(0, |p| p + 1);
+        let (inv_freq, scale) = self.config.rope_freqs(longest);
+        let half = inv_freq.len();
         let s = positions.len();
         let mut freqs = Vec::with_capacity(s * half * 2);
         for &p in positions {
-            let row: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
+            let row: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
             freqs.extend_from_slice(&row);
             freqs.extend_from_slice(&row);
         }
         let freqs = Tensor::from_vec(freqs, (s, half * 2), &self.device)?;
-        Ok((
-            freqs.cos()?.to_dtype(self.dtype)?,
-            freqs.sin()?.to_dtype(self.dtype)?,
-        ))
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+        let (cos, sin) = if scale == 1.0 {
+            (cos, sin)
+        } else {
+            ((cos * scale as f64)?, (sin * scale as f64)?)
+        };
+        Ok((cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?))
     }
 
     /// Which keys are real tokens, u8 `[batch, seq]`; causality is applied in the softmax. A

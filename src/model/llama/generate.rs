@@ -91,6 +91,7 @@ impl CausalLm {
             });
         }
         let c = &self.config;
+        c.check_seq_len(cache.len + s)?;
         let mut x =
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?
@@ -153,11 +154,15 @@ impl CausalLm {
         let c = &self.config;
         let (b, s, _) = x.dims3()?;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
-        let l = &layer.linears;
         let h = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
-        let q = l[0].infer(&h)?.reshape((b, s, nh, hd))?;
-        let k = l[1].infer(&h)?.reshape((b, s, nkv, hd))?;
-        let v = l[2].infer(&h)?.reshape((b, s, nkv, hd))?;
+        let [q, k, v]: [Tensor; 3] = layer
+            .qkv((hd, nh, nkv))
+            .infer(&h)?
+            .try_into()
+            .expect("q, k and v");
+        let q = q.reshape((b, s, nh, hd))?;
+        let k = k.reshape((b, s, nkv, hd))?;
+        let v = v.reshape((b, s, nkv, hd))?;
         let (q, k) = match &layer.qk_norm {
             Some((qn, kn)) => (
                 rms_norm(&q, qn, c.rms_norm_eps)?,
@@ -201,11 +206,10 @@ impl CausalLm {
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
         *kv = Some((k, v));
-        let x = (x + l[3].infer(&attn)?)?;
+        let x = (x + layer.o().infer(&attn)?)?;
         let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-        let gate = l[4].infer(&h)?;
-        let up = l[5].infer(&h)?;
-        Ok((&x + l[6].infer(&swiglu(&gate, &up)?)?)?)
+        let [gate, up]: [Tensor; 2] = layer.gate_up().infer(&h)?.try_into().expect("gate and up");
+        Ok((&x + layer.down().infer(&swiglu(&gate, &up)?)?)?)
     }
 
     /// Continue each prompt by up to `max_new` tokens, all rows in one batch. `on_token(row,

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, D};
 
 use crate::lora::layer::LinearSaved;
 use crate::lora::LoraLinear;
@@ -24,8 +24,148 @@ pub(super) struct DecoderLayer {
     pub(super) post_norm: Tensor,
     /// Qwen3's per-head RMSNorm weights `[head_dim]` for q and k, applied before RoPE.
     pub(super) qk_norm: Option<(Tensor, Tensor)>,
-    /// In `LINEARS` order.
+    /// In `ModelConfig::layer_linears` order: q, k, v, o, gate, up, down, or with `fused`
+    /// qkv, o, gate_up, down.
     pub(super) linears: Vec<LoraLinear>,
+    /// q, k and v come out of one linear, gate and up out of another (Phi-3).
+    pub(super) fused: bool,
+}
+
+/// Linears that read one input: q, k and v, or gate and up. Each its own linear, or one fused
+/// linear whose output is split by width (Phi-3's `qkv_proj`, `gate_up_proj`) and whose
+/// output gradient is the parts' gradients side by side.
+pub(super) struct Projections<'a> {
+    linears: &'a [LoraLinear],
+    /// The first one's place among the layer's linears.
+    first: usize,
+    widths: Vec<usize>,
+}
+
+impl DecoderLayer {
+    fn attn_count(&self) -> usize {
+        if self.fused {
+            1
+        } else {
+            3
+        }
+    }
+
+    /// q, k and v.
+    pub(super) fn qkv(&self, ctx_heads: (usize, usize, usize)) -> Projections<'_> {
+        let (hd, nh, nkv) = ctx_heads;
+        let n = self.attn_count();
+        Projections {
+            linears: &self.linears[..n],
+            first: 0,
+            widths: vec![nh * hd, nkv * hd, nkv * hd],
+        }
+    }
+
+    pub(super) fn o(&self) -> &LoraLinear {
+        &self.linears[self.attn_count()]
+    }
+
+    /// gate and up.
+    pub(super) fn gate_up(&self) -> Projections<'_> {
+        let first = self.attn_count() + 1;
+        let n = if self.fused { 1 } else { 2 };
+        let linears = &self.linears[first..first + n];
+        let i = linears[0].base.weight.dims().0 / (3 - n);
+        Projections {
+            linears,
+            first,
+            widths: vec![i, i],
+        }
+    }
+
+    pub(super) fn down(&self) -> &LoraLinear {
+        self.linears.last().expect("a layer has linears")
+    }
+
+    /// Where the o, down linears sit among `linears`.
+    fn o_index(&self) -> usize {
+        self.attn_count()
+    }
+}
+
+impl Projections<'_> {
+    fn fused(&self) -> bool {
+        self.linears.len() == 1
+    }
+
+    /// A fused output's parts along its last dimension, each contiguous.
+    fn split(&self, y: Tensor) -> Result<Vec<Tensor>> {
+        let mut at = 0;
+        let mut parts = Vec::with_capacity(self.widths.len());
+        for &w in &self.widths {
+            parts.push(y.narrow(D::Minus1, at, w)?.contiguous()?);
+            at += w;
+        }
+        Ok(parts)
+    }
+
+    /// The outputs through autograd.
+    pub(super) fn forward(&self, h: &Tensor, mut rng: Option<&mut Rng>) -> Result<Vec<Tensor>> {
+        if self.fused() {
+            return self.split(self.linears[0].forward(h, rng)?);
+        }
+        self.linears
+            .iter()
+            .map(|l| l.forward(h, rng.as_deref_mut()))
+            .collect()
+    }
+
+    /// The outputs with nothing tracked (generation).
+    pub(super) fn infer(&self, h: &Tensor) -> Result<Vec<Tensor>> {
+        if self.fused() {
+            return self.split(self.linears[0].infer(h)?);
+        }
+        self.linears.iter().map(|l| l.infer(h)).collect()
+    }
+
+    /// The outputs and what `backward` reads (`LoraLinear::forward_saving`).
+    fn forward_saving(
+        &self,
+        h: &Tensor,
+        mut rng: Option<&mut Rng>,
+        hold: bool,
+    ) -> Result<(Vec<Tensor>, Vec<LinearSaved>)> {
+        if self.fused() {
+            let (y, saved) = self.linears[0].forward_saving(h, rng, hold)?;
+            return Ok((self.split(y)?, vec![saved]));
+        }
+        let mut ys = Vec::with_capacity(self.linears.len());
+        let mut saved = Vec::with_capacity(self.linears.len());
+        for l in self.linears {
+            let (y, sv) = l.forward_saving(h, rng.as_deref_mut(), hold)?;
+            ys.push(y);
+            saved.push(sv);
+        }
+        Ok((ys, saved))
+    }
+
+    /// dL/dh from the outputs' gradients; each linear's adapter gradients go to `keep` with
+    /// its place in the layer.
+    fn backward(
+        &self,
+        h: &Tensor,
+        saved: &[LinearSaved],
+        grads: Vec<Tensor>,
+        keep: &mut dyn FnMut(usize, Option<(Tensor, Tensor)>),
+    ) -> Result<Tensor> {
+        let grads = if self.fused() {
+            vec![Tensor::cat(&grads, D::Minus1)?]
+        } else {
+            grads
+        };
+        let mut acc = None;
+        for (j, ((l, sv), g)) in self.linears.iter().zip(saved).zip(grads).enumerate() {
+            let (gh, ga) = l.backward(h, sv, &g, acc)?;
+            keep(self.first + j, ga);
+            acc = Some(gh);
+        }
+        Ok(acc.expect("a projection has a linear"))
+    }
 }
 
 /// What every decoder layer of one forward pass shares.
@@ -85,28 +225,33 @@ pub(super) fn decoder_layer(
 ) -> Result<Tensor> {
     let (b, s, _) = x.dims3()?;
     let (hd, nh, nkv) = (ctx.head_dim, ctx.heads, ctx.kv_heads);
-    let l = &layer.linears;
     let h = rms_norm(x, &layer.input_norm, ctx.eps)?;
     // Projections come out as [b, s, n*hd]; rope moves q and k to heads [b, n, s, hd] as it
     // rotates them.
     let split = |t: Tensor, n: usize| t.reshape((b, s, n, hd));
-    let q = split(l[0].forward(&h, rng.as_deref_mut())?, nh)?;
-    let k = split(l[1].forward(&h, rng.as_deref_mut())?, nkv)?;
+    let [q, k, v]: [Tensor; 3] = layer
+        .qkv((hd, nh, nkv))
+        .forward(&h, rng.as_deref_mut())?
+        .try_into()
+        .expect("q, k and v");
+    let q = split(q, nh)?;
+    let k = split(k, nkv)?;
     let (q, k) = match &layer.qk_norm {
         Some((qn, kn)) => (rms_norm(&q, qn, ctx.eps)?, rms_norm(&k, kn, ctx.eps)?),
         None => (q, k),
     };
     let q = rope(&q, &ctx.cos, &ctx.sin)?;
     let k = rope(&k, &ctx.cos, &ctx.sin)?;
-    let v = split(l[2].forward(&h, rng.as_deref_mut())?, nkv)?
-        .transpose(1, 2)?
-        .contiguous()?;
+    let v = split(v, nkv)?.transpose(1, 2)?.contiguous()?;
     let attn = attention(&q, &k, &v, ctx)?;
-    let x = (x + l[3].forward(&attn, rng.as_deref_mut())?)?;
+    let x = (x + layer.o().forward(&attn, rng.as_deref_mut())?)?;
     let h = rms_norm(&x, &layer.post_norm, ctx.eps)?;
-    let gate = l[4].forward(&h, rng.as_deref_mut())?;
-    let up = l[5].forward(&h, rng.as_deref_mut())?;
-    let mlp = l[6].forward(&swiglu(&gate, &up)?, rng)?;
+    let [gate, up]: [Tensor; 2] = layer
+        .gate_up()
+        .forward(&h, rng.as_deref_mut())?
+        .try_into()
+        .expect("gate and up");
+    let mlp = layer.down().forward(&swiglu(&gate, &up)?, rng)?;
     x + mlp
 }
 
@@ -148,9 +293,8 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &LayerCtx) -> Result<Tenso
 /// What a decoder layer's hand-written backward reads from its forward.
 struct LayerSaved {
     h1: Tensor,
-    sq: LinearSaved,
-    sk: LinearSaved,
-    sv: LinearSaved,
+    /// q, k, v's (or the fused qkv's).
+    s_qkv: Vec<LinearSaved>,
     /// q and k `[b, s, heads, head_dim]` before their per-head norms (Qwen3).
     qk_pre: Option<(Tensor, Tensor)>,
     q: Tensor,
@@ -164,8 +308,8 @@ struct LayerSaved {
     h2: Tensor,
     gate: Tensor,
     up: Tensor,
-    sg: LinearSaved,
-    su: LinearSaved,
+    /// gate, up's (or the fused gate_up's).
+    s_gu: Vec<LinearSaved>,
     m: Tensor,
     sd: LinearSaved,
 }
@@ -195,13 +339,13 @@ fn layer_forward(
     pass: Pass,
 ) -> Result<(Option<Tensor>, Option<LayerSaved>)> {
     let (hd, nh, nkv, eps) = (ctx.head_dim, ctx.heads, ctx.kv_heads, ctx.eps);
-    let l = &layer.linears;
     let rows = b * s;
     let hold = pass == Pass::Replay;
     let h1 = rms_norm(x, &layer.input_norm, eps)?;
-    let (qp, sq) = l[0].forward_saving(&h1, rng.as_deref_mut(), hold)?;
-    let (kp, sk) = l[1].forward_saving(&h1, rng.as_deref_mut(), hold)?;
-    let (vp, sv) = l[2].forward_saving(&h1, rng.as_deref_mut(), hold)?;
+    let (qkv, s_qkv) = layer
+        .qkv((hd, nh, nkv))
+        .forward_saving(&h1, rng.as_deref_mut(), hold)?;
+    let [qp, kp, vp]: [Tensor; 3] = qkv.try_into().expect("q, k and v");
     let (qp, kp) = (qp.reshape((b, s, nh, hd))?, kp.reshape((b, s, nkv, hd))?);
     let (q, k, qk_pre) = match &layer.qk_norm {
         Some((qn, kn)) => {
@@ -217,25 +361,26 @@ fn layer_forward(
         .attention(pass)
         .forward(&q, &k, &v, pass != Pass::Output)?;
     let attn = attn.reshape((rows, nh * hd))?;
-    let (o, so) = l[3].forward_saving(&attn, rng.as_deref_mut(), hold)?;
+    let (o, so) = layer.o().forward_saving(&attn, rng.as_deref_mut(), hold)?;
     let x2 = (x + o)?;
     let h2 = rms_norm(&x2, &layer.post_norm, eps)?;
-    let (gate, sg) = l[4].forward_saving(&h2, rng.as_deref_mut(), hold)?;
-    let (up, su) = l[5].forward_saving(&h2, rng.as_deref_mut(), hold)?;
+    let (gu, s_gu) = layer
+        .gate_up()
+        .forward_saving(&h2, rng.as_deref_mut(), hold)?;
+    let [gate, up]: [Tensor; 2] = gu.try_into().expect("gate and up");
     let m = swiglu(&gate, &up)?;
+    let down = layer.down();
     let (y, sd) = match pass {
-        Pass::Output => return Ok((Some(l[6].forward_add(x2, &m, rng)?), None)),
-        Pass::Replay => (None, l[6].saving_only(&m, rng)?),
+        Pass::Output => return Ok((Some(down.forward_add(x2, &m, rng)?), None)),
+        Pass::Replay => (None, down.saving_only(&m, rng)?),
         Pass::Keep => {
-            let (d, sd) = l[6].forward_saving(&m, rng, false)?;
+            let (d, sd) = down.forward_saving(&m, rng, false)?;
             (Some((d + &x2)?), sd)
         }
     };
     let saved = LayerSaved {
         h1,
-        sq,
-        sk,
-        sv,
+        s_qkv,
         qk_pre,
         q,
         k,
@@ -247,8 +392,7 @@ fn layer_forward(
         h2,
         gate,
         up,
-        sg,
-        su,
+        s_gu,
         m,
         sd,
     };
@@ -291,24 +435,23 @@ fn layer_backward(
     // Each part lets go of what it read, and of its own temporaries, before the next: the
     // attention backward's [s, s] buffers make the layer's peak, and the MLP's weights and
     // activations need not be held beside them.
+    let (o_at, down_at) = (layer.o_index(), l.len() - 1);
     let gx2 = {
-        let (gm, g) = l[6].backward(&fwd.m, &fwd.sd, &gy, None)?;
-        keep(6, g);
+        let (gm, g) = l[down_at].backward(&fwd.m, &fwd.sd, &gy, None)?;
+        keep(down_at, g);
         let (g_gate, g_up) = swiglu_bwd(&fwd.gate, &fwd.up, &gm)?;
         drop(gm);
-        let (gh2, g) = l[4].backward(&fwd.h2, &fwd.sg, &g_gate, None)?;
-        keep(4, g);
-        drop(g_gate);
-        let (gh2, g) = l[5].backward(&fwd.h2, &fwd.su, &g_up, Some(gh2))?;
-        keep(5, g);
+        let gh2 = layer
+            .gate_up()
+            .backward(&fwd.h2, &fwd.s_gu, vec![g_gate, g_up], &mut keep)?;
         (&gy + rms_norm_bwd(&fwd.x2, &layer.post_norm, eps, &gh2)?)?
     };
     drop((
-        fwd.m, fwd.sd, fwd.gate, fwd.up, fwd.h2, fwd.sg, fwd.su, fwd.x2, gy,
+        fwd.m, fwd.sd, fwd.gate, fwd.up, fwd.h2, fwd.s_gu, fwd.x2, gy,
     ));
     let (gq, gk, gv) = {
-        let (g_attn, g) = l[3].backward(&fwd.attn, &fwd.so, &gx2, None)?;
-        keep(3, g);
+        let (g_attn, g) = l[o_at].backward(&fwd.attn, &fwd.so, &gx2, None)?;
+        keep(o_at, g);
         ctx.attention(Pass::Replay)
             .backward(&fwd.q, &fwd.k, &fwd.v, fwd.probs, &g_attn)?
     };
@@ -323,12 +466,10 @@ fn layer_backward(
     let gqp = gqp.reshape((rows, nh * hd))?;
     let gkp = gkp.reshape((rows, nkv * hd))?;
     let gvp = gv.transpose(1, 2)?.reshape((rows, nkv * hd))?;
-    let (gh1, g) = l[0].backward(&fwd.h1, &fwd.sq, &gqp, None)?;
-    keep(0, g);
-    let (gh1, g) = l[1].backward(&fwd.h1, &fwd.sk, &gkp, Some(gh1))?;
-    keep(1, g);
-    let (gh1, g) = l[2].backward(&fwd.h1, &fwd.sv, &gvp, Some(gh1))?;
-    keep(2, g);
+    let gh1 =
+        layer
+            .qkv((hd, nh, nkv))
+            .backward(&fwd.h1, &fwd.s_qkv, vec![gqp, gkp, gvp], &mut keep)?;
     let gx = (gx2 + rms_norm_bwd(&x, &layer.input_norm, eps, &gh1)?)?;
     Ok((gx.reshape((b, s, hidden))?, grads))
 }
@@ -429,7 +570,7 @@ mod tests {
     /// (the same draws), left padding and trained, non-zero adapters.
     #[test]
     fn hand_written_layer_backward_equals_autograd_with_dropout() {
-        for name in ["llama-gqa", "qwen2", "qwen3"] {
+        for name in ["llama-gqa", "qwen2", "qwen3", "phi3", "phi3-longrope"] {
             let mut m = CausalLm::load(&fixture(name), &LoadOptions::default()).unwrap();
             m.load_adapter(&fixture(&format!("{name}-lora"))).unwrap();
             for (_, lin) in m.linears_mut() {
@@ -472,7 +613,8 @@ mod tests {
             };
             let (loss_plain, plain) = run(true, false);
             assert_ne!(loss_plain, no_dropout, "{name}: dropout is on");
-            assert_eq!(plain.len(), 28);
+            let linears = if name.starts_with("phi3") { 4 } else { 7 };
+            assert_eq!(plain.len(), 2 * 2 * linears, "{name}");
             for checkpointing in [false, true] {
                 let (loss, hand) = run(false, checkpointing);
                 assert!(
