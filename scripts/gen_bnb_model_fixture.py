@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/gen_bnb_model_fixture.py tests/fixtures/models
 
-For each architecture (llama, qwen2 with q/k/v bias, qwen3 with q/k norms) writes:
+For each architecture (llama, qwen2 with q/k/v bias, qwen3 with q/k norms, phi3 with fused
+linears) writes:
   <arch>/           a random-weight bf16 model directory (save_pretrained)
   <arch>-bnb-nf4/   the same model loaded with BitsAndBytesConfig(load_in_4bit, nf4, double quant)
                     and saved again: the `*-bnb-4bit` layout users download
@@ -19,7 +20,7 @@ import bitsandbytes.functional as F
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 out = sys.argv[1]
 torch.manual_seed(7)
@@ -38,6 +39,8 @@ configs = {
     "llama": LlamaConfig(**common),
     "qwen2": Qwen2Config(**common),
     "qwen3": Qwen3Config(**common, head_dim=32),
+    # fused qkv_proj and gate_up_proj, each one 4-bit weight
+    "phi3": Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 for arch, cfg in configs.items():

@@ -301,3 +301,45 @@ fn a_bnb_4bit_base_exports_its_dequantized_weights() {
         .unwrap();
     assert_eq!(got, want);
 }
+
+/// Phi-3's fused linears merge as one weight each, and the merged directory loads as Phi-3
+/// again with the adapter's logits; GGUF export of Phi-3 is a clear error that writes nothing.
+#[test]
+fn phi3_merges_its_fused_linears() {
+    let lm = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lm");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let src = MergeSource::open(
+        &lm.join("phi3"),
+        Some(&lm.join("phi3-lora")),
+        MergeBase::Original,
+    )
+    .unwrap();
+    export_safetensors(&src, &out, 1 << 30, &mut no_progress).unwrap();
+    let load = |dir: &Path, adapter: Option<&Path>| {
+        let mut m = CausalLm::load(
+            dir,
+            &LoadOptions {
+                quant: None,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        if let Some(a) = adapter {
+            m.load_adapter(a).unwrap();
+        }
+        let ids = Tensor::new(&[[1u32, 17, 99, 120, 3, 31, 42]], &Device::Cpu).unwrap();
+        m.forward(&ids, None, None).unwrap()
+    };
+    let merged = load(&out, None);
+    let want = load(&lm.join("phi3"), Some(&lm.join("phi3-lora")));
+    let r = rel(&merged, &want);
+    assert!(r <= 1e-5, "merged vs adapter logits: {r}");
+    assert!(rel(&load(&lm.join("phi3"), None), &want) > 1e-3);
+    let target = tmp.path().join("m.gguf");
+    let err = export_gguf(&src, &target, GgufType::F16, &mut no_progress)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("GGUF export of phi3"), "{err}");
+    assert!(!target.exists());
+}

@@ -402,7 +402,7 @@ fn bad_models_give_errors_naming_the_field_or_tensor() {
 #[test]
 fn bnb_4bit_checkpoints_load_and_equal_quantizing_at_load() {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "qwen2", "qwen3", "phi3"] {
         let pre = CausalLm::load(&models.join(format!("{arch}-bnb-nf4")), &dense()).unwrap();
         let at_load = CausalLm::load(&models.join(arch), &LoadOptions::default()).unwrap();
         let ids = Tensor::new(&[[1u32, 5, 9, 14, 200, 3]], &Device::Cpu).unwrap();

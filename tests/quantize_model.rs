@@ -25,9 +25,18 @@ fn read_json(p: &Path) -> Value {
 
 fn no_progress(_: qlorad::model::quantize::Progress<'_>) {}
 
+/// Linears per decoder layer: Phi-3 fuses q, k, v and gate, up.
+fn linears(arch: &str) -> usize {
+    if arch == "phi3" {
+        4
+    } else {
+        7
+    }
+}
+
 #[test]
 fn transformers_bnb_checkpoints_dequantize_to_bitsandbytes_values() {
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "qwen2", "qwen3", "phi3"] {
         let dir = fixture(&format!("{arch}-bnb-nf4"));
         let weights = WeightFiles::open(&dir).unwrap();
         let expected =
@@ -52,7 +61,11 @@ fn transformers_bnb_checkpoints_dequantize_to_bitsandbytes_values() {
             assert_eq!(got, want, "{arch}: {name}");
             checked += 1;
         }
-        assert_eq!(checked, 14, "{arch}: 7 linears in each of 2 layers");
+        assert_eq!(
+            checked,
+            2 * linears(arch),
+            "{arch}: every linear of 2 layers"
+        );
     }
 }
 
@@ -81,7 +94,7 @@ fn assert_same_checkpoint(ours: &Path, theirs: &Path) {
 
 #[test]
 fn quantize_writes_what_transformers_writes() {
-    for arch in ["llama", "qwen2", "qwen3"] {
+    for arch in ["llama", "qwen2", "qwen3", "phi3"] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("q");
         let report = quantize_model_dir(
@@ -91,7 +104,7 @@ fn quantize_writes_what_transformers_writes() {
             no_progress,
         )
         .unwrap();
-        assert_eq!(report.quantized, 14);
+        assert_eq!(report.quantized, 2 * linears(arch), "{arch}");
         assert_same_checkpoint(&out, &fixture(&format!("{arch}-bnb-nf4")));
         assert!(out.join("generation_config.json").exists());
         assert_eq!(

@@ -185,14 +185,14 @@ fn python_json(v: &impl Serialize) -> Vec<u8> {
 /// Python's `repr(float)`: shortest round-trip digits, exponent form outside [1e-4, 1e16).
 fn python_repr(v: f64) -> String {
     if v == 0.0 || (1e-4..1e16).contains(&v.abs()) {
-        let s = format!("{v:?}");
+        let s = half_even_last_digit(v, format!("{v:?}"));
         return if s.contains('.') || s.contains('e') {
             s
         } else {
             format!("{s}.0")
         };
     }
-    let s = format!("{v:e}"); // e.g. 1.5e-5
+    let s = half_even_last_digit(v, format!("{v:e}")); // e.g. 1.5e-5
     let (mantissa, exp) = s.split_once('e').expect("exponent form");
     let exp: i32 = exp.parse().expect("integer exponent");
     format!(
@@ -200,6 +200,46 @@ fn python_repr(v: f64) -> String {
         if exp < 0 { '-' } else { '+' },
         exp.abs()
     )
+}
+
+/// Where v lies exactly halfway between two shortest digit strings (an f32 widened to f64 such
+/// as 0.128238677978515625), Rust rounds the last digit up and Python to even: `s`, Rust's
+/// shortest form of v, with Python's last digit.
+fn half_even_last_digit(v: f64, s: String) -> String {
+    let mantissa = s.split('e').next().unwrap_or(&s);
+    let digits: String = mantissa
+        .chars()
+        .filter(char::is_ascii_digit)
+        .skip_while(|&c| c == '0')
+        .collect();
+    let n = digits.len();
+    if n == 0 {
+        return s;
+    }
+    let exact = format!("{:.*e}", n + 40, v.abs());
+    let exact: Vec<u8> = exact
+        .split('e')
+        .next()
+        .unwrap_or("")
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .collect();
+    let tie = exact.get(n) == Some(&b'5') && exact[n + 1..].iter().all(|&d| d == b'0');
+    if !tie {
+        return s;
+    }
+    let last = exact[n - 1];
+    let even = if (last - b'0') % 2 == 0 {
+        last
+    } else {
+        last + 1
+    };
+    let at = mantissa
+        .rfind(|c: char| c.is_ascii_digit())
+        .expect("a digit");
+    let mut out = s.into_bytes();
+    out[at] = even;
+    String::from_utf8(out).expect("ascii")
 }
 
 fn invalid(name: &str, msg: impl std::fmt::Display) -> QuantError {
@@ -397,6 +437,12 @@ mod tests {
     fn python_float_repr() {
         assert_eq!(python_repr(0.1289825439453125), "0.1289825439453125");
         assert_eq!(python_repr(1.0), "1.0");
+        // halfway between two 17-digit strings: Python rounds to even, Rust up
+        assert_eq!(
+            python_repr(0.128238677978515625f32 as f64),
+            "0.12823867797851562"
+        );
+        assert_eq!(python_repr(0.12858887016773224), "0.12858887016773224");
         assert_eq!(python_repr(1.5e-5), "1.5e-05");
         assert_eq!(python_repr(2e20), "2e+20");
         assert_eq!(python_repr(0.0001), "0.0001");
