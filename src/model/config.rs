@@ -303,7 +303,7 @@ impl ModelConfig {
         .filter(|p| *p > 0.0 && *p <= 1.0)
         .ok_or_else(|| f.err("partial_rotary_factor", "must be a number in (0, 1]"))?;
         let rotary_dim = (head_dim as f64 * partial) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(f.err(
                 "partial_rotary_factor",
                 format!("{partial} of head_dim {head_dim} leaves {rotary_dim} rotary dimensions, which must be even and positive"),

@@ -229,7 +229,7 @@ fn half_even_last_digit(v: f64, s: String) -> String {
         return s;
     }
     let last = exact[n - 1];
-    let even = if (last - b'0') % 2 == 0 {
+    let even = if (last - b'0').is_multiple_of(2) {
         last
     } else {
         last + 1
@@ -438,10 +438,7 @@ mod tests {
         assert_eq!(python_repr(0.1289825439453125), "0.1289825439453125");
         assert_eq!(python_repr(1.0), "1.0");
         // halfway between two 17-digit strings: Python rounds to even, Rust up
-        assert_eq!(
-            python_repr(0.128238677978515625f32 as f64),
-            "0.12823867797851562"
-        );
+        assert_eq!(python_repr(0.128_238_68_f32 as f64), "0.12823867797851562");
         assert_eq!(python_repr(0.12858887016773224), "0.12858887016773224");
         assert_eq!(python_repr(1.5e-5), "1.5e-05");
         assert_eq!(python_repr(2e20), "2e+20");
