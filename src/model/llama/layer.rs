@@ -82,7 +82,7 @@ impl DecoderLayer {
         self.linears.last().expect("a layer has linears")
     }
 
-    /// Where the o, down linears sit among `linears`.
+    /// Where o sits among `linears`.
     fn o_index(&self) -> usize {
         self.attn_count()
     }
