@@ -5,7 +5,7 @@
 Trains a byte-level BPE tokenizer (vocab 512) with the `tokenizers` library on a fixed text and
 adds the special tokens of Llama-3 and ChatML. For each chat template (Llama-3 Instruct, ChatML
 as Qwen2-Instruct ships it, Mistral-Instruct/Llama-2 [INST], and Qwen3's own template with its
-thinking blocks, read from llama.cpp's `models/templates/Qwen-Qwen3-0.6B.jinja` in the
+thinking blocks, and Phi-3.5-mini-instruct's, read from llama.cpp's `models/templates/` in the
 llama-cpp-python 0.3.36 sdist) writes a tokenizer directory
 `tok-<name>/` (tokenizer.json + tokenizer_config.json with the template) and, in
 `templates.json`, what `apply_chat_template` renders and its token ids for a few conversations,
@@ -43,6 +43,10 @@ TEMPLATES = {
 
 with open(os.path.join(os.environ["LLAMA_CPP"], "models/templates/Qwen-Qwen3-0.6B.jinja")) as f:
     TEMPLATES["qwen3"] = {"template": f.read(), "bos": None, "eos": "<|im_end|>"}
+with open(os.path.join(os.environ["LLAMA_CPP"], "models/templates/microsoft-Phi-3.5-mini-instruct.jinja")) as f:
+    # Phi-3's own tokens are added to this tokenizer alone, so the others keep their ids.
+    TEMPLATES["phi3"] = {"template": f.read(), "bos": "<s>", "eos": "<|endoftext|>",
+                         "extra": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]}
 
 SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>",
             "<|im_end|>", "<s>", "</s>", "<pad>"]
@@ -84,7 +88,11 @@ fixtures = {"versions": {"transformers": transformers.__version__, "tokenizers":
 for name, t in TEMPLATES.items():
     d = f"{out}/tok-{name}"
     os.makedirs(d, exist_ok=True)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=t["bos"], eos_token=t["eos"], pad_token="<pad>")
+    own = tok
+    if t.get("extra"):
+        own = Tokenizer.from_str(tok.to_str())
+        own.add_special_tokens(t["extra"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=own, bos_token=t["bos"], eos_token=t["eos"], pad_token="<pad>")
     fast.chat_template = t["template"]
     fast.save_pretrained(d)
     for i, conv in enumerate(CONVERSATIONS):
